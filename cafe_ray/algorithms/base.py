@@ -1,0 +1,225 @@
+"""The algorithm interface: plain PyTorch + numpy, explicit state, no Ray.
+
+An algorithm says which parameters are shared and which personal, what the server
+sends each participant (``server_payloads``), what a client does with it
+(``client_update``), and how the server folds the uploads back
+(``aggregate``). Everything that crosses the network is a :class:`Message`, so the
+Ray layer can count bytes without knowing what the tensors mean.
+
+The execution layer (cafe_ray.sim) guarantees:
+- ``model`` handed to ``client_update``/``load_for_eval`` is freshly reset to the
+  experiment's deterministic initial weights (same on every client);
+- ``personal`` is what this client's last ``client_update`` returned, or None if
+  the client never trained;
+- results reach ``aggregate`` sorted by client id.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from cafe_ray.config import ExperimentConfig
+from cafe_ray.models.base import EarlyExitNet
+
+Params = dict[str, torch.Tensor]  # parameter/buffer name -> tensor (a partial state_dict)
+
+
+def params_nbytes(params: Params) -> int:
+    return int(sum(t.numel() * t.element_size() for t in params.values()))
+
+
+@dataclass(frozen=True)
+class Message:
+    """What crosses the network: tensors (their bytes are counted) and small metadata."""
+
+    tensors: Params = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able, a few bytes, not counted
+
+    @property
+    def nbytes(self) -> int:
+        return params_nbytes(self.tensors)
+
+
+@dataclass
+class ServerState:
+    """Everything the server keeps between rounds: checkpointed as safetensors + JSON."""
+
+    tensors: Params  # namespaced keys, e.g. "global/stages.0.conv.weight"
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Server-side facts of round t, identical on every executor."""
+
+    round: int  # t, 0-based
+    num_rounds: int  # T
+    seed: int  # derived from (experiment seed, t)
+    participants: tuple[int, ...]  # P_t, sorted client ids
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """Client-side facts: whose data, which round, which seed."""
+
+    client_id: int
+    round: int
+    num_rounds: int
+    seed: int  # derived from (experiment seed, t, client id)
+    max_depth: int | None = None  # deepest exit (1-based count) the device may train; None = all
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local data as tensors (already gathered from the shared arrays)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+
+@dataclass(frozen=True)
+class ClientOutput:
+    """What ``client_update`` returns."""
+
+    upload: Message  # goes to the server (bytes counted)
+    personal: Params | None  # the client's new personal state (stays on the client)
+    num_samples: int  # local training set size (aggregation weight)
+    samples_processed: int  # forward/backward sample passes (virtual compute time)
+    trained_depth: int  # deepest exit trained, 1-based (virtual compute time)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """A client's output as the server sees it, tagged with its id."""
+
+    client_id: int
+    output: ClientOutput
+
+
+class Algorithm(ABC):
+    """Base of every FL algorithm; subclasses register with :func:`register`."""
+
+    name: ClassVar[str] = ""
+    personalized: ClassVar[bool] = False  # True if evaluation uses personal parameters
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    # ----------------------------------------------------------------- server
+    @abstractmethod
+    def init_server_state(self, model: EarlyExitNet) -> ServerState:
+        """State before round 0, from the deterministic initial model."""
+
+    @abstractmethod
+    def server_payloads(self, state: ServerState, ctx: RoundContext) -> dict[int, Message]:
+        """One message per participant in ``ctx.participants``."""
+
+    @abstractmethod
+    def aggregate(
+        self, state: ServerState, results: Sequence[ClientResult], ctx: RoundContext
+    ) -> ServerState:
+        """Fold the successful clients' uploads (sorted by id) into the next state."""
+
+    # ----------------------------------------------------------------- client
+    @abstractmethod
+    def client_update(
+        self,
+        model: EarlyExitNet,
+        payload: Message,
+        personal: Params | None,
+        data: ClientData,
+        ctx: ClientContext,
+    ) -> ClientOutput:
+        """Local training of one client in one round."""
+
+    # ------------------------------------------------------------- evaluation
+    def eval_payload(self, state: ServerState) -> Message:
+        """What an evaluator needs from the server (not counted as traffic)."""
+        return Message(tensors=global_params(state))
+
+    def load_for_eval(
+        self,
+        model: EarlyExitNet,
+        payload: Message,
+        personal: Params | None,
+        data: ClientData,
+        ctx: ClientContext,
+    ) -> None:
+        """Put into ``model`` the weights this client would run at inference."""
+        load_params(model, payload.tensors)
+        if personal:
+            load_params(model, personal)
+
+
+# --------------------------------------------------------------------- helpers
+GLOBAL_NS = "global/"
+
+
+def global_params(state: ServerState) -> Params:
+    """The ``global/`` namespace of a server state, with the prefix stripped."""
+    n = len(GLOBAL_NS)
+    return {k[n:]: v for k, v in state.tensors.items() if k.startswith(GLOBAL_NS)}
+
+
+def with_global(state: ServerState, params: Params) -> ServerState:
+    tensors = {k: v for k, v in state.tensors.items() if not k.startswith(GLOBAL_NS)}
+    tensors.update({GLOBAL_NS + k: v for k, v in params.items()})
+    return ServerState(tensors=tensors, meta=dict(state.meta))
+
+
+def load_params(model: torch.nn.Module, params: Params) -> None:
+    """Copy a partial state_dict into ``model``; unknown keys are an error, not ignored."""
+    own = model.state_dict()
+    unknown = [k for k in params if k not in own]
+    if unknown:
+        raise KeyError(f"parameters not in the model: {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in params.items():
+            own[k].copy_(v)
+
+
+def select(model: torch.nn.Module, keys: Sequence[str]) -> Params:
+    sd = model.state_dict()
+    return {k: sd[k].detach().clone() for k in keys}
+
+
+# -------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"algorithm name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    if name not in _REGISTRY:
+        raise KeyError(
+            f"algorithm.name: unknown algorithm {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
+    """The configured algorithm (the package import registers the built-in ones)."""
+    return get_algorithm(cfg.algorithm.name)(cfg)

@@ -1,0 +1,40 @@
+"""Shared fixtures: one local Ray instance per session, a tiny early-exit model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from cafe_ray.models.base import EarlyExitNet, LastExitHead
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def make_tiny_een(in_dim: int = 8, hidden: int = 16, num_classes: int = 4, m: int = 3, seed: int = 0) -> EarlyExitNet:
+    """An m-exit MLP early-exit net on flat inputs: small enough to reason about."""
+    torch.manual_seed(seed)
+    stages: list[nn.Module] = [nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())]
+    stages += [nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()) for _ in range(m - 1)]
+    exits: list[nn.Module] = [nn.Linear(hidden, num_classes) for _ in range(m - 1)]
+    exits.append(LastExitHead(nn.Identity(), hidden, num_classes))
+    return EarlyExitNet(stages, exits, num_classes)
+
+
+@pytest.fixture
+def tiny_een() -> EarlyExitNet:
+    return make_tiny_een()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray instance for the whole test session (2 CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, resources={"cafe_test": 4})
+    yield ray
+    ray.shutdown()
