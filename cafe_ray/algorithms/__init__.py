@@ -1,6 +1,6 @@
 """FL algorithms: pure PyTorch + numpy, never Ray. Importing this registers the built-ins."""
 
-from cafe_ray.algorithms import fedavg, fedper, local  # noqa: F401  (registration)
+from cafe_ray.algorithms import cafedistill, fedavg, fedper, local  # noqa: F401  (registration)
 from cafe_ray.algorithms.base import (
     Algorithm,
     ClientContext,

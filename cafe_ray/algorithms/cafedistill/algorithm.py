@@ -1,0 +1,336 @@
+"""CAFEDistill: conflict-aware federated early-exit distillation.
+
+Liu, Zhou, Tong, "CAFEDistill: Learning Personalized and Dynamic Models through
+Federated Early-Exit Network Distillation", arXiv:2601.10015 (2026); the
+project's reconstruction is ../shared/CAFEDISTILL.md, whose notation (n, m, R(t),
+S_i, w_ij, mu, lambda, tau) this module keeps.
+
+One round t:
+- server (:meth:`CafeDistill.server_payloads`): the progressive schedule R(t)
+  and budget B_t, the two-tier student selection S_i, the teacher weights w_ij
+  and one aggregated teacher head hbar_i per participant;
+- client (:meth:`CafeDistill.client_update`): global backbone + personal exit
+  heads, local SGD on L_i (CE of the teacher exit and of the selected students,
+  plus lambda * tau^2 * KL to the detached teacher logits); heads of exits outside
+  S_i are left out of the optimizer and do not move at all;
+- server (:meth:`CafeDistill.aggregate`): sample-weighted mean of the backbones;
+  every uploaded last-exit head h_i is stored for the next teacher weights.
+
+Server state (``ServerState.tensors``, namespaced):
+- ``global/<backbone key>``: the shared backbone;
+- ``init_head/weight|bias``: the last head of the deterministic initial model;
+- ``heads/<cid>/weight|bias``: client cid's latest uploaded last-exit head h_cid;
+- ``upd/<cid>/<key>`` and ``aggupd/<key>`` (``update_cosine`` only): the client's
+  latest backbone update and the previous round's aggregated update, for the
+  parameters of stages 0..m-2 (the tier-2 exit is at most m-2, so deeper stages
+  are never compared);
+- ``selhead/<cid>/<e>`` (``head_cosine`` only): client cid's latest flattened
+  head of exit e.
+
+Decisions where the specification is open (each documented where it is made):
+- the schedule's t is 1-based: t = round + 1 (see schedule.py);
+- a participant without a stored head gets the *uniform* mix of the pool's heads:
+  with no h_i, D_i is constant and the QP's solution is uniform; with an empty
+  pool (round 0) its teacher is the initial last head;
+- ``head_cosine`` needs heads the server never sees otherwise: the payload of
+  round t names the exit ``select_exit`` that round t+1's tier 2 will compete
+  for, and the client uploads that one head too (counted in the upload bytes,
+  still below FedAvg-EE, which uploads every head);
+- the device's ``ClientContext.max_depth`` is not used: CAFEDistill trains the
+  whole network (trained_depth = m) on every client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cafe_ray.algorithms.aggregation import StreamingMean, flatten
+from cafe_ray.algorithms.base import (
+    GLOBAL_NS,
+    Algorithm,
+    ClientContext,
+    ClientData,
+    ClientOutput,
+    ClientResult,
+    Message,
+    Params,
+    RoundContext,
+    ServerState,
+    global_params,
+    load_params,
+    register,
+    with_global,
+)
+from cafe_ray.algorithms.cafedistill.loss import KDStats, make_loss_fn
+from cafe_ray.algorithms.cafedistill.schedule import schedule_t, tier1_depth
+from cafe_ray.algorithms.cafedistill.selection import (
+    StudentPlan,
+    head_cosine_scores,
+    keys_feeding_exit,
+    plan_students,
+    select_students,
+    tier_exits,
+    update_cosine_scores,
+)
+from cafe_ray.algorithms.cafedistill.teacher import (
+    aggregate_heads,
+    pack_head,
+    teacher_weights,
+    unpack_head,
+)
+from cafe_ray.algorithms.training import local_sgd
+from cafe_ray.config import CafeDistillConfig
+from cafe_ray.models.base import EXIT_PREFIX, EarlyExitNet, exit_of_key, stage_of_key
+
+# Message tensor keys (besides the backbone's own ``stages.*`` keys).
+TEACHER_W, TEACHER_B = "teacher.weight", "teacher.bias"  # hbar_i, server -> client
+HEAD_W, HEAD_B = "head.weight", "head.bias"  # h_i, client -> server
+SELECT_HEAD_NS = "select_head/"  # head_cosine: "select_head/exits.{e}.*", client -> server
+
+# Server-state namespaces.
+INIT_W, INIT_B = "init_head/weight", "init_head/bias"
+AGGUPD_NS = "aggupd/"
+
+_SELECTION_STREAM = 0xCAFE  # numpy RNG stream of the tier-2 tie-break
+
+
+def _head_key(cid: int, part: str) -> str:
+    return f"heads/{cid}/{part}"
+
+
+def _upd_key(cid: int, key: str) -> str:
+    return f"upd/{cid}/{key}"
+
+
+def _selhead_key(cid: int, e: int) -> str:
+    return f"selhead/{cid}/{e}"
+
+
+def _stored_head_ids(state: ServerState) -> list[int]:
+    """Clients whose last-exit head the server holds, sorted."""
+    return sorted(
+        int(k.split("/")[1]) for k in state.tensors if k.startswith("heads/") and k.endswith("/weight")
+    )
+
+
+def _students_of(payload: Message, m: int) -> tuple[int, ...]:
+    if "students" not in payload.meta:
+        raise ValueError("payload.meta['students'] is missing: a CAFEDistill client needs the payload of CafeDistill.server_payloads")
+    students = tuple(int(k) for k in payload.meta["students"])
+    bad = [k for k in students if not 0 <= k <= m - 2]
+    if bad:
+        raise ValueError(f"student exits must be in [0, m-2] = [0, {m - 2}] (exit m-1 is the teacher), got {bad}")
+    return students
+
+
+@register
+class CafeDistill(Algorithm):
+    """CAFEDistill (arXiv:2601.10015): shared backbone, personal heads, selected students
+    distilled from one aggregated teacher head per client."""
+
+    name = "cafedistill"
+    personalized = True
+
+    @property
+    def hp(self) -> CafeDistillConfig:
+        return self.cfg.algorithm.cafedistill
+
+    # ----------------------------------------------------------------- server
+    def init_server_state(self, model: EarlyExitNet) -> ServerState:
+        """The initial backbone, the initial last head (round-0 teacher) and the key lists."""
+        m = model.num_exits
+        head = model.last_head
+        if head.bias is None:
+            raise ValueError("CAFEDistill needs a last-exit head with a bias (nn.Linear(..., bias=True))")
+        sd = model.state_dict()
+        param_names = {n for n, _ in model.named_parameters()}
+        update_keys = [
+            k for k in model.backbone_keys()
+            if k in param_names and (stage_of_key(k) or 0) <= m - 2
+        ]
+        tensors = {INIT_W: head.weight.detach().clone(), INIT_B: head.bias.detach().clone()}
+        backbone = {k: sd[k].detach().clone() for k in model.backbone_keys()}
+        return with_global(
+            ServerState(tensors=tensors, meta={"num_exits": m, "update_keys": update_keys}), backbone
+        )
+
+    def plan(self, state: ServerState, ctx: RoundContext) -> StudentPlan:
+        """Round ctx.round's R(t), B_t, d, tier exits and r (t = ctx.round + 1)."""
+        sel = self.hp.selection
+        return plan_students(
+            schedule_t(ctx.round), ctx.num_rounds, int(state.meta["num_exits"]),
+            len(ctx.participants), schedule=sel.schedule, order=sel.order,
+        )
+
+    def students(self, state: ServerState, ctx: RoundContext) -> dict[int, tuple[int, ...]]:
+        """S_i for every participant (two-tier, seeded by ctx.seed)."""
+        plan = self.plan(state, ctx)
+        scores = self._conflict_scores(state, plan, ctx.participants)
+        rng = np.random.default_rng([ctx.seed % 2**63, _SELECTION_STREAM])
+        return select_students(plan, ctx.participants, scores, rng)
+
+    def teacher_heads(
+        self, state: ServerState, participants: Sequence[int]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """hbar_i = sum_j w_ij h_j (weight, bias) for every participant i.
+
+        Pool of j: every stored head (``teachers: all_seen``) or the participants'
+        (``participants``). A participant without a stored head has no D_i; with
+        D_i constant the QP's minimiser is the uniform w, so it gets the pool's
+        mean head; with an empty pool (round 0) the initial last head.
+        """
+        init_w, init_b = state.tensors[INIT_W], state.tensors[INIT_B]
+        C, D = init_w.shape
+        stored = _stored_head_ids(state)
+        if self.hp.teachers == "participants":
+            have = set(stored)
+            stored = [c for c in sorted(participants) if c in have]
+        if not stored:
+            return {cid: (init_w, init_b) for cid in participants}
+        H = np.stack(
+            [pack_head(state.tensors[_head_key(j, "weight")], state.tensors[_head_key(j, "bias")]) for j in stored]
+        )  # (n_pool, C*D + C)
+        pos = {cid: i for i, cid in enumerate(stored)}
+        rows = [cid for cid in participants if cid in pos]
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if rows:
+            W = teacher_weights(H, self.hp.mu, rows=[pos[c] for c in rows])  # (len(rows), n_pool)
+            for cid, hbar in zip(rows, aggregate_heads(W, H), strict=True):
+                out[cid] = unpack_head(hbar, C, D)
+        newcomers = [cid for cid in participants if cid not in pos]
+        if newcomers:
+            uniform = unpack_head(H.mean(axis=0), C, D)
+            out.update({cid: uniform for cid in newcomers})
+        return out
+
+    def server_payloads(self, state: ServerState, ctx: RoundContext) -> dict[int, Message]:
+        """Per participant: the global backbone, hbar_i (one head) and S_i."""
+        students = self.students(state, ctx)
+        teachers = self.teacher_heads(state, ctx.participants)
+        backbone = global_params(state)
+        select_exit = self._next_select_exit(ctx, int(state.meta["num_exits"]))
+        out: dict[int, Message] = {}
+        for cid in ctx.participants:
+            w, b = teachers[cid]
+            meta: dict[str, Any] = {"students": list(students[cid])}
+            if select_exit is not None:
+                meta["select_exit"] = select_exit
+            out[cid] = Message(tensors={**backbone, TEACHER_W: w, TEACHER_B: b}, meta=meta)
+        return out
+
+    def aggregate(self, state: ServerState, results: Sequence[ClientResult], ctx: RoundContext) -> ServerState:
+        """Weighted mean of the backbones; store every h_i (and the selection history)."""
+        if not results:
+            return state
+        old = global_params(state)
+        mean = StreamingMean()
+        for r in results:
+            up = r.output.upload.tensors
+            missing = [k for k in (*old, HEAD_W, HEAD_B) if k not in up]
+            if missing:
+                raise KeyError(f"client {r.client_id}: upload lacks {missing[:5]}; it must come from CafeDistill.client_update")
+            mean.add({k: up[k] for k in old}, float(r.output.num_samples))
+        new = mean.result(like=old)
+
+        tensors = {k: v for k, v in state.tensors.items() if not k.startswith(GLOBAL_NS)}
+        similarity = self.hp.selection.similarity
+        update_keys: list[str] = list(state.meta["update_keys"])
+        for r in results:
+            up, cid = r.output.upload.tensors, r.client_id
+            tensors[_head_key(cid, "weight")] = up[HEAD_W].detach().clone()
+            tensors[_head_key(cid, "bias")] = up[HEAD_B].detach().clone()
+            if similarity == "update_cosine":
+                for k in update_keys:
+                    tensors[_upd_key(cid, k)] = (up[k] - old[k]).detach()
+            e = r.output.upload.meta.get("select_exit")
+            if similarity == "head_cosine" and e is not None:
+                sel = {k[len(SELECT_HEAD_NS):]: v for k, v in up.items() if k.startswith(SELECT_HEAD_NS)}
+                tensors[_selhead_key(cid, int(e))] = flatten(sel).to(torch.float32)
+        if similarity == "update_cosine":
+            for k in update_keys:
+                tensors[AGGUPD_NS + k] = (new[k] - old[k]).detach()
+        return with_global(ServerState(tensors=tensors, meta=dict(state.meta)), new)
+
+    def _conflict_scores(
+        self, state: ServerState, plan: StudentPlan, participants: Sequence[int]
+    ) -> dict[int, float]:
+        """Tier-2 scores (higher = less conflict); {} when there is no tier 2 or for ``random``."""
+        e = plan.tier2_exit
+        similarity = self.hp.selection.similarity
+        if e is None or similarity == "random":
+            return {}
+        if similarity == "update_cosine":
+            keys = keys_feeding_exit(state.meta["update_keys"], e)
+            if not keys or AGGUPD_NS + keys[0] not in state.tensors:
+                return {}
+            reference = {k: state.tensors[AGGUPD_NS + k] for k in keys}
+            updates = {
+                cid: {k: state.tensors[_upd_key(cid, k)] for k in keys}
+                for cid in participants
+                if _upd_key(cid, keys[0]) in state.tensors
+            }
+            return update_cosine_scores(participants, updates, reference, keys)
+        heads = {cid: state.tensors[_selhead_key(cid, e)] for cid in participants if _selhead_key(cid, e) in state.tensors}
+        return head_cosine_scores(participants, heads)
+
+    def _next_select_exit(self, ctx: RoundContext, m: int) -> int | None:
+        """head_cosine: the exit round t+1's tier 2 competes for (uploaded this round)."""
+        sel = self.hp.selection
+        if sel.similarity != "head_cosine" or sel.schedule == "all":
+            return None
+        nxt = ctx.round + 1
+        if nxt >= ctx.num_rounds:
+            return None
+        _, e = tier_exits(tier1_depth(schedule_t(nxt), ctx.num_rounds, m), m, sel.order)
+        return e
+
+    # ----------------------------------------------------------------- client
+    def client_update(
+        self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
+    ) -> ClientOutput:
+        """Train the backbone, the teacher head and the heads of S_i on L_i; freeze the rest."""
+        m = model.num_exits
+        students = _students_of(payload, m)
+        if TEACHER_W not in payload.tensors or TEACHER_B not in payload.tensors:
+            raise KeyError(f"payload lacks {TEACHER_W!r}/{TEACHER_B!r}: it must come from CafeDistill.server_payloads")
+        backbone = {k: v for k, v in payload.tensors.items() if k not in (TEACHER_W, TEACHER_B)}
+        load_params(model, backbone)
+        if personal:
+            load_params(model, personal)
+
+        # Exits outside S_i (other than the teacher) are out of the optimizer, so
+        # neither momentum nor weight decay can move them.
+        frozen = set(range(m - 1)) - set(students)
+        trainable = [p for n, p in model.named_parameters() if exit_of_key(n) not in frozen]
+        stats = KDStats()
+        loss_fn = make_loss_fn(
+            payload.tensors[TEACHER_W], payload.tensors[TEACHER_B], students, self.hp.lam, self.hp.tau, stats
+        )
+        loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=trainable)
+
+        sd = model.state_dict()
+        upload = {k: sd[k].detach().clone() for k in model.backbone_keys()}
+        upload[HEAD_W] = model.last_head.weight.detach().clone()
+        upload[HEAD_B] = model.last_head.bias.detach().clone()
+        up_meta: dict[str, Any] = {}
+        if "select_exit" in payload.meta:
+            e = int(payload.meta["select_exit"])
+            upload.update({SELECT_HEAD_NS + k: sd[k].detach().clone() for k in model.head_keys(e)})
+            up_meta["select_exit"] = e
+        return ClientOutput(
+            upload=Message(tensors=upload, meta=up_meta),
+            personal={k: v.detach().clone() for k, v in sd.items() if k.startswith(EXIT_PREFIX)},
+            num_samples=data.num_train,
+            samples_processed=seen,
+            trained_depth=m,
+            metrics={"train_loss": loss, "kd_loss": stats.mean, "num_students": float(len(students))},
+        )
+
+    # ------------------------------------------------------------- evaluation
+    def eval_payload(self, state: ServerState) -> Message:
+        """Only the global backbone: every head an evaluated client runs is personal."""
+        return Message(tensors=global_params(state))

@@ -1,0 +1,1 @@
+"""Performance harness behind `cafe-ray bench` and benchmarks/ (ratios, not timed tests)."""

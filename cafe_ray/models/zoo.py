@@ -1,0 +1,410 @@
+"""The early-exit model zoo: four architectures built on :class:`EarlyExitNet`.
+
+Every builder returns an ``EarlyExitNet`` whose backbone parameters are ``stages.{k}.*`` and
+whose exit heads are ``exits.{k}.*``; the last exit is a :class:`LastExitHead` (a
+parameter-free ``phi`` + one linear layer) because CAFEDistill mixes teacher heads linearly.
+
+Normalisation: GroupNorm / LayerNorm only, never BatchNorm. BatchNorm running statistics are
+per-client buffers that FedAvg averages poorly under non-IID data and that make train and eval
+behave differently; GroupNorm has neither problem and keeps the state_dict parameters-only.
+This includes ``resnet18_ee``, which reuses torchvision's ``BasicBlock`` with a GroupNorm
+``norm_layer`` (so the ``norm_layer`` deviation from torchvision's ResNet-18 is deliberate).
+
+Builders do not seed: the caller (``cafe_ray.sim.runner.make_model``) seeds the RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
+
+from cafe_ray.config import ModelConfig
+from cafe_ray.models.base import BACKBONE_PREFIX, EarlyExitNet, LastExitHead
+
+MODEL_NAMES: tuple[str, ...] = ("cnn_small", "conv3", "resnet18_ee", "transformer4")
+IMAGE_MODELS: tuple[str, ...] = ("cnn_small", "conv3", "resnet18_ee")
+TEXT_MODELS: tuple[str, ...] = ("transformer4",)
+
+# name "auto" -> architecture, per dataset (see ModelConfig)
+AUTO_MODEL: dict[str, str] = {
+    "digits": "cnn_small",
+    "fashion_mnist": "cnn_small",
+    "synthetic": "cnn_small",
+    "cifar10": "conv3",
+    "cifar100": "resnet18_ee",
+    "tinyimagenet": "resnet18_ee",
+    "agnews": "transformer4",
+}
+
+
+# ------------------------------------------------------------------------ helpers
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the most groups <= 32 that keeps >= 2 channels per group.
+
+    Why: a fixed 32 groups fails for narrow test widths (e.g. 8 channels); this degrades to
+    fewer groups instead, and to LayerNorm-like behaviour (1 group) for tiny widths.
+    """
+    cap = max(1, min(32, channels // 2))
+    groups = max(g for g in range(1, cap + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def _check_image_shape(name: str, input_shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"model.name={name!r} needs image inputs of shape (C, H, W), got {tuple(input_shape)}")
+    c, h, w = (int(s) for s in input_shape)
+    if min(h, w) < min_side or c < 1:
+        raise ValueError(f"model.name={name!r} needs H, W >= {min_side}, got input shape {tuple(input_shape)}")
+    return c, h, w
+
+
+def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
+    """3x3 conv + GroupNorm + ReLU (+ 2x2 max-pool): the unit of cnn_small and conv3."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), group_norm(cout), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def _pool_head(channels: int, num_classes: int, grid: int = 2) -> nn.Sequential:
+    """Shallow exit: average-pool to grid x grid, flatten, one linear layer (cheap, keeps coarse layout)."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(grid),  # (B, C, grid, grid)
+        nn.Flatten(),  # (B, C * grid * grid)
+        nn.Linear(channels * grid * grid, num_classes),  # (B, K)
+    )
+
+
+def _last_image_head(channels: int, num_classes: int) -> LastExitHead:
+    """Teacher head: phi = global average pool (parameter-free), then linear."""
+    return LastExitHead(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), channels, num_classes)
+
+
+# ---------------------------------------------------------------------- cnn_small
+def cnn_small(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> EarlyExitNet:
+    """3-exit CNN for 8x8 (digits) and 28x28 (Fashion-MNIST) inputs; cheap on CPU.
+
+    Stages: conv(w) -> conv(2w) -> conv(2w), each 3x3 + GroupNorm + ReLU, with a 2x2 max-pool
+    after a stage while the map is still >= 4 pixels (8x8: 8->4->2->2, 28x28: 28->14->7->3).
+    Shallow heads pool to 2x2 + linear; the last head is global-pool + linear.
+    """
+    c, h, w = _check_image_shape("cnn_small", input_shape, min_side=4)
+    chans = [width, 2 * width, 2 * width]
+    stages: list[nn.Module] = []
+    cin, side = c, min(h, w)
+    for cout in chans:
+        pool = side >= 4
+        stages.append(_conv_block(cin, cout, pool))  # (B, cout, side', side')
+        side = side // 2 if pool else side
+        cin = cout
+    exits: list[nn.Module] = [_pool_head(ch, num_classes) for ch in chans[:-1]]
+    exits.append(_last_image_head(chans[-1], num_classes))
+    return EarlyExitNet(stages, exits, num_classes)
+
+
+# -------------------------------------------------------------------------- conv3
+def conv3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> EarlyExitNet:
+    """The CAFEDistill paper's "Conv3" for CIFAR-10: three conv layers, one exit after each.
+
+    Stages: conv(w) -> conv(2w) -> conv(4w), each 3x3 + GroupNorm + ReLU + 2x2 max-pool
+    (32x32: 32->16->8->4). Shallow heads pool to 2x2 + linear; last head global-pool + linear.
+    """
+    c, _, _ = _check_image_shape("conv3", input_shape, min_side=8)
+    chans = [width, 2 * width, 4 * width]
+    stages: list[nn.Module] = []
+    cin = c
+    for cout in chans:
+        stages.append(_conv_block(cin, cout, pool=True))  # (B, cout, H/2^k, W/2^k)
+        cin = cout
+    exits: list[nn.Module] = [_pool_head(ch, num_classes) for ch in chans[:-1]]
+    exits.append(_last_image_head(chans[-1], num_classes))
+    return EarlyExitNet(stages, exits, num_classes)
+
+
+# -------------------------------------------------------------------- resnet18_ee
+def _res_layer(inplanes: int, planes: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Sequential:
+    """Two torchvision BasicBlocks, as in ResNet._make_layer (projection shortcut when needed)."""
+    downsample = None
+    if stride != 1 or inplanes != planes:
+        downsample = nn.Sequential(conv1x1(inplanes, planes, stride), norm(planes))
+    return nn.Sequential(
+        BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm),
+        BasicBlock(planes, planes, norm_layer=norm),
+    )
+
+
+class _ConvPoolHead(nn.Module):
+    """Shallow ResNet exit: 3x3 stride-2 conv to 2C channels + GN + ReLU, global pool, linear.
+
+    Why a conv: a linear probe on early ResNet features is too weak to be a useful exit; one
+    strided conv is the smallest head that adds capacity (and costs ~1/8 of the next stage).
+    """
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, 2 * channels, stride=2)
+        self.norm = group_norm(2 * channels)
+        self.linear = nn.Linear(2 * channels, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.norm(self.conv(h)))  # (B, 2C, H/2, W/2)
+        z = z.mean(dim=(2, 3))  # (B, 2C)
+        return self.linear(z)  # (B, K)
+
+
+def resnet18_ee(input_shape: tuple[int, ...], num_classes: int, width: int = 64) -> EarlyExitNet:
+    """ResNet-18 with 4 exits and a CIFAR stem, built from torchvision's BasicBlock.
+
+    torchvision's ``resnet18()`` hard-codes 64/128/256/512 channels, so the layers are assembled
+    here from ``torchvision.models.resnet.BasicBlock`` with channels w, 2w, 4w, 8w (width=64 is
+    the standard ResNet-18). Stem: 3x3 conv stride 1, no max-pool. Norm: GroupNorm (see module
+    docstring). Stages: stem+layer1, layer2, layer3, layer4 (32x32: 32, 16, 8, 4).
+    """
+    c, _, _ = _check_image_shape("resnet18_ee", input_shape, min_side=8)
+    norm = group_norm
+    chans = [width, 2 * width, 4 * width, 8 * width]
+    stem = nn.Sequential(conv3x3(c, width), norm(width), nn.ReLU(inplace=True))  # (B, w, H, W)
+    stages: list[nn.Module] = [nn.Sequential(stem, _res_layer(width, width, 1, norm))]  # (B, w, H, W)
+    for k in range(1, 4):
+        stages.append(_res_layer(chans[k - 1], chans[k], 2, norm))  # (B, chans[k], H/2^k, W/2^k)
+    exits: list[nn.Module] = [_ConvPoolHead(ch, num_classes) for ch in chans[:-1]]
+    exits.append(_last_image_head(chans[-1], num_classes))
+    net = EarlyExitNet(stages, exits, num_classes)
+    for m in net.modules():  # torchvision ResNet's init
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+# ------------------------------------------------------------------- transformer4
+# Token stages carry (hidden, keep) so that pooling can ignore padding (id 0):
+# hidden (B, L, D) float, keep (B, L) bool (True = a real token).
+TokenState = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Embed(nn.Module):
+    """Token embedding + learned positions; also builds the padding mask from the ids."""
+
+    def __init__(self, vocab_size: int, seq_len: int, dim: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.pos = nn.Parameter(torch.zeros(1, seq_len, dim))
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+        with torch.no_grad():
+            self.tok.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> TokenState:
+        ids = ids.long()  # (B, L)
+        keep = ids != 0  # (B, L)
+        keep = keep | ~keep.any(dim=1, keepdim=True)  # all-padding rows: attend to all (no NaN)
+        h = self.tok(ids) + self.pos[:, : ids.shape[1]]  # (B, L, D)
+        return h, keep
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer encoder block (self-attention + 4x GELU MLP), padding-masked.
+
+    Written out (instead of nn.TransformerEncoderLayer) so it never takes PyTorch's fused
+    eval fast path, which FlopCounterMode cannot see; attention uses scaled_dot_product_attention.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}"
+
+    def forward(self, state: TokenState) -> TokenState:
+        h, keep = state  # (B, L, D), (B, L)
+        b, seq, d = h.shape
+        qkv = self.qkv(self.norm1(h)).view(b, seq, 3, self.heads, d // self.heads)  # (B, L, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        mask = keep[:, None, None, :]  # (B, 1, 1, L): key j visible iff real token
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+        h = h + self.proj(a.transpose(1, 2).reshape(b, seq, d))  # (B, L, D)
+        h = h + self.mlp(self.norm2(h))  # (B, L, D)
+        return h, keep
+
+
+class _FinalNorm(nn.Module):
+    """LayerNorm at the end of stage 4, so the teacher feature phi stays parameter-free."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, state: TokenState) -> TokenState:
+        h, keep = state
+        return self.norm(h), keep  # (B, L, D)
+
+
+class MaskedMeanPool(nn.Module):
+    """Mean over real (non-padding) tokens: (B, L, D), (B, L) -> (B, D). Parameter-free."""
+
+    def forward(self, state: TokenState) -> torch.Tensor:
+        h, keep = state
+        w = keep.to(h.dtype).unsqueeze(-1)  # (B, L, 1)
+        return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, D)
+
+
+class _TokenHead(nn.Module):
+    """Shallow transformer exit: masked mean pool + LayerNorm + linear."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.pool = MaskedMeanPool()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, state: TokenState) -> torch.Tensor:
+        return self.linear(self.norm(self.pool(state)))  # (B, K)
+
+
+def _num_heads(dim: int) -> int:
+    """Most heads in (8, 4, 2) with head size >= 16 dividing dim, else 1."""
+    for h in (8, 4, 2):
+        if dim % h == 0 and dim // h >= 16:
+            return h
+    return 1
+
+
+def transformer4(
+    input_shape: tuple[int, ...], num_classes: int, width: int = 64, vocab_size: int = 20000
+) -> EarlyExitNet:
+    """4-block pre-LN transformer encoder for text classification (AG News), one exit per block.
+
+    Input: int64 token ids (B, L), 0 = padding (masked in attention and pooling). Stage 1 is
+    embedding + learned positions + block 1; stage 4 ends with the final LayerNorm so the teacher
+    feature phi(x) = masked mean pool is parameter-free. Stages pass (hidden, keep-mask) tuples.
+    """
+    if len(input_shape) != 1:
+        raise ValueError(f"model.name='transformer4' needs token inputs of shape (seq_len,), got {tuple(input_shape)}")
+    if vocab_size is None or vocab_size < 2:
+        raise ValueError(f"model.name='transformer4' needs vocab_size >= 2, got {vocab_size}")
+    seq_len = int(input_shape[0])
+    heads = _num_heads(width)
+    stages: list[nn.Module] = [nn.Sequential(_Embed(vocab_size, seq_len, width), _Block(width, heads))]
+    stages += [_Block(width, heads) for _ in range(2)]
+    stages.append(nn.Sequential(_Block(width, heads), _FinalNorm(width)))
+    exits: list[nn.Module] = [_TokenHead(width, num_classes) for _ in range(3)]
+    exits.append(LastExitHead(MaskedMeanPool(), width, num_classes))
+    net = EarlyExitNet(stages, exits, num_classes)
+    for m in net.modules():  # small-init linears, as in BERT/GPT
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+# ------------------------------------------------------------------------ factory
+def resolve_model_name(name: str, dataset: str) -> str:
+    """The concrete architecture for ``model.name`` (resolving "auto" by dataset)."""
+    if name == "auto":
+        if dataset not in AUTO_MODEL:
+            raise ValueError(
+                f"model.name='auto' has no default for dataset {dataset!r}; set model.name to one of "
+                f"{', '.join(MODEL_NAMES)} (auto knows: {', '.join(AUTO_MODEL)})"
+            )
+        return AUTO_MODEL[dataset]
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model.name={name!r} is unknown; allowed: auto, {', '.join(MODEL_NAMES)}")
+    return name
+
+
+def build_model(
+    cfg: ModelConfig,
+    dataset: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    vocab_size: int | None = None,
+) -> EarlyExitNet:
+    """Build the configured early-exit network for a dataset's input shape and class count.
+
+    Text inputs (shape (L,), vocab_size given) need transformer4; image inputs (C, H, W) need one
+    of the CNNs. Mismatches fail with a ValueError naming ``model.name`` and the allowed values.
+    """
+    name = resolve_model_name(cfg.name, dataset)
+    shape = tuple(int(s) for s in input_shape)
+    is_text = len(shape) == 1
+    if num_classes < 2:
+        raise ValueError(f"model.name={name!r}: need num_classes >= 2, got {num_classes}")
+    if is_text and name not in TEXT_MODELS:
+        raise ValueError(
+            f"model.name={name!r} does not fit dataset {dataset!r} (token inputs of shape {shape}); "
+            f"allowed for text: auto, {', '.join(TEXT_MODELS)}"
+        )
+    if not is_text and name in TEXT_MODELS:
+        raise ValueError(
+            f"model.name={name!r} does not fit dataset {dataset!r} (image inputs of shape {shape}); "
+            f"allowed for images: auto, {', '.join(IMAGE_MODELS)}"
+        )
+    if name == "transformer4":
+        if vocab_size is None:
+            raise ValueError(f"model.name='transformer4' on dataset {dataset!r} needs vocab_size")
+        return transformer4(shape, num_classes, cfg.width, vocab_size)
+    builder = {"cnn_small": cnn_small, "conv3": conv3, "resnet18_ee": resnet18_ee}[name]
+    return builder(shape, num_classes, cfg.width)
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of scalar parameters."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------- table
+# model -> (example dataset, input shape, classes, vocab size)
+DEFAULT_SETTINGS: dict[str, tuple[str, tuple[int, ...], int, int | None]] = {
+    "cnn_small": ("fashion_mnist", (1, 28, 28), 10, None),
+    "conv3": ("cifar10", (3, 32, 32), 10, None),
+    "resnet18_ee": ("cifar100", (3, 32, 32), 100, None),
+    "transformer4": ("agnews", (64,), 4, 20000),
+}
+
+
+def models_table(width: int | None = None) -> list[dict[str, Any]]:
+    """One row per zoo model on its example dataset's shape: sizes and measured MACs per exit.
+
+    ``width`` defaults to ModelConfig's default, i.e. what a run builds unless ``model.width``
+    is set. The global RNG is left untouched.
+    """
+    from cafe_ray.models.macs import exit_macs
+
+    w = ModelConfig().width if width is None else width
+    rows: list[dict[str, Any]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for name, (dataset, shape, classes, vocab) in DEFAULT_SETTINGS.items():
+            net = build_model(ModelConfig(name=name, width=w), dataset, shape, classes, vocab_size=vocab)
+            cost = exit_macs(net, shape, torch.int64 if vocab else torch.float32)
+            backbone = sum(p.numel() for n, p in net.named_parameters() if n.startswith(BACKBONE_PREFIX))
+            total = count_params(net)
+            rows.append({
+                "name": name,
+                "dataset": dataset,
+                "input_shape": list(shape),
+                "num_classes": classes,
+                "width": w,
+                "num_exits": net.num_exits,
+                "params": total,
+                "backbone_params": backbone,
+                "head_params": total - backbone,
+                "exit_macs": list(cost.cumulative),
+                "stage_macs": list(cost.stage_macs),
+                "head_macs": list(cost.head_macs),
+            })
+    return rows

@@ -1,0 +1,182 @@
+"""Two executors behind one interface: in-process sequential, and Ray actor pools.
+
+The round loop (cafe_ray.sim.simulation) says *what* runs; an executor decides
+*how*. Same seeds, same results on both (a test checks it).
+
+Ray: one bounded pool of client actors per resource class, each actor running
+many virtual clients in turn with that class's Ray resources. The dataset goes
+to the object store once; an identical payload is put once per round. An actor
+that dies mid-round is restarted by Ray; the jobs it held count as failed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+
+from cafe_ray.config import ExperimentConfig
+from cafe_ray.data.base import ArrayDataset, ClientSplit
+from cafe_ray.sim.profiles import ResourceClass, check_fits
+from cafe_ray.sim.runner import ClientRunner, EvalJob, EvalResult, FitJob, FitResult
+
+
+class Executor(ABC):
+    @abstractmethod
+    def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
+        """Results in job order; a client whose worker died has ``output=None``."""
+
+    @abstractmethod
+    def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
+        """Results in job order."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class SequentialExecutor(Executor):
+    """Runs every client in this process, one after the other: for debugging."""
+
+    def __init__(self, cfg: ExperimentConfig, dataset: ArrayDataset, splits: list[ClientSplit], store_root: str) -> None:
+        self.runner = ClientRunner(cfg, dataset, splits, store_root,
+                                   worker_info={"pid": os.getpid(), "executor": "sequential"})
+
+    def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
+        return [self.runner.fit(j) for j in jobs]
+
+    def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
+        return [self.runner.evaluate(j) for j in jobs]
+
+
+# ---------------------------------------------------------------------------- Ray
+class _ClientActor:
+    """Ray actor body: a ClientRunner plus where it runs (for reporting)."""
+
+    def __init__(self, cfg_json: str, dataset: ArrayDataset, splits: list[ClientSplit],
+                 store_root: str, class_name: str) -> None:
+        import ray
+
+        from cafe_ray.config import ExperimentConfig
+
+        ctx = ray.get_runtime_context()
+        info = {
+            "pid": os.getpid(), "host": socket.gethostname(), "node_id": ctx.get_node_id(),
+            "resource_class": class_name, "resources": dict(ctx.get_assigned_resources()),
+            "executor": "ray",
+        }
+        cfg = ExperimentConfig.model_validate_json(cfg_json)
+        self.runner = ClientRunner(cfg, dataset, splits, store_root, worker_info=info)
+
+    def fit(self, job: FitJob, payload) -> FitResult:  # noqa: ANN001 - resolved ObjectRef
+        return self.runner.fit(replace(job, payload=payload))
+
+    def evaluate(self, job: EvalJob, payload) -> EvalResult:  # noqa: ANN001
+        return self.runner.evaluate(replace(job, payload=payload))
+
+    def info(self) -> dict:
+        return self.runner.worker_info
+
+
+class RayExecutor(Executor):
+    def __init__(self, cfg: ExperimentConfig, dataset: ArrayDataset, splits: list[ClientSplit],
+                 store_root: str, classes: Sequence[ResourceClass], client_class: dict[int, str],
+                 in_flight_per_actor: int = 2) -> None:
+        import ray
+
+        self.ray = ray
+        self.client_class = client_class
+        self.depth = in_flight_per_actor
+        self.classes = check_fits(classes, ray.available_resources())
+        ds_ref = ray.put(dataset)  # once: zero-copy numpy in every actor on this node
+        splits_ref = ray.put(splits)
+        actor_cls = ray.remote(_ClientActor)
+        cfg_json = cfg.model_dump_json()
+        self.pools: dict[str, list] = {}
+        for c in self.classes:
+            self.pools[c.name] = [
+                actor_cls.options(max_restarts=-1, max_task_retries=0, **c.ray_options()).remote(
+                    cfg_json, ds_ref, splits_ref, store_root, c.name
+                )
+                for _ in range(c.actors or 1)
+            ]
+        self.restarts_seen = 0
+
+    def actor_info(self) -> list[dict]:
+        return self.ray.get([a.info.remote() for pool in self.pools.values() for a in pool])
+
+    def _payload_refs(self, jobs: Sequence) -> list:
+        cache: dict[int, object] = {}
+        refs = []
+        for j in jobs:
+            key = id(j.payload)
+            if key not in cache:
+                cache[key] = self.ray.put(j.payload)
+            refs.append(cache[key])
+        return refs
+
+    def _dispatch(self, jobs: Sequence, method: str) -> list:
+        """Feed each pool's actors at most ``depth`` jobs at a time; collect in job order."""
+        ray = self.ray
+        payload_refs = self._payload_refs(jobs)
+        queues: dict[str, deque[int]] = {name: deque() for name in self.pools}
+        for i, j in enumerate(jobs):
+            cls = self.client_class.get(j.client_id)
+            if cls not in queues:
+                raise KeyError(f"client {j.client_id} has resource class {cls!r} with no actor pool")
+            queues[cls].append(i)
+        results: list = [None] * len(jobs)
+        in_flight: dict = {}  # ref -> (job index, class, actor index)
+        load = {name: [0] * len(pool) for name, pool in self.pools.items()}
+
+        def feed(name: str) -> None:
+            pool, q = self.pools[name], queues[name]
+            while q:
+                a = min(range(len(pool)), key=lambda k: load[name][k])
+                if load[name][a] >= self.depth:
+                    return
+                i = q.popleft()
+                job = replace(jobs[i], payload=None)
+                ref = getattr(pool[a], method).remote(job, payload_refs[i])
+                in_flight[ref] = (i, name, a)
+                load[name][a] += 1
+
+        for name in self.pools:
+            feed(name)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                i, name, a = in_flight.pop(ref)
+                load[name][a] -= 1
+                try:
+                    results[i] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                    results[i] = self._failed(jobs[i], err)
+                except ray.exceptions.RayTaskError as err:
+                    raise err.as_instanceof_cause() from None
+                feed(name)
+        return results
+
+    def _failed(self, job, err: Exception):  # noqa: ANN001, ANN202
+        self.restarts_seen += 1
+        if isinstance(job, FitJob):
+            return FitResult(job.client_id, job.round, None, error=f"worker died: {type(err).__name__}")
+        raise RuntimeError(f"evaluation of client {job.client_id} lost its worker: {err}")
+
+    def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
+        return self._dispatch(jobs, "fit")
+
+    def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
+        # evaluation is retried once on a dead worker: it has no side effects
+        try:
+            return self._dispatch(jobs, "evaluate")
+        except RuntimeError:
+            return self._dispatch(jobs, "evaluate")
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            for a in pool:
+                self.ray.kill(a)
+        self.pools = {}

@@ -1,0 +1,170 @@
+"""The worker side of a simulation: runs virtual clients one at a time.
+
+A :class:`ClientRunner` knows the dataset (shared, read-only arrays), the client
+splits, the algorithm and one model instance that it resets to the experiment's
+deterministic initial weights before every job. It knows nothing about Ray: the
+sequential executor calls it in-process, a Ray client actor wraps it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cafe_ray.algorithms import ClientContext, ClientData, ClientOutput, Message, build_algorithm
+from cafe_ray.algorithms.training import exit_accuracies
+from cafe_ray.config import ExperimentConfig
+from cafe_ray.data.base import ArrayDataset, ClientSplit
+from cafe_ray.models import EarlyExitNet, build_model
+from cafe_ray.sim.store import ClientStateStore
+
+
+class ClientJobError(RuntimeError):
+    """A client job failed in algorithm code; names the client, round and stage."""
+
+
+@dataclass(frozen=True)
+class FitJob:
+    client_id: int
+    round: int
+    num_rounds: int
+    seed: int
+    max_depth: int | None = None
+    payload: Message | None = None  # filled by the executor (may travel by reference)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    client_id: int
+    round: int
+    output: ClientOutput | None  # None when the client failed
+    error: str | None = None
+    wall_s: float = 0.0
+    worker: dict = field(default_factory=dict)  # where it ran: pid, node, Ray resources
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    client_id: int
+    round: int
+    num_rounds: int
+    seed: int
+    payload: Message | None = None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    client_id: int
+    correct: tuple[int, ...]  # per exit
+    num_test: int
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [c / self.num_test if self.num_test else float("nan") for c in self.correct]
+
+
+def make_model(cfg: ExperimentConfig, ds: ArrayDataset) -> EarlyExitNet:
+    """The experiment's model with deterministic initial weights (seeded by cfg.seed)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        return build_model(
+            cfg.model, ds.name, ds.input_shape, ds.num_classes,
+            vocab_size=cfg.data.vocab_size if ds.is_text else None,
+        )
+    finally:
+        torch.random.set_rng_state(state)
+
+
+class _Threads:
+    """Run torch single-threaded inside a job: deterministic and no oversubscription."""
+
+    def __enter__(self) -> None:
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.prev)
+
+
+class ClientRunner:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        dataset: ArrayDataset,
+        splits: list[ClientSplit] | dict[int, ClientSplit],
+        store_root: str | Path,
+        worker_info: dict | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ds = dataset
+        self.splits = splits if isinstance(splits, dict) else {s.client_id: s for s in splits}
+        self.store = ClientStateStore(store_root)
+        self.algorithm = build_algorithm(cfg)
+        self.model = make_model(cfg, dataset)
+        self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.worker_info = worker_info or {}
+
+    def _data(self, client_id: int) -> ClientData:
+        s = self.splits[client_id]
+        return ClientData(
+            x_train=torch.from_numpy(np.ascontiguousarray(self.ds.x_train[s.train_idx])),
+            y_train=torch.from_numpy(np.ascontiguousarray(self.ds.y_train[s.train_idx])),
+            x_test=torch.from_numpy(np.ascontiguousarray(self.ds.x_test[s.test_idx])),
+            y_test=torch.from_numpy(np.ascontiguousarray(self.ds.y_test[s.test_idx])),
+        )
+
+    def _reset(self) -> None:
+        self.model.load_state_dict(self.init_state)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+    def fit(self, job: FitJob) -> FitResult:
+        """Train one client; its new personal state is *staged*, committed by the server."""
+        t0 = time.perf_counter()
+        if job.payload is None:
+            raise ClientJobError(f"client {job.client_id} round {job.round}: fit job has no payload")
+        stage = "load"
+        try:
+            with _Threads():
+                self._reset()
+                data = self._data(job.client_id)
+                personal = self.store.load(job.client_id)
+                ctx = ClientContext(job.client_id, job.round, job.num_rounds, job.seed, job.max_depth)
+                stage = "client_update"
+                out = self.algorithm.client_update(self.model, job.payload, personal, data, ctx)
+                stage = "store"
+                if out.personal is not None:
+                    self.store.stage(job.client_id, job.round, out.personal)
+        except Exception as err:
+            raise ClientJobError(
+                f"client {job.client_id} round {job.round} failed in {stage} "
+                f"({self.cfg.algorithm.name}): {type(err).__name__}: {err}"
+            ) from err
+        return FitResult(
+            client_id=job.client_id, round=job.round, output=replace(out, personal=None),
+            wall_s=time.perf_counter() - t0, worker=self.worker_info,
+        )
+
+    def evaluate(self, job: EvalJob) -> EvalResult:
+        """Per-exit accuracy of the model this client would run, on its own test split."""
+        if job.payload is None:
+            raise ClientJobError(f"client {job.client_id} round {job.round}: eval job has no payload")
+        try:
+            with _Threads():
+                self._reset()
+                data = self._data(job.client_id)
+                personal = self.store.load(job.client_id)
+                ctx = ClientContext(job.client_id, job.round, job.num_rounds, job.seed)
+                self.algorithm.load_for_eval(self.model, job.payload, personal, data, ctx)
+                accs = exit_accuracies(self.model, data.x_test, data.y_test)
+        except Exception as err:
+            raise ClientJobError(
+                f"client {job.client_id} round {job.round} failed in evaluate: {type(err).__name__}: {err}"
+            ) from err
+        n = int(data.y_test.shape[0])
+        return EvalResult(job.client_id, tuple(int(round(a * n)) for a in accs), n)

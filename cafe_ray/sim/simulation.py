@@ -1,0 +1,286 @@
+"""The round loop, written once: sampling, dispatch, virtual clock, aggregation,
+evaluation, metrics and checkpoints. It runs inside the coordinator actor (or
+in-process with the sequential executor) and knows algorithms only through
+their interface.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cafe_ray.algorithms import ClientResult, RoundContext, ServerState, build_algorithm
+from cafe_ray.config import ExperimentConfig
+from cafe_ray.data import load_dataset, partition_clients
+from cafe_ray.models import exit_macs
+from cafe_ray.sim import rundir, seeds
+from cafe_ray.sim.executor import Executor
+from cafe_ray.sim.profiles import Catalog, DeviceProfile, assign_profiles, resolve_catalog
+from cafe_ray.sim.runner import EvalJob, EvalResult, FitJob, make_model
+from cafe_ray.sim.store import ClientStateStore
+
+ExecutorFactory = Callable[..., Executor]
+
+
+@dataclass
+class Progress:
+    round: int = 0  # rounds completed
+    total: int = 0
+    status: str = "starting"  # starting | running | done | failed
+    acc_avg_exit: float | None = None
+    virtual_time_s: float = 0.0
+    failed_total: int = 0
+    message: str = ""
+
+
+class Simulation:
+    """One experiment in one run directory; ``run()`` goes to the last round."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, executor_factory: ExecutorFactory,
+                 resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = Progress(total=cfg.round.num_rounds)
+        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+        self.splits = partition_clients(self.dataset, cfg.data, seed=cfg.seed)
+        self.catalog: Catalog = resolve_catalog(cfg.profiles)
+        self.profiles: list[DeviceProfile] = assign_profiles(self.catalog, cfg.data.num_clients, cfg.seed)
+        self.algorithm = build_algorithm(cfg)
+        model = make_model(cfg, self.dataset)
+        self.num_exits = model.num_exits
+        self.cost = exit_macs(model, self.dataset.input_shape,
+                              torch.int64 if self.dataset.is_text else torch.float32)
+        self.store = ClientStateStore(self.run_dir / "store")
+        self.state: ServerState = self.algorithm.init_server_state(model)
+        self.start_round = 0
+        self.virtual_time = 0.0
+        self.cum_down = 0
+        self.cum_up = 0
+        if resume:
+            self._restore()
+        else:
+            rundir.save_splits(self.run_dir / "splits.npz", self.splits)
+            (self.run_dir / "profiles.json").write_text(json.dumps(
+                {str(i): {**p.__dict__, "active": list(p.active), "inactive": list(p.inactive)}
+                 for i, p in enumerate(self.profiles)}))
+        client_class = {i: p.resource_class for i, p in enumerate(self.profiles)}
+        self.executor = executor_factory(
+            cfg=cfg, dataset=self.dataset, splits=self.splits, store_root=str(self.store.root),
+            classes=self.catalog.classes, client_class=client_class,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        T = cfg.round.num_rounds
+        self.progress.status = "running"
+        self.progress.round = self.start_round
+        try:
+            for t in range(self.start_round, T):
+                rec = self._round(t)
+                rundir.append_jsonl(self.run_dir / "metrics.jsonl", [rec])
+                self.progress.round = t + 1
+                self.progress.virtual_time_s = self.virtual_time
+                if rec.get("acc_avg_exit") is not None:
+                    self.progress.acc_avg_exit = rec["acc_avg_exit"]
+                if (t + 1) % cfg.checkpoint.every == 0 or t == T - 1:
+                    self._checkpoint(t)
+                if on_round:
+                    on_round(rec)
+            summary = self._finish()
+            self.progress.status = "done"
+            return summary
+        except BaseException as err:
+            self.progress.status = "failed"
+            self.progress.message = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            self.executor.shutdown()
+
+    def _sample(self, t: int) -> list[int]:
+        cfg = self.cfg
+        online = [i for i, p in enumerate(self.profiles)
+                  if p.is_online(self.virtual_time, seeds.rng(cfg.seed, t, i, seeds.AVAIL))]
+        if not online:
+            return []
+        k = min(len(online), max(cfg.round.min_clients, math.ceil(cfg.round.fraction * len(online))))
+        chosen = seeds.rng(cfg.seed, t, -1, seeds.SAMPLE).choice(online, size=k, replace=False)
+        return sorted(int(c) for c in chosen)
+
+    def _train_macs(self, depth: int) -> int:
+        d = max(1, min(depth, self.num_exits))
+        return int(sum(self.cost.stage_macs[:d]) + sum(self.cost.head_macs[:d]))
+
+    def _round(self, t: int) -> dict[str, Any]:
+        cfg, T = self.cfg, self.cfg.round.num_rounds
+        wall0 = time.perf_counter()
+        participants = self._sample(t)
+        crashed = {i for i in participants
+                   if seeds.rng(cfg.seed, t, i, seeds.FAIL).random() < self.profiles[i].failure_prob}
+        ctx = RoundContext(t, T, seeds.derive_seed(cfg.seed, t), tuple(participants))
+        payloads = self.algorithm.server_payloads(self.state, ctx) if participants else {}
+        jobs = [FitJob(i, t, T, seeds.derive_seed(cfg.seed, t, i, seeds.TRAIN),
+                       self.profiles[i].max_depth, payloads[i])
+                for i in participants if i not in crashed]
+        results = {r.client_id: r for r in self.executor.run_fit(jobs)}
+
+        accepted: list[ClientResult] = []
+        client_recs: list[dict[str, Any]] = []
+        times: list[float] = []
+        down = up = 0
+        dropped = failed = 0
+        deadline = cfg.round.deadline_s
+        for i in participants:
+            prof = self.profiles[i]
+            rec: dict[str, Any] = {"round": t, "client": i, "profile": prof.name,
+                                   "resource_class": prof.resource_class}
+            b_down = payloads[i].nbytes
+            down += b_down
+            if i in crashed:
+                rec.update(status="failed", reason="simulated failure (profile failure_prob)", bytes_down=b_down)
+                failed += 1
+                client_recs.append(rec)
+                continue
+            res = results[i]
+            if res.output is None:
+                rec.update(status="failed", reason=res.error, bytes_down=b_down)
+                failed += 1
+                client_recs.append(rec)
+                continue
+            out = res.output
+            b_up = out.upload.nbytes
+            up += b_up
+            v = (prof.compute_seconds(self._train_macs(out.trained_depth), out.samples_processed)
+                 + prof.comm_seconds(b_down, b_up))
+            late = deadline is not None and v > deadline
+            times.append(v)
+            rec.update(status="late" if late else "ok", virtual_s=v, bytes_down=b_down, bytes_up=b_up,
+                       wall_s=res.wall_s, samples=out.samples_processed, pid=res.worker.get("pid"),
+                       node_id=res.worker.get("node_id"), actor_resources=res.worker.get("resources"),
+                       **{k: float(x) for k, x in out.metrics.items()})
+            client_recs.append(rec)
+            if late:
+                dropped += 1
+            else:
+                accepted.append(ClientResult(i, out))
+        for r in accepted:
+            self.store.commit(r.client_id, t)
+        self.store.discard_staged()
+        self.state = self.algorithm.aggregate(self.state, accepted, ctx)
+
+        round_v = (min(max(times), deadline) if deadline is not None else max(times)) if times else 0.0
+        self.virtual_time += round_v
+        self.cum_down += down
+        self.cum_up += up
+        self.progress.failed_total += failed
+        train_losses = [float(r.output.metrics["train_loss"]) for r in accepted if "train_loss" in r.output.metrics]
+        rec = {
+            "round": t, "participants": len(participants), "completed": len(accepted),
+            "failed": failed, "dropped_late": dropped,
+            "train_loss": float(np.mean(train_losses)) if train_losses else None,
+            "round_virtual_s": round_v, "virtual_time_s": self.virtual_time,
+            "bytes_down": down, "bytes_up": up, "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up,
+        }
+        if (t + 1) % cfg.round.eval_every == 0 or t == T - 1:
+            rec.update(self._evaluate(t, participants))
+        rec["wall_s"] = time.perf_counter() - wall0
+        rundir.append_jsonl(self.run_dir / "clients.jsonl", client_recs)
+        return rec
+
+    def _evaluate(self, t: int, participants: list[int]) -> dict[str, Any]:
+        cfg = self.cfg
+        who = participants if cfg.round.eval_clients == "participants" else range(cfg.data.num_clients)
+        payload = self.algorithm.eval_payload(self.state)
+        jobs = [EvalJob(i, t, cfg.round.num_rounds, seeds.derive_seed(cfg.seed, t, i, seeds.TRAIN), payload)
+                for i in who]
+        results: list[EvalResult] = sorted(self.executor.run_eval(jobs), key=lambda r: r.client_id)
+        results = [r for r in results if r.num_test > 0]
+        if not results:
+            return {}
+        n = sum(r.num_test for r in results)
+        acc_exit = [sum(r.correct[k] for r in results) / n for k in range(self.num_exits)]
+        per_client = [float(np.mean(r.accuracies)) for r in results]
+        rundir.append_jsonl(self.run_dir / "eval.jsonl", [
+            {"round": t, "client": r.client_id, "num_test": r.num_test, "acc_exit": r.accuracies}
+            for r in results])
+        return {
+            "acc_exit": acc_exit,
+            "acc_avg_exit": float(np.mean(acc_exit)),
+            "acc_worst_client": float(min(per_client)),
+            "acc_worst_client_last_exit": float(min(r.accuracies[-1] for r in results)),
+            "eval_clients": len(results),
+        }
+
+    # ------------------------------------------------------- checkpoint/resume
+    def _checkpoint(self, t: int) -> None:
+        """Atomic: written to a temp folder, then renamed; a crash never leaves half of one."""
+        root = self.run_dir / "checkpoints"
+        final = root / f"round_{t:06d}"
+        tmp = root / f".tmp_round_{t:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {k: v.detach().contiguous().clone() for k, v in self.state.tensors.items()}
+        save_file(tensors, str(tmp / "server.safetensors"))
+        self.store.snapshot(tmp / "store")
+        (tmp / "state.json").write_text(json.dumps({
+            "round": t, "meta": self.state.meta, "virtual_time_s": self.virtual_time,
+            "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up, "seed": self.cfg.seed,
+            "failed_total": self.progress.failed_total,
+            "rng": "stateless: every draw derives from (seed, round, client, stream)",
+        }))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        rundir.prune_checkpoints(root, self.cfg.checkpoint.keep)
+        rundir.write_parquet(rundir.read_jsonl(self.run_dir / "metrics.jsonl"), self.run_dir / "metrics.parquet")
+
+    def _restore(self) -> None:
+        ckpt = rundir.latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            # no checkpoint yet: start over in the same directory
+            for f in ("metrics.jsonl", "clients.jsonl", "eval.jsonl"):
+                (self.run_dir / f).unlink(missing_ok=True)
+            self.store.clear()
+            return
+        st = json.loads((ckpt / "state.json").read_text())
+        self.state = ServerState(tensors=load_file(str(ckpt / "server.safetensors")), meta=st["meta"])
+        self.store.restore(ckpt / "store")
+        t = int(st["round"])
+        self.start_round = t + 1
+        self.virtual_time = float(st["virtual_time_s"])
+        self.cum_down, self.cum_up = int(st["cum_bytes_down"]), int(st["cum_bytes_up"])
+        self.progress.failed_total = int(st.get("failed_total", 0))
+        for f in ("metrics.jsonl", "clients.jsonl", "eval.jsonl"):
+            rundir.truncate_jsonl(self.run_dir / f, t)
+
+    def _finish(self) -> dict[str, Any]:
+        records = rundir.read_jsonl(self.run_dir / "metrics.jsonl")
+        rundir.write_parquet(records, self.run_dir / "metrics.parquet")
+        rundir.write_parquet(rundir.read_jsonl(self.run_dir / "clients.jsonl"), self.run_dir / "clients.parquet")
+        rundir.plot_accuracy(records, self.run_dir / "accuracy.png",
+                             f"{self.cfg.name}: {self.cfg.algorithm.name} on {self.cfg.data.name}")
+        last_eval = next((r for r in reversed(records) if r.get("acc_exit")), {})
+        summary = {
+            "name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "dataset": self.cfg.data.name,
+            "rounds": len(records), "num_clients": self.cfg.data.num_clients,
+            "acc_exit": last_eval.get("acc_exit"), "acc_avg_exit": last_eval.get("acc_avg_exit"),
+            "acc_worst_client": last_eval.get("acc_worst_client"),
+            "virtual_time_s": self.virtual_time, "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up,
+            "failed_total": sum(r.get("failed", 0) for r in records),
+            "dropped_late_total": sum(r.get("dropped_late", 0) for r in records),
+            "wall_time_s": sum(r.get("wall_s", 0.0) for r in records),
+            "exit_macs": list(self.cost.cumulative),
+            "final_checkpoint": str(rundir.latest_checkpoint(self.run_dir)),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,98 @@
+"""The engine on real Ray: coordinator actor, client actor pools, resume, faults."""
+
+import pytest
+
+from cafe_ray.sim import rundir
+from cafe_ray.sim.engine import run_simulation, start, wait_for
+from tests.sim.conftest import comparable, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _run(cfg, **kw):
+    return run_simulation(cfg, show_progress=False, **kw)
+
+
+@pytest.mark.parametrize("algo", ["fedavg_ee", "fedprox_ee", "fedper_ee", "local_ee"])
+def test_each_algorithm_learns_on_ray(tmp_path, algo):
+    cfg = tiny_cfg(tmp_path, f"algorithm.name={algo}", "round.num_rounds=4", "round.fraction=1.0")
+    run_dir, s = _run(cfg)
+    assert s["acc_avg_exit"] > 0.5, s  # chance is 0.1
+    recs = rundir.read_jsonl(run_dir / "clients.jsonl")
+    assert {r["node_id"] for r in recs} and all(r["status"] == "ok" for r in recs)
+    assert len({r["pid"] for r in recs}) == 2  # two actors in the pool, both used
+
+
+def test_ray_equals_sequential_and_one_vs_two_actors(tmp_path):
+    seq = tiny_cfg(tmp_path / "s", "round.num_rounds=3", "algorithm.name=fedper_ee", executor="sequential")
+    one = tiny_cfg(tmp_path / "1", "round.num_rounds=3", "algorithm.name=fedper_ee", "profiles.actors_per_class=1")
+    two = tiny_cfg(tmp_path / "2", "round.num_rounds=3", "algorithm.name=fedper_ee", "profiles.actors_per_class=2")
+    runs = [_run(c)[0] for c in (seq, one, two)]
+    metrics = [comparable(rundir.read_jsonl(r / "metrics.jsonl")) for r in runs]
+    assert metrics[0] == metrics[1] == metrics[2]
+    assert len({r["pid"] for r in rundir.read_jsonl(runs[1] / "clients.jsonl")}) == 1
+    assert len({r["pid"] for r in rundir.read_jsonl(runs[2] / "clients.jsonl")}) == 2
+
+
+def test_resume_after_killed_coordinator_equals_uninterrupted(tmp_path, ray_session):
+    ray = ray_session
+    sets = ("round.num_rounds=6", "checkpoint.every=2", "algorithm.name=fedper_ee", "train.local_epochs=2")
+    full_dir, full = _run(tiny_cfg(tmp_path / "full", *sets))
+
+    from cafe_ray.sim.engine import prepare_run
+
+    cfg, run_dir, _ = prepare_run(tiny_cfg(tmp_path / "crash", *sets), None)
+    actor, fut = start(cfg, run_dir, resume=False)
+    assert wait_for(lambda: ray.get(actor.progress.remote())["round"] >= 3, timeout=300)
+    ray.kill(actor)  # the coordinator dies; its client actors die with it
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(fut)
+    assert rundir.latest_checkpoint(run_dir) is not None
+    resumed_dir, resumed = _run(None, resume_dir=run_dir)
+    assert resumed_dir == run_dir
+    for key in ("acc_exit", "acc_avg_exit", "acc_worst_client", "virtual_time_s", "cum_bytes_down", "cum_bytes_up"):
+        assert resumed[key] == full[key], key
+    assert comparable(rundir.read_jsonl(run_dir / "metrics.jsonl")) == comparable(
+        rundir.read_jsonl(full_dir / "metrics.jsonl"))
+
+
+def test_killed_client_actor_does_not_stop_the_run(tmp_path, ray_session):
+    ray = ray_session
+    cfg = tiny_cfg(tmp_path, "round.num_rounds=5", "round.fraction=1.0", "train.local_epochs=3",
+                   "round.eval_every=5")
+    from cafe_ray.sim.engine import prepare_run
+
+    cfg, run_dir, _ = prepare_run(cfg, None)
+    actor, fut = start(cfg, run_dir, resume=False)
+    assert wait_for(lambda: ray.get(actor.progress.remote())["round"] >= 1, timeout=300)
+    victims = ray.get(actor.client_actors.remote())
+    ray.kill(victims[0], no_restart=False)
+    summary = ray.get(fut, timeout=600)
+    assert summary["rounds"] == 5
+    assert summary["failed_total"] >= 1
+    recs = rundir.read_jsonl(run_dir / "clients.jsonl")
+    failed = [r for r in recs if r["status"] == "failed"]
+    assert failed and all("worker died" in r["reason"] for r in failed)
+    last = [r for r in recs if r["round"] == 4]
+    assert last and all(r["status"] == "ok" for r in last)  # the actor was restarted
+    ray.kill(actor)
+
+
+def test_resource_classes_get_their_ray_resources(tmp_path):
+    cfg = tiny_cfg(
+        tmp_path, "round.num_rounds=1", "round.fraction=1.0", "profiles.catalog=iot_mix",
+        "round.eval_every=1", "data.num_clients=10",
+        "profiles.classes.phone={num_cpus: 0.5, actors: 1}",
+        "profiles.classes.single_board={num_cpus: 0.25, actors: 1, resources: {cafe_test: 1}}",
+        "profiles.classes.edge_gpu={num_cpus: 1.0, actors: 1}",
+    )
+    run_dir, _ = _run(cfg)
+    recs = [r for r in rundir.read_jsonl(run_dir / "clients.jsonl") if r["status"] == "ok"]
+    by_class = {}
+    for r in recs:
+        by_class.setdefault(r["resource_class"], set()).add(tuple(sorted(r["actor_resources"].items())))
+    assert by_class["phone"] == {(("CPU", 0.5),)}
+    assert by_class["single_board"] == {(("CPU", 0.25), ("cafe_test", 1.0))}
+    assert by_class["edge_gpu"] == {(("CPU", 1.0),)}
+    pids = {c: {r["pid"] for r in recs if r["resource_class"] == c} for c in by_class}
+    assert not (pids["phone"] & pids["single_board"])
