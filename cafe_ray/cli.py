@@ -121,8 +121,8 @@ def models() -> None:
 @app.command()
 def algorithms() -> None:
     """List the registered FL algorithms."""
-    from cafe_ray.algorithms import get_algorithm
     from cafe_ray.algorithms import available as names
+    from cafe_ray.algorithms import get_algorithm
 
     for n in names():
         doc = (sys.modules[get_algorithm(n).__module__].__doc__ or "").strip().splitlines()[0]
@@ -217,6 +217,19 @@ def bench_all() -> None:
     """Every benchmark with its defaults."""
     bench_overhead()
     bench_memory()
+
+
+def _register_command_modules() -> None:
+    import importlib
+    import pkgutil
+
+    import cafe_ray.commands as commands
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
+        importlib.import_module(f"cafe_ray.commands.{mod}").register(app)
+
+
+_register_command_modules()
 
 
 def main() -> None:

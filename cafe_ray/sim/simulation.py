@@ -119,8 +119,7 @@ class Simulation:
         return sorted(int(c) for c in chosen)
 
     def _train_macs(self, depth: int) -> int:
-        d = max(1, min(depth, self.num_exits))
-        return int(sum(self.cost.stage_macs[:d]) + sum(self.cost.head_macs[:d]))
+        return self.cost.train_macs(max(1, min(depth, self.num_exits)))
 
     def _round(self, t: int) -> dict[str, Any]:
         cfg, T = self.cfg, self.cfg.round.num_rounds

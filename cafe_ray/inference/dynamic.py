@@ -1,0 +1,62 @@
+"""Dynamic inference: run each sample only as deep as its policy decides.
+
+``predict_batch`` is the pure function that evaluation and serving share: it
+advances the still-running samples stage by stage and counts, per sample, the
+MACs of every stage and head it actually ran (the cascade cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cafe_ray.inference.policies import ExitPolicy
+from cafe_ray.models import EarlyExitNet, ExitCost
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: torch.Tensor  # (B,) int64
+    exits: torch.Tensor  # (B,) int64, 0-based exit taken
+    confidence: torch.Tensor  # (B,) max softmax probability at the exit taken
+    macs: torch.Tensor  # (B,) int64, MACs spent on the sample
+    probs: torch.Tensor  # (B, C) probabilities at the exit taken
+
+
+def _take(h, idx: torch.Tensor):  # noqa: ANN001, ANN202 - a tensor or a tuple of tensors
+    if isinstance(h, tuple):
+        return tuple(t[idx] for t in h)
+    return h[idx]
+
+
+@torch.no_grad()
+def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost: ExitCost) -> Prediction:
+    """Early-exit forward of a batch; samples that exit are not carried deeper."""
+    model.eval()
+    B = x.shape[0]
+    m = model.num_exits
+    labels = torch.zeros(B, dtype=torch.long)
+    exits = torch.full((B,), m - 1, dtype=torch.long)
+    conf = torch.zeros(B)
+    macs = torch.zeros(B, dtype=torch.long)
+    probs_out = torch.zeros(B, model.num_classes)
+    active = torch.arange(B)  # indices into the batch still running
+    h = x
+    for k in range(m):
+        h = model.stages[k](h)
+        z = model.exits[k](h)  # (A, C)
+        p = z.softmax(dim=1)
+        macs[active] += cost.stage_macs[k] + cost.head_macs[k]
+        stop = policy.should_exit(p, k, m, macs[active]) if k < m - 1 else torch.ones(len(active), dtype=torch.bool)
+        done = active[stop]
+        labels[done] = p[stop].argmax(dim=1)
+        exits[done] = k
+        conf[done] = p[stop].max(dim=1).values
+        probs_out[done] = p[stop]
+        keep = ~stop
+        if not bool(keep.any()):
+            break
+        active = active[keep]
+        h = _take(h, keep.nonzero(as_tuple=True)[0])
+    return Prediction(labels, exits, conf, macs, probs_out)

@@ -1,0 +1,96 @@
+"""Exit policies: decide, per sample, whether to stop at the current exit.
+
+A policy sees the current exit's softmax probabilities and where it is (exit k,
+MACs spent) and answers a boolean per sample. Policies live outside the model:
+any trained early-exit network works with any policy. New policies register
+with :func:`register_policy` and are built by name with :func:`build_policy`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def confidence_features(probs: torch.Tensor) -> torch.Tensor:
+    """(B, C) probabilities -> (B, 3): max probability, top-1 minus top-2 margin, entropy."""
+    top2 = probs.topk(min(2, probs.shape[1]), dim=1).values  # (B, 2)
+    margin = top2[:, 0] - (top2[:, 1] if top2.shape[1] > 1 else 0.0)
+    entropy = -(probs.clamp_min(1e-12).log() * probs).sum(dim=1)
+    return torch.stack([top2[:, 0], margin, entropy], dim=1)
+
+
+class ExitPolicy(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def should_exit(self, probs: torch.Tensor, k: int, num_exits: int, macs_spent: torch.Tensor) -> torch.Tensor:
+        """Bool (B,) mask: stop at exit ``k`` (0-based). The last exit always stops."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name}
+
+
+class FullDepth(ExitPolicy):
+    name = "full"
+
+    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+        return torch.full((probs.shape[0],), k == num_exits - 1, dtype=torch.bool)
+
+
+class Threshold(ExitPolicy):
+    """Stop at the first exit whose max softmax probability reaches ``threshold``."""
+
+    name = "threshold"
+
+    def __init__(self, threshold: float = 0.6) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.threshold = float(threshold)
+
+    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+        return probs.max(dim=1).values >= self.threshold
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "threshold": self.threshold}
+
+
+class EntropyThreshold(ExitPolicy):
+    """Stop when the prediction entropy falls to ``max_entropy`` (nats) or below."""
+
+    name = "entropy"
+
+    def __init__(self, max_entropy: float = 0.5) -> None:
+        if max_entropy < 0:
+            raise ValueError(f"max_entropy must be >= 0, got {max_entropy}")
+        self.max_entropy = float(max_entropy)
+
+    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+        return confidence_features(probs)[:, 2] <= self.max_entropy
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "max_entropy": self.max_entropy}
+
+
+_POLICIES: dict[str, Callable[..., ExitPolicy]] = {
+    "full": FullDepth,
+    "threshold": Threshold,
+    "entropy": EntropyThreshold,
+}
+
+
+def register_policy(name: str, factory: Callable[..., ExitPolicy]) -> None:
+    _POLICIES[name] = factory
+
+
+def available_policies() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def build_policy(name: str, **kwargs: Any) -> ExitPolicy:
+    if name not in _POLICIES:
+        raise ValueError(f"policy: unknown policy {name!r}; available: {', '.join(available_policies())}")
+    return _POLICIES[name](**kwargs)

@@ -1,0 +1,111 @@
+"""Read a finished run directory back: config, data, splits, and each client's
+trained personal early-exit model, as the algorithm would run it at inference.
+
+Everything loads without pickle (YAML, JSON, npz without pickle, safetensors).
+Evaluation, the gym environment and serving all start here.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from cafe_ray.algorithms import ClientContext, ServerState, build_algorithm
+from cafe_ray.config import ExperimentConfig, load_config
+from cafe_ray.data import ArrayDataset, ClientSplit, load_dataset
+from cafe_ray.models import EarlyExitNet, ExitCost, exit_macs
+from cafe_ray.sim import rundir
+from cafe_ray.sim.runner import ClientRunner, make_model
+from cafe_ray.sim.store import ClientStateStore
+
+
+class RunArtifacts:
+    """A trained run: ``client_model(i)`` is client i's personal dynamic model."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{self.run_dir} is not a run directory (no config.yaml); "
+                                    "pass a directory written by `cafe-ray simulate`")
+        self.checkpoint = rundir.latest_checkpoint(self.run_dir)
+        if self.checkpoint is None:
+            raise FileNotFoundError(f"{self.run_dir} has no checkpoint yet; let the run finish or resume it")
+        self.cfg: ExperimentConfig = load_config(self.run_dir / "config.yaml")
+        self.algorithm = build_algorithm(self.cfg)
+        st = json.loads((self.checkpoint / "state.json").read_text())
+        self.round = int(st["round"])
+        self.state = ServerState(tensors=load_file(str(self.checkpoint / "server.safetensors")), meta=st["meta"])
+        self.store = ClientStateStore(self.checkpoint / "store")
+
+    @cached_property
+    def dataset(self) -> ArrayDataset:
+        return load_dataset(self.cfg.data, seed=self.cfg.seed)
+
+    @cached_property
+    def splits(self) -> dict[int, ClientSplit]:
+        return {s.client_id: s for s in rundir.load_splits(self.run_dir / "splits.npz")}
+
+    @cached_property
+    def profiles(self) -> dict[int, dict]:
+        return {int(k): v for k, v in json.loads((self.run_dir / "profiles.json").read_text()).items()}
+
+    @property
+    def client_ids(self) -> list[int]:
+        return sorted(self.splits)
+
+    @cached_property
+    def exit_cost(self) -> ExitCost:
+        m = make_model(self.cfg, self.dataset)
+        return exit_macs(m, self.dataset.input_shape, torch.int64 if self.dataset.is_text else torch.float32)
+
+    @cached_property
+    def _runner(self) -> ClientRunner:
+        return ClientRunner(self.cfg, self.dataset, self.splits, self.store.root)
+
+    def client_model(self, client_id: int) -> EarlyExitNet:
+        """A fresh model holding client ``client_id``'s inference weights (eval mode)."""
+        if client_id not in self.splits:
+            raise KeyError(f"client {client_id} is not in this run (clients 0..{len(self.splits) - 1})")
+        r = self._runner
+        model = make_model(self.cfg, self.dataset)
+        data = r._data(client_id)
+        ctx = ClientContext(client_id, self.round, self.cfg.round.num_rounds, self.cfg.seed)
+        self.algorithm.load_for_eval(model, self.algorithm.eval_payload(self.state),
+                                     self.store.load(client_id), data, ctx)
+        return model.eval()
+
+    def client_data(self, client_id: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of a client's split.
+
+        'train' and 'test' are the simulation's splits. 'val' and 'holdout' halve the
+        client's test split with a seeded permutation: calibrate a policy on 'val',
+        report it on 'holdout', and neither was ever trained on.
+        """
+        d = self._runner._data(client_id)
+        if split == "test":
+            return d.x_test, d.y_test
+        if split == "train":
+            return d.x_train, d.y_train
+        if split in ("val", "holdout"):
+            n = int(d.y_test.shape[0])
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + client_id)
+            perm = torch.randperm(n, generator=g)
+            idx = perm[: n // 2] if split == "val" else perm[n // 2 :]
+            return d.x_test[idx], d.y_test[idx]
+        raise ValueError(f"split must be 'train', 'test', 'val' or 'holdout', got {split!r}")
+
+    def summary(self) -> dict:
+        p = self.run_dir / "summary.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def last_eval(self) -> dict[int, list[float]]:
+        """Each client's per-exit test accuracy at the run's last evaluation."""
+        recs = rundir.read_jsonl(self.run_dir / "eval.jsonl")
+        if not recs:
+            return {}
+        last = max(r["round"] for r in recs)
+        return {r["client"]: r["acc_exit"] for r in recs if r["round"] == last}
