@@ -111,7 +111,7 @@ def models() -> None:
 
     table = Table(title="early-exit model zoo (MACs per sample, measured)")
     for col in ("model", "dataset", "input", "params", "backbone params", "MACs to exit 1..m"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("model", "dataset"))
     for r in models_table():
         table.add_row(r["name"], r["dataset"], str(tuple(r["input_shape"])), f"{r['params']:,}",
                       f"{r['backbone_params']:,}", " / ".join(f"{m:,}" for m in r["exit_macs"]))

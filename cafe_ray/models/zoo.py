@@ -80,9 +80,14 @@ def _pool_head(channels: int, num_classes: int, grid: int = 2) -> nn.Sequential:
     )
 
 
-def _last_image_head(channels: int, num_classes: int) -> LastExitHead:
-    """Teacher head: phi = global average pool (parameter-free), then linear."""
-    return LastExitHead(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), channels, num_classes)
+def _last_image_head(channels: int, num_classes: int, grid: int = 1) -> LastExitHead:
+    """Teacher head: phi = average pool to grid x grid + flatten (parameter-free), then linear.
+
+    The small CNNs use grid=2 like their shallow heads: a global pool would give the
+    deepest exit fewer features than the shallow ones and make it the weakest exit.
+    """
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten())  # (B, C * grid * grid)
+    return LastExitHead(pool, channels * grid * grid, num_classes)
 
 
 # ---------------------------------------------------------------------- cnn_small
@@ -91,7 +96,7 @@ def cnn_small(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -
 
     Stages: conv(w) -> conv(2w) -> conv(2w), each 3x3 + GroupNorm + ReLU, with a 2x2 max-pool
     after a stage while the map is still >= 4 pixels (8x8: 8->4->2->2, 28x28: 28->14->7->3).
-    Shallow heads pool to 2x2 + linear; the last head is global-pool + linear.
+    Every head pools to 2x2 + linear (the last one's pooling is phi(x)).
     """
     c, h, w = _check_image_shape("cnn_small", input_shape, min_side=4)
     chans = [width, 2 * width, 2 * width]
@@ -103,7 +108,7 @@ def cnn_small(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -
         side = side // 2 if pool else side
         cin = cout
     exits: list[nn.Module] = [_pool_head(ch, num_classes) for ch in chans[:-1]]
-    exits.append(_last_image_head(chans[-1], num_classes))
+    exits.append(_last_image_head(chans[-1], num_classes, grid=2))
     return EarlyExitNet(stages, exits, num_classes)
 
 
@@ -112,7 +117,7 @@ def conv3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> Ea
     """The CAFEDistill paper's "Conv3" for CIFAR-10: three conv layers, one exit after each.
 
     Stages: conv(w) -> conv(2w) -> conv(4w), each 3x3 + GroupNorm + ReLU + 2x2 max-pool
-    (32x32: 32->16->8->4). Shallow heads pool to 2x2 + linear; last head global-pool + linear.
+    (32x32: 32->16->8->4). Every head pools to 2x2 + linear (the last one's pooling is phi(x)).
     """
     c, _, _ = _check_image_shape("conv3", input_shape, min_side=8)
     chans = [width, 2 * width, 4 * width]
@@ -122,7 +127,7 @@ def conv3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> Ea
         stages.append(_conv_block(cin, cout, pool=True))  # (B, cout, H/2^k, W/2^k)
         cin = cout
     exits: list[nn.Module] = [_pool_head(ch, num_classes) for ch in chans[:-1]]
-    exits.append(_last_image_head(chans[-1], num_classes))
+    exits.append(_last_image_head(chans[-1], num_classes, grid=2))
     return EarlyExitNet(stages, exits, num_classes)
 
 
