@@ -1,0 +1,31 @@
+"""`cafe-ray compare STUDY.yaml`: run a methods x settings study, write table and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def compare(
+        study: Annotated[Path, typer.Argument(help="Study YAML (base config, grid, variants).")],
+        out: Annotated[Path, typer.Option("--out", help="Output folder (runs, table, plots).")] = Path("results"),
+        only: Annotated[list[str] | None, typer.Option("--only", help="Run only these variant labels.")] = None,
+        address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
+    ) -> None:
+        """Run every (setting, variant) not yet done; write results.md/.parquet and PNG plots."""
+        from cafe_ray.compare import markdown_table, run_study
+        from cafe_ray.config import ConfigError
+
+        console = Console()
+        try:
+            rows = run_study(study, out, only=only, address=address, console=console)
+        except ConfigError as err:
+            Console(stderr=True).print(f"[red]error:[/] {err}")
+            raise typer.Exit(2) from None
+        console.print(markdown_table(rows))
+        console.print(f"table: {out / 'results.md'}  plots: {out}/comparison_*.png")
