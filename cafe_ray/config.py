@@ -73,11 +73,68 @@ class CafeDistillConfig(_Strict):
     selection: SelectionConfig = SelectionConfig()
 
 
+class FedRepConfig(_Strict):
+    head_epochs: int = Field(1, ge=1)  # local epochs on the heads (backbone frozen) before the backbone's
+
+
+class FedBABUConfig(_Strict):
+    finetune_epochs: int = Field(5, ge=0)  # epochs of head fine-tuning before evaluation (0 = none)
+    finetune_lr: float | None = Field(None, gt=0)  # fine-tuning learning rate (None = train.lr)
+
+
+class DittoConfig(_Strict):
+    lam: float = Field(0.1, ge=0)  # lambda: weight of (lambda/2)*||v - w_global||^2 on the personal model
+    personal_epochs: int | None = Field(None, ge=1)  # epochs on the personal model (None = train.local_epochs)
+
+
+class FedAMPConfig(_Strict):
+    alpha_k: float = Field(1.0, gt=0)  # alpha_k: step of the attentive message passing (scales xi_ij)
+    sigma: float = Field(10.0, gt=0)  # sigma: scale of A'(x) = exp(-x/sigma)/sigma, x = ||theta_i - theta_j||^2 (grows with model size)
+    lam: float = Field(1.0, ge=0)  # lambda: local proximal weight is lambda/(2 alpha_k) * ||theta - u_i||^2
+
+
+class PFedGraphConfig(_Strict):
+    alpha: float = Field(0.8, gt=0)  # alpha: graph QP regulariser toward the data-size weights p
+    lam: float = Field(0.01, ge=0)  # lambda: local pull lambda * (1 - cos(theta, theta_bar_i))
+
+
+class FedRoDConfig(_Strict):
+    personal_init: Literal["zero", "generic"] = "zero"  # personal heads start at zero or at a copy of the generic head
+
+
+class FedPACConfig(_Strict):
+    lam_proto: float = Field(1.0, ge=0)  # lambda: weight of the MSE feature alignment to the global prototypes
+    head_epochs: int = Field(1, ge=1)  # local epochs on the heads (backbone frozen) before the backbone's
+    head_lr: float | None = Field(None, gt=0)  # learning rate of the head phase (None = train.lr)
+    min_weight: float = Field(1e-3, ge=0, lt=1)  # head-combination weights below this are zeroed (then renormalised)
+
+
+class DepthFLConfig(_Strict):
+    kd_weight: float = Field(1.0, ge=0)  # weight of the mutual self-distillation among a client's exits (0 = off)
+    temperature: float = Field(1.0, gt=0)  # distillation temperature (DepthFL uses 1)
+    rampup_rounds: int = Field(0, ge=0)  # kd weight ramps up as exp(-5(1 - t/R)^2) over R rounds (0 = constant)
+
+
+class ScaleFLConfig(_Strict):
+    kd_weight: float = Field(1.0, ge=0)  # gamma: weight of the KD from the deepest trained exit (0 = off)
+    temperature: float = Field(3.0, gt=0)  # distillation temperature T
+    kd_start: float = Field(0.25, ge=0, le=1)  # KD is on once round >= kd_start * T (ScaleFL: 25%)
+    depth_weighted: bool = True  # weight exit j's loss by j+1 (ScaleFL), rescaled to mean 1 over trained exits
+
+
 class AlgorithmConfig(_Strict):
     name: str = "fedavg_ee"  # registry name, see `cafe-ray algorithms`
     fedprox: FedProxConfig = FedProxConfig()
     cafedistill: CafeDistillConfig = CafeDistillConfig()
-    extra: dict[str, Any] = {}  # hyperparameters of algorithms added later (validated by them)
+    fedrep: FedRepConfig = FedRepConfig()  # fedrep_ee
+    fedbabu: FedBABUConfig = FedBABUConfig()  # fedbabu_ee
+    ditto: DittoConfig = DittoConfig()  # ditto_ee
+    fedamp: FedAMPConfig = FedAMPConfig()  # fedamp_ee
+    pfedgraph: PFedGraphConfig = PFedGraphConfig()  # pfedgraph_ee
+    fedrod: FedRoDConfig = FedRoDConfig()  # fedrod_ee
+    fedpac: FedPACConfig = FedPACConfig()  # fedpac_ee
+    depthfl: DepthFLConfig = DepthFLConfig()  # depthfl
+    scalefl: ScaleFLConfig = ScaleFLConfig()  # scalefl
 
 
 class TrainConfig(_Strict):

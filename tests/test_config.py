@@ -65,10 +65,16 @@ def test_dump_roundtrips(tmp_path):
     assert load_config(p) == cfg
 
 
-def test_shipped_configs_validate():
+def test_shipped_configs_and_studies_validate():
     from pathlib import Path
 
+    import yaml
+
+    from cafe_ray.compare import load_study
+
     for p in sorted((Path(__file__).parent.parent / "simulations").glob("*.yaml")):
-        if p.name.startswith("sweep_"):
-            continue
-        load_config(p)
+        raw = yaml.safe_load(p.read_text())
+        if "variants" in raw:
+            load_study(p)  # a comparison study: every (setting, variant) config validates
+        elif not p.name.startswith("sweep_"):
+            load_config(p)

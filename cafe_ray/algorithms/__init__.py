@@ -1,6 +1,20 @@
 """FL algorithms: pure PyTorch + numpy, never Ray. Importing this registers the built-ins."""
 
-from cafe_ray.algorithms import cafedistill, fedavg, fedper, local  # noqa: F401  (registration)
+from cafe_ray.algorithms import (  # noqa: F401  (registration)
+    cafedistill,
+    depthfl,
+    ditto,
+    fedamp,
+    fedavg,
+    fedbabu,
+    fedpac,
+    fedper,
+    fedrep,
+    fedrod,
+    local,
+    pfedgraph,
+    scalefl,
+)
 from cafe_ray.algorithms.base import (
     Algorithm,
     ClientContext,

@@ -72,6 +72,7 @@ class ClientContext:
     num_rounds: int
     seed: int  # derived from (experiment seed, t, client id)
     max_depth: int | None = None  # deepest exit (1-based count) the device may train; None = all
+    width_factor: float = 1.0  # channel-width fraction of the sub-model the device trains (ScaleFL)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,20 @@
-"""Dynamic inference: exit policies and accuracy-versus-MACs evaluation."""
+"""Dynamic inference: exit policies and accuracy-versus-MACs evaluation.
 
+Policies by name (:func:`build_policy`): ``full``, ``threshold``, ``entropy``, ``budget``
+(a threshold calibrated to a mean MAC budget) and ``learned`` (a saved MLP, e.g. trained
+with RLlib on ``cafe_ray/EarlyExit-v0``). Evaluation is in :mod:`cafe_ray.inference.evaluate`.
+"""
+
+from cafe_ray.inference.budget import BudgetThreshold, calibrate_threshold
 from cafe_ray.inference.dynamic import Prediction, predict_batch
+from cafe_ray.inference.learned import (
+    ExitMLP,
+    LearnedPolicy,
+    PolicySpec,
+    load_policy_mlp,
+    save_policy,
+)
+from cafe_ray.inference.observation import OBS_FEATURES, exit_observation, observation_bounds
 from cafe_ray.inference.policies import (
     EntropyThreshold,
     ExitPolicy,
@@ -11,8 +25,11 @@ from cafe_ray.inference.policies import (
     confidence_features,
     register_policy,
 )
+from cafe_ray.inference.trace import ExitTrace
 
 __all__ = [
-    "EntropyThreshold", "ExitPolicy", "FullDepth", "Prediction", "Threshold", "available_policies",
-    "build_policy", "confidence_features", "predict_batch", "register_policy",
+    "OBS_FEATURES", "BudgetThreshold", "EntropyThreshold", "ExitMLP", "ExitPolicy", "ExitTrace", "FullDepth",
+    "LearnedPolicy", "PolicySpec", "Prediction", "Threshold", "available_policies", "build_policy",
+    "calibrate_threshold", "confidence_features", "exit_observation", "load_policy_mlp", "observation_bounds",
+    "predict_batch", "register_policy", "save_policy",
 ]

@@ -32,7 +32,11 @@ def _take(h, idx: torch.Tensor):  # noqa: ANN001, ANN202 - a tensor or a tuple o
 
 @torch.no_grad()
 def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost: ExitCost) -> Prediction:
-    """Early-exit forward of a batch; samples that exit are not carried deeper."""
+    """Early-exit forward of a batch; samples that exit are not carried deeper.
+
+    At every exit but the last it asks ``policy.decide(probs, k, m, macs_spent, cost)``
+    (``should_exit`` unless a policy needs the cost, as learned ones do).
+    """
     model.eval()
     B = x.shape[0]
     m = model.num_exits
@@ -48,7 +52,7 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
         z = model.exits[k](h)  # (A, C)
         p = z.softmax(dim=1)
         macs[active] += cost.stage_macs[k] + cost.head_macs[k]
-        stop = policy.should_exit(p, k, m, macs[active]) if k < m - 1 else torch.ones(len(active), dtype=torch.bool)
+        stop = policy.decide(p, k, m, macs[active], cost) if k < m - 1 else torch.ones(len(active), dtype=torch.bool)
         done = active[stop]
         labels[done] = p[stop].argmax(dim=1)
         exits[done] = k

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from cafe_ray.models import ExitCost
 
 
 def confidence_features(probs: torch.Tensor) -> torch.Tensor:
@@ -29,6 +32,13 @@ class ExitPolicy(ABC):
     @abstractmethod
     def should_exit(self, probs: torch.Tensor, k: int, num_exits: int, macs_spent: torch.Tensor) -> torch.Tensor:
         """Bool (B,) mask: stop at exit ``k`` (0-based). The last exit always stops."""
+
+    def decide(self, probs: torch.Tensor, k: int, num_exits: int, macs_spent: torch.Tensor,
+               cost: ExitCost | None = None) -> torch.Tensor:
+        """What :func:`~cafe_ray.inference.predict_batch` calls: ``should_exit`` plus the model's
+        per-exit cost, for policies whose features depend on it (a learned policy normalises
+        MACs by the full-depth cost). Policies that ignore the cost need not override it."""
+        return self.should_exit(probs, k, num_exits, macs_spent)
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name}
@@ -83,6 +93,12 @@ _POLICIES: dict[str, Callable[..., ExitPolicy]] = {
 
 
 def register_policy(name: str, factory: Callable[..., ExitPolicy]) -> None:
+    """Make ``build_policy(name, **kwargs)`` call ``factory(**kwargs)``.
+
+    Besides the three above, :mod:`cafe_ray.inference` registers ``"budget"``
+    (:class:`~cafe_ray.inference.budget.BudgetThreshold`) and ``"learned"``
+    (:class:`~cafe_ray.inference.learned.LearnedPolicy`).
+    """
     _POLICIES[name] = factory
 
 

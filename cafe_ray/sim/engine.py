@@ -8,6 +8,7 @@ cluster and a cloud cluster differ only in the Ray address.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,18 @@ class Coordinator:
     def client_actors(self) -> list:
         """Handles of the client actors (fault-injection tests kill one)."""
         return [a for pool in self.sim.executor.pools.values() for a in pool]  # type: ignore[attr-defined]
+
+
+def run_here(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
+             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the round loop in *this* process with the executor ``cfg.executor`` names.
+
+    For callers that already are a Ray worker with their own resources, e.g. a Ray
+    Tune trial (cafe_ray.tune): the client actors become this process's children and
+    land in its placement group. Returns the summary.
+    """
+    factory = _sequential_factory if cfg.executor == "sequential" else _ray_factory
+    return Simulation(cfg, run_dir, factory, resume=resume).run(on_round)
 
 
 def prepare_run(cfg: ExperimentConfig | None, resume_dir: str | Path | None) -> tuple[ExperimentConfig, Path, bool]:

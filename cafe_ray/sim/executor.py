@@ -7,6 +7,10 @@ Ray: one bounded pool of client actors per resource class, each actor running
 many virtual clients in turn with that class's Ray resources. The dataset goes
 to the object store once; an identical payload is put once per round. An actor
 that dies mid-round is restarted by Ray; the jobs it held count as failed.
+
+Inside a placement group that captures child tasks (a Ray Tune trial), the pools
+are fitted to that group's bundles, not to the whole cluster, so concurrent
+trials never oversubscribe the machine.
 """
 
 from __future__ import annotations
@@ -52,6 +56,30 @@ class SequentialExecutor(Executor):
 
 
 # ---------------------------------------------------------------------------- Ray
+def fit_capacity() -> tuple[dict[str, float], str]:
+    """What this process's client actors may use: (resources, "placement group" | "cluster").
+
+    In a placement group whose child tasks are captured (Tune trials, Train workers),
+    actors created here land in its bundles: the capacity is the bundles' total minus
+    what this process itself holds. Elsewhere it is the cluster's available resources.
+    """
+    import ray
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    ctx = ray.get_runtime_context()
+    if pg is None or not ctx.should_capture_child_tasks_in_placement_group:
+        return dict(ray.available_resources()), "cluster"
+    total: dict[str, float] = {}
+    for bundle in pg.bundle_specs:
+        for r, v in bundle.items():
+            total[r] = total.get(r, 0.0) + float(v)
+    for r, v in ctx.get_assigned_resources().items():
+        if r in total:
+            total[r] = max(0.0, total[r] - float(v))
+    return total, "placement group"
+
+
 class _ClientActor:
     """Ray actor body: a ClientRunner plus where it runs (for reporting)."""
 
@@ -89,7 +117,8 @@ class RayExecutor(Executor):
         self.ray = ray
         self.client_class = client_class
         self.depth = in_flight_per_actor
-        self.classes = check_fits(classes, ray.available_resources())
+        self.capacity, self.capacity_source = fit_capacity()
+        self.classes = check_fits(classes, self.capacity)
         ds_ref = ray.put(dataset)  # once: zero-copy numpy in every actor on this node
         splits_ref = ray.put(splits)
         actor_cls = ray.remote(_ClientActor)

@@ -48,6 +48,7 @@ class DeviceProfile:
     failure_prob: float = 0.0  # probability of crashing during a round
     inference_mac_budget: int | None = None  # MACs per sample allowed at inference
     max_depth: int | None = None  # deepest exit (1-based) it may train; None = all
+    width_factor: float = 1.0  # channel-width fraction of the sub-model it trains (ScaleFL); 1 = full
     sec_per_sample: float | None = None  # FedScale-style compute speed; overrides flops
     active: tuple[float, ...] = ()  # trace: times the device comes online (s)
     inactive: tuple[float, ...] = ()  # trace: times it goes offline (s)
@@ -89,15 +90,17 @@ def _catalogs() -> dict[str, Catalog]:
     phone = DeviceProfile(
         "phone", "phone", flops=5e9, memory_bytes=4 * 2**30, downlink_mbps=20, uplink_mbps=5,
         availability=0.8, failure_prob=0.02, inference_mac_budget=2_000_000, max_depth=None,
+        width_factor=0.75,
     )
     sbc = DeviceProfile(
         "single_board", "single_board", flops=1e9, memory_bytes=1 * 2**30, downlink_mbps=10,
         uplink_mbps=2, availability=0.9, failure_prob=0.05, inference_mac_budget=500_000,
-        max_depth=2,
+        max_depth=2, width_factor=0.5,
     )
     edge = DeviceProfile(
         "edge_gpu", "edge_gpu", flops=1e12, memory_bytes=8 * 2**30, downlink_mbps=100,
         uplink_mbps=50, availability=0.95, failure_prob=0.01, inference_mac_budget=None,
+        width_factor=1.0,
     )
     return {
         "uniform": Catalog(
@@ -128,6 +131,8 @@ def load_trace(path: Path) -> Catalog:
     "active": [...], "inactive": [...], "finish_time": s, "class": "name"}, ...]}``
     ``computation`` and ``communication`` follow FedScale's client_device_capacity;
     ``active``/``inactive``/``finish_time`` its client_behave_trace. JSON, never pickle.
+    Optional per device: ``failure_prob``, ``inference_mac_budget``, ``max_depth`` and
+    ``width_factor`` (in (0, 1], default 1), as in :class:`DeviceProfile`.
     """
     try:
         raw = json.loads(path.read_text())
@@ -141,6 +146,9 @@ def load_trace(path: Path) -> Catalog:
     for i, d in enumerate(devices):
         if "computation" not in d or "communication" not in d:
             raise ValueError(f"profiles.catalog: {path} devices[{i}] needs 'computation' (ms/sample) and 'communication' (kbps)")
+        width_factor = float(d.get("width_factor", 1.0))
+        if not 0 < width_factor <= 1:
+            raise ValueError(f"profiles.catalog: {path} devices[{i}] width_factor must be in (0, 1], got {width_factor}")
         cls = str(d.get("class", "trace"))
         if cls not in class_names:
             class_names.append(cls)
@@ -152,6 +160,7 @@ def load_trace(path: Path) -> Catalog:
             failure_prob=float(d.get("failure_prob", 0.0)),
             inference_mac_budget=d.get("inference_mac_budget"),
             max_depth=d.get("max_depth"),
+            width_factor=width_factor,
             active=tuple(float(x) for x in d.get("active", ())),
             inactive=tuple(float(x) for x in d.get("inactive", ())),
             trace_period=float(d["finish_time"]) if d.get("finish_time") else None,

@@ -35,6 +35,7 @@ class FitJob:
     seed: int
     max_depth: int | None = None
     payload: Message | None = None  # filled by the executor (may travel by reference)
+    width_factor: float = 1.0  # the device profile's width_factor (ScaleFL sub-model width)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class ClientRunner:
                 self._reset()
                 data = self._data(job.client_id)
                 personal = self.store.load(job.client_id)
-                ctx = ClientContext(job.client_id, job.round, job.num_rounds, job.seed, job.max_depth)
+                ctx = ClientContext(job.client_id, job.round, job.num_rounds, job.seed, job.max_depth,
+                                    job.width_factor)
                 stage = "client_update"
                 out = self.algorithm.client_update(self.model, job.payload, personal, data, ctx)
                 stage = "store"

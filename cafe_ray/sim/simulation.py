@@ -130,7 +130,7 @@ class Simulation:
         ctx = RoundContext(t, T, seeds.derive_seed(cfg.seed, t), tuple(participants))
         payloads = self.algorithm.server_payloads(self.state, ctx) if participants else {}
         jobs = [FitJob(i, t, T, seeds.derive_seed(cfg.seed, t, i, seeds.TRAIN),
-                       self.profiles[i].max_depth, payloads[i])
+                       self.profiles[i].max_depth, payloads[i], width_factor=self.profiles[i].width_factor)
                 for i in participants if i not in crashed]
         results = {r.client_id: r for r in self.executor.run_fit(jobs)}
 

@@ -1,0 +1,143 @@
+"""FedRoD-EE: a generic head (balanced softmax, shared) plus a personal head per exit.
+
+Chen, Chao, "On Bridging Generic and Personalized Federated Learning for Image
+Classification", ICLR 2022 (arXiv:2107.00778). Balanced softmax: Ren et al.,
+"Balanced Meta-Softmax for Long-Tailed Visual Recognition", NeurIPS 2020
+(arXiv:2007.10740).
+
+Early-exit version (../shared/CAFEDISTILL.md, Baselines). The EEN's own exit
+heads are the *generic* heads: they and the backbone are shared and averaged
+(sample-weighted, as FedAvg-EE). Every exit k also has a *personal* head, a
+linear layer on f_k(x), the input of the generic head's final linear layer
+(:mod:`cafe_ray.algorithms.heads`; for the small CNNs that is the pooled stage
+feature, i.e. FedRoD's linear P-head on the body feature). Per batch the client
+minimises, with n_c its training count of class c,
+    sum_k BSM(z_k^G, y)                 BSM(z, y) = CE(z + log n, y)
+  + sum_k CE(z_k^G.detach() + P_k(f_k.detach()), y)
+so the balanced loss trains backbone + generic heads and the personal loss only
+the personal heads (one SGD optimizer over both is exactly two optimizers with
+the same settings, since the gradients are disjoint).
+
+Personal logits are z_k^G + P_k(f_k) = (W_k^G + W_k^P) f_k + (b_k^G + b_k^P):
+:meth:`FedRoDEE.load_for_eval` loads the *summed* final-linear weights, so the
+evaluated / served model is a plain EarlyExitNet whose forward gives the
+personal logits. Personal heads start at zero (``fedrod.personal_init: zero``:
+personal logits = generic logits at first) or at a copy of the generic head
+(``generic``, as PFLlib's implementation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cafe_ray.algorithms.base import (
+    ClientContext,
+    ClientData,
+    ClientOutput,
+    Message,
+    Params,
+    load_params,
+    register,
+)
+from cafe_ray.algorithms.fedavg import FedAvgEE
+from cafe_ray.algorithms.heads import HeadProbe, final_linear_keys
+from cafe_ray.algorithms.training import LossFn, local_sgd
+from cafe_ray.models.base import EarlyExitNet
+
+PHEAD_PREFIX = "phead."  # personal state: phead.{k}.weight / phead.{k}.bias
+
+
+def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """CE(z + log n, y), batch mean: the balanced softmax with the client's class counts n.
+
+    Classes the client never saw have log 0 = -inf: their probability is 0, and
+    since y is always a seen class the loss and its gradient stay finite.
+    """
+    log_prior = torch.log(counts.to(logits.dtype))  # (C,)
+    return F.cross_entropy(logits + log_prior.unsqueeze(0), y)
+
+
+def personal_logits(generic: torch.Tensor, feature: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """z^G + P(f) with the personal head's own gradient only: (B, C)."""
+    return generic.detach() + F.linear(feature.detach(), weight, bias)
+
+
+def fedrod_loss(probe: HeadProbe, heads: list[tuple[nn.Parameter, nn.Parameter]], counts: torch.Tensor) -> LossFn:
+    """sum_k BSM(z_k^G) + sum_k CE(z_k^G.detach() + P_k(f_k.detach()))."""
+
+    def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, feats = probe(x)
+        generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
+        personal = sum(
+            F.cross_entropy(personal_logits(z, f, w, b), y) for z, f, (w, b) in zip(logits, feats, heads, strict=True)
+        )
+        return generic + personal  # type: ignore[return-value]
+
+    return loss
+
+
+def _phead_key(k: int, part: str) -> str:
+    return f"{PHEAD_PREFIX}{k}.{part}"
+
+
+@register
+class FedRoDEE(FedAvgEE):
+    """FedRoD (arXiv:2107.00778): shared backbone + BSM generic heads, personal residual heads."""
+
+    name = "fedrod_ee"
+    personalized = True
+
+    def personal_heads(self, model: EarlyExitNet, personal: Params | None) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(W_k^P, b_k^P) per exit: from the personal state, else the configured initialisation."""
+        sd = model.state_dict()
+        heads = []
+        for k in range(model.num_exits):
+            wk, bk = final_linear_keys(model, k)
+            if personal and _phead_key(k, "weight") in personal:
+                w, b = personal[_phead_key(k, "weight")], personal[_phead_key(k, "bias")]
+            elif self.cfg.algorithm.fedrod.personal_init == "generic":
+                w, b = sd[wk], sd[bk]
+            else:
+                w, b = torch.zeros_like(sd[wk]), torch.zeros_like(sd[bk])
+            heads.append((nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())))
+        return heads
+
+    def client_update(
+        self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
+    ) -> ClientOutput:
+        load_params(model, payload.tensors)
+        heads = self.personal_heads(model, personal)
+        counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
+        loss_fn = fedrod_loss(HeadProbe(model), heads, counts)
+        params = [*model.parameters(), *(p for pair in heads for p in pair)]
+        loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=params)
+        sd = model.state_dict()
+        new_personal: Params = {}
+        for k, (w, b) in enumerate(heads):
+            new_personal[_phead_key(k, "weight")] = w.detach().clone()
+            new_personal[_phead_key(k, "bias")] = b.detach().clone()
+        return ClientOutput(
+            upload=Message(tensors={k: sd[k].detach().clone() for k in payload.tensors}),
+            personal=new_personal,
+            num_samples=data.num_train,
+            samples_processed=seen,
+            trained_depth=model.num_exits,
+            metrics={"train_loss": loss},
+        )
+
+    def load_for_eval(
+        self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
+    ) -> None:
+        """Generic weights, then W^G + W^P and b^G + b^P in every exit's final linear layer."""
+        load_params(model, payload.tensors)
+        if not personal:
+            return
+        sd = model.state_dict()
+        summed: Params = {}
+        for k in range(model.num_exits):
+            wk, bk = final_linear_keys(model, k)
+            summed[wk] = sd[wk] + personal[_phead_key(k, "weight")]
+            summed[bk] = sd[bk] + personal[_phead_key(k, "bias")]
+        load_params(model, summed)

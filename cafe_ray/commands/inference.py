@@ -1,0 +1,146 @@
+"""`cafe-ray evaluate` (accuracy vs MACs) and `cafe-ray policy train|compare` (learned exit policies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+SPLITS = ("test", "val", "holdout", "train")
+
+
+def _fail(msg: str) -> None:
+    err_console.print(f"[red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        _fail(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def register(app: typer.Typer) -> None:
+    policy_app = typer.Typer(no_args_is_help=True,
+                             help="Learned exit policies: train with RLlib, compare with threshold/budget.")
+    app.add_typer(policy_app, name="policy")
+
+    @app.command()
+    def evaluate(
+        run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by `cafe-ray simulate`.")],
+        out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN_DIR/inference).")] = None,
+        split: Annotated[str, typer.Option("--split", help="Client split: test, val, holdout or train.")] = "test",
+        steps: Annotated[int, typer.Option("--steps", help="Thresholds swept evenly over [0, 1] (+0.6).")] = 21,
+    ) -> None:
+        """Accuracy vs mean MACs per sample as the exit threshold sweeps; cost reduction table + plot."""
+        from cafe_ray.inference.evaluate import evaluate_run, label_runs, rich_table, write_report
+
+        _check_split(split)
+        if steps < 2:
+            _fail(f"--steps must be >= 2, got {steps}")
+        evals = []
+        for rd in run_dirs:
+            try:
+                evals.append(evaluate_run(rd, split=split, steps=steps))
+            except (FileNotFoundError, ValueError) as err:
+                _fail(str(err))
+        label_runs(evals)
+        paths = write_report(evals, out or Path(run_dirs[0]) / "inference")
+        console.print(rich_table(evals))
+        console.print(f"table: {paths['markdown']}  json: {paths['json']}  plot: {paths['plot']}")
+
+    @policy_app.command("train")
+    def train(
+        run_dir: Annotated[Path, typer.Argument(help="Run directory written by `cafe-ray simulate`.")],
+        client: Annotated[int | None, typer.Option("--client", help="Train on this client only "
+                                                   "(default: one policy on every client's data, pooled).")] = None,
+        per_client: Annotated[bool, typer.Option("--per-client", help="One policy per client, each on its "
+                                                 "own data, in OUT/client_<ID>/.")] = False,
+        recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML "
+                                                    "(default: policies/ppo_default.yaml).")] = None,
+        cost_weight: Annotated[float | None, typer.Option("--cost-weight", help="Reward lost per full-depth "
+                                                          "forward pass (overrides the recipe).")] = None,
+        iterations: Annotated[int | None, typer.Option("--iterations", help="RLlib train() calls "
+                                                       "(overrides the recipe).")] = None,
+        out: Annotated[Path | None, typer.Option("--out", help="Output folder "
+                                                 "(default: RUN_DIR/policies/<recipe>[-client<ID>]).")] = None,
+        compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Compare on the holdout split "
+                                              "afterwards.")] = True,
+        address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
+    ) -> None:
+        """Train an exit policy with RLlib on cafe_ray/EarlyExit-v0; export it as safetensors + JSON."""
+        from cafe_ray.policy_training import (
+            DEFAULT_RECIPE,
+            load_recipe,
+            train_for_run,
+            train_per_client,
+        )
+        from cafe_ray.sim.engine import ensure_ray
+
+        if per_client and client is not None:
+            _fail("--per-client trains every client; drop --client (or drop --per-client for one client)")
+        try:
+            rec = load_recipe(recipe).with_overrides(cost_weight=cost_weight, iterations=iterations)
+        except (FileNotFoundError, ValueError) as err:
+            _fail(str(err))
+        name = (recipe or DEFAULT_RECIPE).stem + ("-per-client" if per_client else
+                                                   "" if client is None else f"-client{client}")
+        dest = out or Path(run_dir) / "policies" / name
+        ensure_ray(address)
+
+        def show(r: dict, who: str = "") -> None:
+            ret = r["episode_return_mean"]
+            console.print(f"{who}iteration {r['iteration']:>3}/{rec.iterations}  return "
+                          f"{'-' if ret is None else f'{ret:.3f}'}  {r['seconds']:.0f}s")
+
+        try:
+            if per_client:
+                results = train_per_client(run_dir, rec, dest, on_iteration=lambda c, r: show(r, f"client {c} "))
+                for c, res in results.items():
+                    console.print(f"client {c} policy: {res.weights} (+ {res.sidecar.name}), {res.seconds:.0f}s")
+                if compare:
+                    _compare(run_dir, {c: r.weights for c, r in results.items()}, dest, None)
+                return
+            res = train_for_run(run_dir, rec, dest, client=client, on_iteration=show)
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            _fail(str(err))
+        console.print(f"policy: {res.weights} (+ {res.sidecar.name}), {res.seconds:.0f}s")
+        if compare:
+            _compare(run_dir, res.weights, dest, client)
+
+    @policy_app.command("compare")
+    def compare_cmd(
+        run_dir: Annotated[Path, typer.Argument(help="Run directory written by `cafe-ray simulate`.")],
+        policy: Annotated[Path, typer.Option("--policy", help="Learned policy (.safetensors, its .json, or "
+                                             "a folder holding policy.*).")],
+        client: Annotated[int | None, typer.Option("--client", help="Only this client.")] = None,
+        out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the policy's).")] = None,
+    ) -> None:
+        """Learned vs threshold vs budget policies on the holdout split, at equal mean MACs.
+
+        --policy may also be a `--per-client` output folder (client_<ID>/policy.*): each client is
+        then run with its own policy."""
+        target: Path | dict[int, Path] = policy
+        if policy.is_dir() and not (policy / "policy.safetensors").is_file():
+            found = {int(d.name.removeprefix("client_")): d / "policy.safetensors"
+                     for d in policy.glob("client_*") if (d / "policy.safetensors").is_file()
+                     and d.name.removeprefix("client_").isdigit()}
+            if found:
+                target = dict(sorted(found.items()))
+        _compare(run_dir, target, out or (policy if policy.is_dir() else policy.parent), client)
+
+
+def _compare(run_dir: Path, policy: Path | dict[int, Path], out: Path, client: int | None) -> None:
+    from cafe_ray.inference.comparison import compare_learned, rich_comparison, write_comparison
+
+    try:
+        c = compare_learned(run_dir, policy, clients=None if client is None else [client])
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        _fail(str(err))
+    paths = write_comparison(c, out)
+    console.print(rich_comparison(c))
+    console.print(f"table: {paths['markdown']}  json: {paths['json']}")

@@ -1,0 +1,55 @@
+"""Serving configuration: one typed, frozen model; the CLI and tests only build it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ServeConfig(BaseModel):
+    """How ``cafe-ray serve`` runs a finished run's personal models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    run_dir: str  # a directory written by `cafe-ray simulate` (made absolute: replicas run elsewhere)
+    host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 only when asked for
+    port: int = Field(8000, ge=1, le=65535)  # HTTP port of the Serve proxy
+    replicas: int = Field(1, ge=1)  # replicas of the one deployment; each multiplexes the clients
+    replica_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved per replica (0: share with everything)
+    threads: int = Field(1, ge=1)  # torch intra-op threads per replica
+    max_batch: int = Field(256, ge=1)  # most samples in one predict request (more: HTTP 413)
+    batch_max_requests: int = Field(16, ge=1)  # serve.batch: requests merged into one model call
+    batch_wait_ms: float = Field(2.0, ge=0)  # serve.batch: wait this long for a batch to fill
+    max_models_per_replica: int = Field(8, ge=1)  # serve.multiplexed LRU: client models kept per replica
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; raised to batch_max_requests if lower
+    default_policy: str = "threshold"  # policy of a request that names none
+    default_threshold: float = Field(0.6, ge=0, le=1)  # threshold of a threshold request that gives none
+    default_max_entropy: float = Field(0.5, ge=0)  # max entropy (nats) of an entropy request that gives none
+    learned: str | None = None  # learned policy: NAME.safetensors, a folder with policy.*, or a
+    #                             `policy train --per-client` folder (client_<ID>/policy.*)
+    app_name: str = "cafe-ray"  # Serve application name
+    route_prefix: str = "/"  # HTTP route prefix of the application
+
+    @field_validator("run_dir", "learned")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser().resolve())
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ongoing(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.batch_max_requests:
+            object.__setattr__(self, "max_ongoing_requests", self.batch_max_requests)
+        return self
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"

@@ -1,0 +1,456 @@
+"""Ray Tune sweeps over any config field, with ASHA early stopping on rounds.
+
+A sweep is a base config plus a *space*: a YAML mapping from dotted config keys to
+Tune search spaces::
+
+    algorithm.cafedistill.lam: {grid: [0.0, 0.5, 1.0]}
+    algorithm.cafedistill.tau: {choice: [1.0, 3.0]}
+    algorithm.cafedistill.mu: {loguniform: [0.05, 5.0]}
+    train.lr: {uniform: [0.01, 0.1]}
+    train.local_epochs: {randint: [1, 4]}     # Tune's randint: upper bound excluded
+    round.num_rounds: 10                      # a plain value is a fixed override
+
+Each trial is one simulation (same seed as the base, so trials see the same
+partition and profiles and differ only in the swept fields). The trial function
+runs the round loop itself (``engine.run_here``): a Tune trial already is a Ray
+actor, so it takes the coordinator's role instead of starting a coordinator actor,
+and reports to Tune from ``Simulation.run``'s ``on_round`` callback at every
+evaluation round (metric ``acc_avg_exit``, mode max, time attribute ``round`` =
+rounds completed). Its resources are a placement group sized from the trial's
+resolved device catalog: bundle 0 for the trial process (``coordinator_cpus``,
+default 0), then one bundle per client actor with its class's Ray resources. The
+client actors are created inside that group and the Ray executor fits its pools to
+the group (``executor.fit_capacity``), so concurrent trials never oversubscribe the
+cluster.
+
+Outputs in OUT: ``results.md`` / ``results.csv`` / ``results.parquet`` (one row per
+trial, best first), ``best_config.yaml`` (the base with the best trial's values, ready
+for ``cafe-ray simulate``), ``best.json``, ``sweep.json`` (what was asked), one
+simulation run directory per trial in ``runs/<trial_id>``, and Tune's experiment in
+``tune/``. An interrupted sweep continues with ``resume=True`` (``Tuner.restore``):
+finished trials are kept, unfinished ones restart, and a trial whose run directory
+has a simulation checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cafe_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    build_config,
+    dump_config,
+)
+
+METRIC = "acc_avg_exit"
+MODE = "max"
+TIME_ATTR = "round"
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+_EXAMPLE = "e.g. 'algorithm.cafedistill.lam: {grid: [0.5, 1.0]}'"
+
+
+# ------------------------------------------------------------------ the space
+def load_space(path: str | Path) -> dict[str, Any]:
+    """Read and check a space YAML (see the module docstring for the format)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep space not found: {p} (pass a YAML file, e.g. simulations/sweep_cafedistill.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return check_space(raw, str(p))
+
+
+def check_space(raw: Any, source: str = "<space>") -> dict[str, Any]:
+    """Validate the *shape* of a space; returns it as a plain dict."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{source}: a sweep space maps dotted config keys to search spaces, {_EXAMPLE}")
+    for key, spec in raw.items():
+        where = f"{source}: {key}"
+        if not isinstance(key, str) or not key.strip(". "):
+            raise ConfigError(f"{source}: keys must be dotted config paths, got {key!r}")
+        if isinstance(spec, list):
+            raise ConfigError(f"{where}: a bare list is ambiguous; write {{grid: {spec}}} (every value) "
+                              f"or {{choice: {spec}}} (sampled)")
+        if not isinstance(spec, dict):
+            continue  # a fixed value
+        if len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ConfigError(f"{where}: a search space is one of {{{': ..., '.join(KINDS)}: ...}}, got {spec!r} "
+                              f"(a fixed mapping value goes in {{grid: [VALUE]}})")
+        kind, args = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(args, list) or not args:
+                raise ConfigError(f"{where}: {kind} needs a non-empty list of values, got {args!r}")
+            continue
+        if (not isinstance(args, list) or len(args) != 2
+                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
+            raise ConfigError(f"{where}: {kind} needs [low, high] numbers, got {args!r}")
+        lo, hi = args
+        if not lo < hi:
+            raise ConfigError(f"{where}: {kind} needs low < high, got [{lo}, {hi}]")
+        if kind == "loguniform" and lo <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, got {lo}")
+        if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
+            raise ConfigError(f"{where}: randint needs integer bounds, got [{lo}, {hi}]")
+    return dict(raw)
+
+
+def candidate_values(spec: Any) -> list[Any]:
+    """Values that represent a space when validating it: every grid/choice value, both bounds."""
+    if not isinstance(spec, dict):
+        return [spec]
+    kind, args = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]  # Tune's randint excludes the upper bound
+    return list(args)
+
+
+def validate_against(base: dict[str, Any], space: dict[str, Any], source: str = "<space>") -> None:
+    """Fail fast: every key must be a config field and every candidate value valid for it."""
+    for key, spec in space.items():
+        for v in candidate_values(spec):
+            try:
+                trial_config(base, {key: v})
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {key}={v!r} does not make a valid config:\n{err}") from None
+
+
+def to_tune(space: dict[str, Any]) -> dict[str, Any]:
+    """The space as Tune's own search-space objects (param_space)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict):
+            out[key] = spec
+            continue
+        kind, args = next(iter(spec.items()))
+        out[key] = {
+            "grid": lambda a: tune.grid_search(list(a)),
+            "choice": lambda a: tune.choice(list(a)),
+            "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a),
+        }[kind](args)
+    return out
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], **top: Any) -> ExperimentConfig:
+    """The base config with a trial's values (dotted keys) and top-level fields applied."""
+    raw = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in params.items()])
+    raw.update(top)
+    label = ", ".join(f"{k}={v}" for k, v in params.items()) or "base"
+    return build_config(raw, f"sweep trial [{label}]")
+
+
+# ------------------------------------------------------------- trial resources
+def trial_bundles(cfg: ExperimentConfig, coordinator_cpus: float = 0.0) -> list[dict[str, float]]:
+    """Placement-group bundles of one trial: [trial process, one per client actor]."""
+    from cafe_ray.sim.profiles import resolve_catalog
+
+    if cfg.executor == "sequential":
+        return [{"CPU": max(1.0, coordinator_cpus)}]  # every client runs in the trial process
+    bundles: list[dict[str, float]] = [{"CPU": float(coordinator_cpus)} if coordinator_cpus else {}]
+    for c in resolve_catalog(cfg.profiles).classes:
+        b: dict[str, float] = {"CPU": c.num_cpus, "GPU": c.num_gpus, "memory": c.memory or 0, **c.resources}
+        b = {k: float(v) for k, v in b.items() if v}
+        if b:  # an actor that needs nothing needs no bundle
+            bundles.extend(dict(b) for _ in range(c.actors or 1))
+    if len(bundles) == 1 and not bundles[0]:
+        bundles[0] = {"CPU": 1.0}
+    return bundles
+
+
+def _trial_resources(params: dict[str, Any], *, base: dict[str, Any], coordinator_cpus: float):  # noqa: ANN202
+    from ray.tune import PlacementGroupFactory
+
+    return PlacementGroupFactory(trial_bundles(trial_config(base, params), coordinator_cpus), strategy="PACK")
+
+
+# ----------------------------------------------------------------- the trial
+def tune_metrics(rec: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reports for one evaluated round (scalars only; ``round`` = rounds done)."""
+    out: dict[str, Any] = {TIME_ATTR: int(rec["round"]) + 1}
+    for k in ("acc_avg_exit", "acc_worst_client", "acc_worst_client_last_exit", "train_loss",
+              "virtual_time_s", "failed", "completed"):
+        if rec.get(k) is not None:
+            out[k] = rec[k]
+    for k, a in enumerate(rec.get("acc_exit") or []):
+        out[f"acc_exit_{k + 1}"] = a
+    out["cum_bytes"] = int(rec.get("cum_bytes_down", 0)) + int(rec.get("cum_bytes_up", 0))
+    return out
+
+
+def _resolve_paths(cfg: ExperimentConfig, cwd: str) -> ExperimentConfig:
+    """Relative data/trace paths are meant from where the sweep started (Tune changes cwd)."""
+    data, prof = cfg.data, cfg.profiles
+    if data.root and not Path(data.root).is_absolute():
+        data = data.model_copy(update={"root": str(Path(cwd) / data.root)})
+    if prof.catalog.endswith(".json") and not Path(prof.catalog).is_absolute():
+        prof = prof.model_copy(update={"catalog": str(Path(cwd) / prof.catalog)})
+    return cfg.model_copy(update={"data": data, "profiles": prof})
+
+
+def _trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
+    """Tune function trainable: one simulation, reported at every evaluation round."""
+    from ray import tune
+
+    from cafe_ray.sim import rundir
+    from cafe_ray.sim.engine import run_here
+
+    trial_id = tune.get_context().get_trial_id()
+    runs = Path(spec["out"]) / "runs"
+    cfg = trial_config(spec["base"], {k: params[k] for k in spec["space"] if k in params},
+                       name=f"{spec['base'].get('name', 'experiment')}-{trial_id}", output_dir=str(runs))
+    cfg = _resolve_paths(cfg, spec["cwd"])
+    run_dir = runs / trial_id
+    resume = (run_dir / "config.yaml").is_file()  # a restored trial continues its simulation
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    last = cfg.round.num_rounds - 1
+
+    def on_round(rec: dict[str, Any]) -> None:
+        # the last round is reported after the run has written its summary: Tune may
+        # stop a trial as soon as it reports, and ASHA always stops one at max_t
+        if rec.get(METRIC) is not None and rec["round"] < last:
+            tune.report(tune_metrics(rec))
+
+    run_here(cfg, run_dir, resume=resume, on_round=on_round)
+    final = [r for r in rundir.read_jsonl(run_dir / "metrics.jsonl") if r.get(METRIC) is not None]
+    if final and final[-1]["round"] == last:
+        tune.report(tune_metrics(final[-1]))
+
+
+# ------------------------------------------------------------------ the sweep
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]  # one per trial, best first
+    best: dict[str, Any] | None  # the best row (None when no trial reported)
+    paths: dict[str, Path]  # results_md, results_csv, results_parquet, best_config, best_json
+    interrupted: bool = False  # some trials did not finish: run again with resume=True
+    params: list[str] = field(default_factory=list)  # swept keys (table columns)
+
+
+def max_rounds(base: dict[str, Any], space: dict[str, Any]) -> int:
+    rounds = [build_config(base).round.num_rounds]
+    if "round.num_rounds" in space:
+        rounds += [int(v) for v in candidate_values(space["round.num_rounds"])]
+    return max(rounds)
+
+
+def run_sweep(
+    base: dict[str, Any],
+    space: dict[str, Any],
+    out: str | Path,
+    *,
+    samples: int = 1,
+    resume: bool = False,
+    grace_period: int | None = None,
+    reduction_factor: float = 2.0,
+    max_concurrent_trials: int | None = None,
+    coordinator_cpus: float = 0.0,
+    callbacks: Sequence[Any] = (),
+    verbose: int = 1,
+) -> SweepResult:
+    """Run (or resume) a sweep on the connected Ray cluster; write its table and best config.
+
+    ``base`` is a raw config mapping (YAML), ``space`` a checked space (``load_space``).
+    ASHA stops trials on ``round`` with ``grace_period`` (default: the first
+    evaluation round) and ``reduction_factor``. ``callbacks`` are Tune callbacks.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    out = Path(out).resolve()
+    space = check_space(space)
+    build_config(base, "sweep base config")
+    validate_against(base, space)
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    exp_path = out / "tune"
+    spec_path = out / "sweep.json"
+    spec = {"base": base, "space": space, "samples": samples, "out": str(out), "cwd": os.getcwd(),
+            "coordinator_cpus": coordinator_cpus}
+    if resume:
+        if not spec_path.is_file() or not tune.Tuner.can_restore(str(exp_path)):
+            raise ConfigError(f"--resume: no sweep to continue in {out} (no sweep.json / tune experiment there)")
+        saved = json.loads(spec_path.read_text())
+        if saved["base"] != json.loads(json.dumps(base)) or saved["space"] != json.loads(json.dumps(space)):
+            raise ConfigError(f"--resume: the config or space differ from the sweep saved in {spec_path}; "
+                              "resume with the same CONFIG, --set and --space, or choose a new --out")
+        spec = saved
+    elif exp_path.exists():
+        raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, spec=spec),
+        resources=functools.partial(_trial_resources, base=spec["base"],
+                                    coordinator_cpus=float(spec["coordinator_cpus"])),
+    )
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(json.dumps(spec, indent=1))
+        cfg0 = build_config(base)
+        t_max = max_rounds(base, space)
+        grace = grace_period or min(cfg0.round.eval_every, t_max)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune(space),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=MODE, num_samples=samples,
+                max_concurrent_trials=max_concurrent_trials,
+                scheduler=ASHAScheduler(time_attr=TIME_ATTR, max_t=t_max, grace_period=grace,
+                                        reduction_factor=reduction_factor),
+            ),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=verbose,
+                                      callbacks=list(callbacks),
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    tuner.fit()
+    return collect_results(out)
+
+
+# ---------------------------------------------------------------- the results
+def collect_results(out: str | Path) -> SweepResult:
+    """Read the sweep in OUT (Tune's experiment state + run dirs); write table and best config."""
+    from ray import tune
+
+    out = Path(out).resolve()
+    spec = json.loads((out / "sweep.json").read_text())
+    keys = list(spec["space"])
+    analysis = tune.ExperimentAnalysis(str(out / "tune"))
+    rows = []
+    interrupted = False
+    for trial in analysis.trials:
+        last = dict(trial.last_result or {})
+        params = {k: trial.config.get(k) for k in keys}
+        rounds_total = trial_config(spec["base"], params).round.num_rounds
+        done = int(last[TIME_ATTR]) if TIME_ATTR in last else 0
+        if trial.status == "ERROR":
+            status = "error"
+        elif trial.status != "TERMINATED":
+            status, interrupted = "unfinished", True
+        else:
+            status = "completed" if done >= rounds_total else "stopped (ASHA)"
+        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": status, **params,
+                               "rounds": done, "rounds_total": rounds_total}
+        for k in ("acc_avg_exit", "acc_worst_client", "acc_worst_client_last_exit"):
+            row[k] = last.get(k)
+        for k in sorted((k for k in last if k.startswith("acc_exit_")), key=lambda s: int(s.rsplit("_", 1)[1])):
+            row[k] = last[k]
+        row["cum_bytes"] = last.get("cum_bytes")
+        row["run_dir"] = str(out / "runs" / trial.trial_id)
+        row["error"] = _error_text(trial) if status == "error" else ""
+        rows.append(row)
+    rows.sort(key=_rank_key)
+    best = next((r for r in rows if r["acc_avg_exit"] is not None), None)
+    paths = write_results(rows, best, spec, out)
+    return SweepResult(rows, best, paths, interrupted, keys)
+
+
+def _rank_key(r: dict[str, Any]) -> tuple:
+    acc = r["acc_avg_exit"]
+    return (r["status"] != "completed", acc is None, -(acc or 0.0), r["trial_id"])
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "failed (see Tune's error file)"
+
+
+def _fmt(v: Any, key: str) -> str:
+    if v is None:
+        return "-"
+    if key.startswith("acc_") and isinstance(v, float):
+        return f"{100 * v:.2f}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    if not rows:
+        return "(no trials)\n"
+    exits = sorted({k for r in rows for k in r if k.startswith("acc_exit_")}, key=lambda s: int(s.rsplit("_", 1)[1]))
+    cols = ["trial_id", "status", *keys, "rounds", *exits, "acc_avg_exit", "acc_worst_client"]
+    head = ["trial", "status", *keys, "rounds", *[f"exit {k.rsplit('_', 1)[1]} %" for k in exits],
+            "avg exit %", "worst client %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows):
+        cells = [_fmt(r.get(c), c) for c in cols]
+        if i == 0 and r.get("acc_avg_exit") is not None:
+            cells[cols.index("acc_avg_exit")] = f"**{cells[cols.index('acc_avg_exit')]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict[str, Any]], best: dict[str, Any] | None, spec: dict[str, Any],
+                  out: Path) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = list(spec["space"])
+    paths = {"results_md": out / "results.md", "results_csv": out / "results.csv",
+             "results_parquet": out / "results.parquet", "best_config": out / "best_config.yaml",
+             "best_json": out / "best.json"}
+    title = (f"# Sweep: {spec['base'].get('name', 'experiment')} ({len(rows)} trials; metric {METRIC}, "
+             f"mode {MODE}, ASHA on {TIME_ATTR})\n\n")
+    paths["results_md"].write_text(title + markdown_table(rows, keys))
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with paths["results_csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    if rows:
+        flat = [{c: (json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c)) for c in cols}
+                for r in rows]
+        # swept values may mix ints and floats: store them as one type per column
+        for c in keys:
+            if any(isinstance(x[c], float) for x in flat):
+                for x in flat:
+                    if isinstance(x[c], int) and not isinstance(x[c], bool):
+                        x[c] = float(x[c])
+        pq.write_table(pa.Table.from_pylist(flat), paths["results_parquet"])
+    if best is not None:
+        params = {k: best[k] for k in keys}
+        base = spec["base"]
+        cfg = trial_config(base, params, name=f"{base.get('name', 'experiment')}-best")
+        header = (f"# Best trial {best['trial_id']} of the sweep in {out}\n"
+                  f"# {METRIC} = {best['acc_avg_exit']:.4f} after {best['rounds']} rounds ({best['status']});\n"
+                  f"# swept values: {json.dumps(params)}\n"
+                  f"# run it: cafe-ray simulate {paths['best_config']}\n")
+        paths["best_config"].write_text(header + dump_config(cfg))
+        paths["best_json"].write_text(json.dumps({"trial_id": best["trial_id"], "params": params,
+                                                  "metrics": {k: v for k, v in best.items() if k not in params}},
+                                                 indent=1, default=_json_default))
+    return paths
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)

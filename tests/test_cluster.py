@@ -1,0 +1,215 @@
+"""cluster.yaml against Ray's own validator, and a real multi-node Ray cluster on this
+machine (`ray start` raylets as subprocesses) running a simulation through its address."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cafe_ray.config import build_config
+from cafe_ray.sim import rundir
+from cafe_ray.sim.profiles import resolve_catalog
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+# --------------------------------------------------------------- cluster.yaml
+def _cluster_yaml() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = _cluster_yaml()
+    cfg = prepare_config(copy.deepcopy(raw))  # what `ray up` does before validating
+    validate_config(cfg)
+    assert cfg["provider"]["type"] == "aws"
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+
+
+def test_ray_validator_rejects_a_broken_cluster_yaml():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    bad = _cluster_yaml()
+    bad["available_node_types"]["gpu_edge"]["instance"] = "g5.xlarge"  # not a node-type field
+    with pytest.raises(jsonschema.ValidationError, match="instance"):
+        validate_config(prepare_config(bad))
+
+
+def test_cluster_yaml_installs_with_constraints_and_mounts_repo_and_data():
+    raw = _cluster_yaml()
+    assert any("pip install -c constraints.txt -e ." in c for c in raw["setup_commands"])
+    assert raw["file_mounts"]["~/cafe-ray"] == "."
+    assert any("cafe-ray/data" in remote for remote in raw["file_mounts"])
+    types = raw["available_node_types"]
+    assert any(t["node_config"]["InstanceType"].startswith(("g4", "g5", "g6", "p3", "p4", "p5"))
+               for t in types.values()), "a GPU node type"
+
+
+def test_device_classes_can_target_the_resources_cluster_nodes_advertise():
+    """The pinning documented in docs/scale_out.md asks only for advertised resources."""
+    advertised = {r for t in _cluster_yaml()["available_node_types"].values() for r in t.get("resources", {})}
+    cfg = build_config({"profiles": {"catalog": "iot_mix", "classes": {
+        "phone": {"resources": {"iot": 1}}, "single_board": {"resources": {"iot": 1}},
+        "edge_gpu": {"num_gpus": 0.25, "resources": {"edge_gpu": 1}}}}})
+    wanted = {r for c in resolve_catalog(cfg.profiles).classes for r in c.resources}
+    assert wanted == {"iot", "edge_gpu"} and wanted <= advertised
+
+
+# ---------------------------------------------------------- local multi-node
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+_TOKEN = uuid.uuid4().hex  # this test cluster's own auth token, shared by its processes only
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN)
+    return env
+
+
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    raise RuntimeError(f"`ray start` did not come up:\n{path.read_text(errors='replace')[-3000:]}")
+
+
+def _node_args(temp: str) -> list[str]:
+    nm, om, al, ag, re_, me = _free_ports(6)
+    return ["--block", "--num-cpus=1", f"--temp-dir={temp}",
+            f"--node-manager-port={nm}", f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={al}", f"--dashboard-agent-grpc-port={ag}",
+            f"--runtime-env-agent-port={re_}", f"--metrics-export-port={me}",
+            "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"]
+
+
+@contextmanager
+def local_cluster(worker_resources: list[dict[str, float]]):
+    """A head raylet plus one raylet per entry, each its own `ray start --block` process.
+
+    Own temp dir and ports; stopped by SIGTERM to exactly these processes (never
+    `ray stop`, which would stop every Ray on the machine).
+    """
+    temp = tempfile.mkdtemp(prefix="crmn", dir="/tmp")  # short: unix socket paths are limited
+    logs = Path(temp)
+    gcs, client = _free_ports(2)
+    address = f"127.0.0.1:{gcs}"
+    procs: list[subprocess.Popen] = []
+
+    def launch(args: list[str], name: str) -> None:
+        log = logs / f"{name}.log"
+        with log.open("w") as f:
+            procs.append(subprocess.Popen([str(BIN / "ray"), "start", *args], stdout=f, stderr=subprocess.STDOUT,
+                                          env=_env(), start_new_session=True))
+        _wait_for_text(log, "Ray runtime started", procs[-1], timeout=60)
+
+    try:
+        launch(["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false",
+                '--resources={"head_only": 1}', *_node_args(temp)], "head")
+        for i, res in enumerate(worker_resources):
+            launch([f"--address={address}", f"--resources={json.dumps(res)}", *_node_args(temp)], f"worker{i}")
+        yield address
+    finally:
+        for p in reversed(procs):  # workers first, the head (GCS) last
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=5)
+            try:  # leftovers of exactly this node (its process group)
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+_NODES_SCRIPT = """
+import json, sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+end = time.time() + 30
+while time.time() < end:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) >= int(sys.argv[2]):
+        break
+    time.sleep(0.5)
+print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in nodes]))
+"""
+
+
+def _nodes(address: str, expect: int) -> list[dict]:
+    out = subprocess.run([str(BIN / "python"), "-c", _NODES_SCRIPT, address, str(expect)], env=_env(),
+                         capture_output=True, text=True, timeout=90, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_it(tmp_path):
+    base = tmp_path / "mn.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "multinode", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "digits", "num_clients": 10, "partition": {"kind": "iid"}},
+        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": "fedavg_ee"},
+        "train": {"local_epochs": 1, "batch_size": 32, "max_steps": 5},
+        "round": {"num_rounds": 2, "fraction": 1.0, "eval_every": 2},
+        "profiles": {"catalog": "iot_mix"},
+    }))
+    with local_cluster([{"pinned": 2}]) as address:
+        nodes = _nodes(address, expect=2)
+        assert len(nodes) == 2
+        pinned = [n["id"] for n in nodes if n["resources"].get("pinned")]
+        head = [n["id"] for n in nodes if n["resources"].get("head_only")]
+        assert len(pinned) == 1 and len(head) == 1
+        # edge_gpu clients need the custom resource only the worker raylet has; the
+        # other classes then only fit on the head (1 CPU each node)
+        sets = ["profiles.classes.edge_gpu.resources={pinned: 1}", "profiles.classes.edge_gpu.num_cpus=0.5",
+                "profiles.classes.edge_gpu.actors=2",
+                "profiles.classes.phone.num_cpus=0.5", "profiles.classes.phone.actors=1",
+                "profiles.classes.single_board.num_cpus=0.5", "profiles.classes.single_board.actors=1"]
+        cmd = [str(BIN / "cafe-ray"), "simulate", str(base), "--address", address, "--no-progress"]
+        for s in sets:
+            cmd += ["--set", s]
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=150, cwd=tmp_path)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_dir = next((tmp_path / "runs").glob("multinode-*"))
+    recs = [r for r in rundir.read_jsonl(run_dir / "clients.jsonl") if r["status"] == "ok"]
+    by_class: dict[str, set] = {}
+    for r in recs:
+        by_class.setdefault(r["resource_class"], set()).add(r["node_id"])
+    assert by_class.get("edge_gpu") == {pinned[0]}, by_class
+    assert by_class.get("phone") == {head[0]} and by_class.get("single_board") == {head[0]}, by_class
+    assert all(r["actor_resources"].get("pinned") == 1 for r in recs if r["resource_class"] == "edge_gpu")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["acc_avg_exit"] is not None
