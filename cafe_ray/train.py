@@ -203,7 +203,7 @@ def run_centralized(
     rundir.write_parquet(history, run_dir / "metrics.parquet")
     rundir.plot_accuracy(history, run_dir / "accuracy.png", f"{cfg.name}: centralized upper bound on {cfg.data.name}")
     model_path = run_dir / "model.safetensors"
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ret["state"].items()}, str(model_path))
+    save_file({k: torch.from_numpy(np.array(v)) for k, v in ret["state"].items()}, str(model_path))
 
     model = make_model(cfg, ds)
     cost = exit_macs(model, ds.input_shape, torch.int64 if ds.is_text else torch.float32)

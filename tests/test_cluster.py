@@ -3,6 +3,7 @@ machine (`ray start` raylets as subprocesses) running a simulation through its a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -14,7 +15,6 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -115,7 +115,7 @@ def _node_args(temp: str) -> list[str]:
             "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"]
 
 
-@contextmanager
+@contextlib.contextmanager
 def local_cluster(worker_resources: list[dict[str, float]]):
     """A head raylet plus one raylet per entry, each its own `ray start --block` process.
 
@@ -150,10 +150,8 @@ def local_cluster(worker_resources: list[dict[str, float]]):
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait(timeout=5)
-            try:  # leftovers of exactly this node (its process group)
+            with contextlib.suppress(ProcessLookupError):  # leftovers of exactly this node's group
                 os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -192,11 +190,13 @@ def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_i
         pinned = [n["id"] for n in nodes if n["resources"].get("pinned")]
         head = [n["id"] for n in nodes if n["resources"].get("head_only")]
         assert len(pinned) == 1 and len(head) == 1
-        # edge_gpu clients need the custom resource only the worker raylet has; the
-        # other classes then only fit on the head (1 CPU each node)
+        # edge_gpu clients ask for the custom resource only the worker raylet advertises,
+        # phones and single-board computers for the one only the head advertises
         sets = ["profiles.classes.edge_gpu.resources={pinned: 1}", "profiles.classes.edge_gpu.num_cpus=0.5",
                 "profiles.classes.edge_gpu.actors=2",
-                "profiles.classes.phone.num_cpus=0.5", "profiles.classes.phone.actors=1",
+                "profiles.classes.phone.resources={head_only: 0.5}", "profiles.classes.phone.num_cpus=0.5",
+                "profiles.classes.phone.actors=1",
+                "profiles.classes.single_board.resources={head_only: 0.5}",
                 "profiles.classes.single_board.num_cpus=0.5", "profiles.classes.single_board.actors=1"]
         cmd = [str(BIN / "cafe-ray"), "simulate", str(base), "--address", address, "--no-progress"]
         for s in sets:

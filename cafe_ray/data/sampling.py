@@ -11,12 +11,13 @@ def apportion(weights: np.ndarray, total: int) -> np.ndarray:
     Deterministic and exact (the result sums to ``total``); used wherever a
     real-valued share has to become a sample count without drifting.
     """
-    w = np.asarray(weights, dtype=np.float64)
-    s = w.sum()
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
     if total <= 0 or len(w) == 0:
         return np.zeros(len(w), dtype=np.int64)
-    if not np.isfinite(s) or s <= 0:
-        w, s = np.ones(len(w)), float(len(w))
+    top = w.max()
+    # rescale by the max first: tiny Dirichlet weights (~1e-300) would overflow total / sum
+    w = w / top if np.isfinite(top) and top > 0 else np.ones(len(w))
+    s = w.sum()
     quota = w * (total / s)
     out = np.floor(quota).astype(np.int64)
     rest = total - int(out.sum())

@@ -118,20 +118,29 @@ class RayExecutor(Executor):
         self.client_class = client_class
         self.depth = in_flight_per_actor
         self.capacity, self.capacity_source = fit_capacity()
-        self.classes = check_fits(classes, self.capacity)
+        try:
+            self.classes = check_fits(classes, self.capacity)
+        except ValueError as err:
+            if self.capacity_source == "cluster":
+                raise
+            raise ValueError(f"{err} (here 'the cluster' is the placement group this process runs in, "
+                             "e.g. a Tune trial's, which cafe_ray.tune sizes from the resolved catalog)") from None
         ds_ref = ray.put(dataset)  # once: zero-copy numpy in every actor on this node
         splits_ref = ray.put(splits)
         actor_cls = ray.remote(_ClientActor)
         cfg_json = cfg.model_dump_json()
         self.pools: dict[str, list] = {}
-        for c in self.classes:
+        # pinned pools (custom resources, GPUs) are requested first, so that unpinned
+        # actors do not take the CPUs of the only nodes a pinned class can use
+        for c in sorted(self.classes, key=lambda c: not (c.resources or c.num_gpus)):
             self.pools[c.name] = [
                 actor_cls.options(max_restarts=-1, max_task_retries=0, **c.ray_options()).remote(
                     cfg_json, ds_ref, splits_ref, store_root, c.name
                 )
                 for _ in range(c.actors or 1)
             ]
-        self.restarts_seen = 0
+        self.restarts_seen = 0  # actors seen back after dying
+        self._down: set[tuple[str, int]] = set()  # (class, actor index) known dead
 
     def actor_info(self) -> list[dict]:
         return self.ray.get([a.info.remote() for pool in self.pools.values() for a in pool])
@@ -147,7 +156,12 @@ class RayExecutor(Executor):
         return refs
 
     def _dispatch(self, jobs: Sequence, method: str) -> list:
-        """Feed each pool's actors at most ``depth`` jobs at a time; collect in job order."""
+        """Feed each pool's live actors at most ``depth`` jobs at a time; collect in job order.
+
+        A job whose actor dies fails (fit) or is queued again (evaluation, which has no
+        side effects); the dead actor gets no more work until Ray has restarted it and
+        it answers, so one crash costs the jobs it held, not the rest of the round.
+        """
         ray = self.ray
         payload_refs = self._payload_refs(jobs)
         queues: dict[str, deque[int]] = {name: deque() for name in self.pools}
@@ -157,13 +171,18 @@ class RayExecutor(Executor):
                 raise KeyError(f"client {j.client_id} has resource class {cls!r} with no actor pool")
             queues[cls].append(i)
         results: list = [None] * len(jobs)
+        attempts = [0] * len(jobs)
         in_flight: dict = {}  # ref -> (job index, class, actor index)
         load = {name: [0] * len(pool) for name, pool in self.pools.items()}
 
         def feed(name: str) -> None:
             pool, q = self.pools[name], queues[name]
             while q:
-                a = min(range(len(pool)), key=lambda k: load[name][k])
+                alive = [k for k in range(len(pool)) if (name, k) not in self._down]
+                if not alive:
+                    self._revive(name)
+                    continue
+                a = min(alive, key=lambda k: load[name][k])
                 if load[name][a] >= self.depth:
                     return
                 i = q.popleft()
@@ -171,7 +190,9 @@ class RayExecutor(Executor):
                 ref = getattr(pool[a], method).remote(job, payload_refs[i])
                 in_flight[ref] = (i, name, a)
                 load[name][a] += 1
+                attempts[i] += 1
 
+        self._revive_all()
         for name in self.pools:
             feed(name)
         while in_flight:
@@ -182,27 +203,49 @@ class RayExecutor(Executor):
                 try:
                     results[i] = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                    results[i] = self._failed(jobs[i], err)
+                    self._down.add((name, a))
+                    if isinstance(jobs[i], FitJob):
+                        results[i] = FitResult(jobs[i].client_id, jobs[i].round, None,
+                                               error=f"worker died: {type(err).__name__}")
+                    elif attempts[i] < 3:
+                        queues[name].append(i)
+                    else:
+                        raise RuntimeError(f"evaluation of client {jobs[i].client_id} lost its worker "
+                                           f"three times: {err}") from None
                 except ray.exceptions.RayTaskError as err:
                     raise err.as_instanceof_cause() from None
                 feed(name)
         return results
 
-    def _failed(self, job, err: Exception):  # noqa: ANN001, ANN202
-        self.restarts_seen += 1
-        if isinstance(job, FitJob):
-            return FitResult(job.client_id, job.round, None, error=f"worker died: {type(err).__name__}")
-        raise RuntimeError(f"evaluation of client {job.client_id} lost its worker: {err}")
+    def _revive(self, name: str, timeout_s: float = 300.0) -> None:
+        """Wait until every down actor of pool ``name`` answers again (Ray restarts it)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        for key in sorted(k for k in self._down if k[0] == name):
+            actor = self.pools[name][key[1]]
+            while True:
+                try:
+                    self.ray.get(actor.info.remote(), timeout=30)
+                    break
+                except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError,
+                        self.ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"client actor {name}[{key[1]}] did not come back within "
+                                           f"{timeout_s:.0f}s after dying") from None
+                    time.sleep(0.5)
+            self._down.discard(key)
+            self.restarts_seen += 1
+
+    def _revive_all(self) -> None:
+        for name in sorted({n for n, _ in self._down}):
+            self._revive(name)
 
     def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
         return self._dispatch(jobs, "fit")
 
     def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
-        # evaluation is retried once on a dead worker: it has no side effects
-        try:
-            return self._dispatch(jobs, "evaluate")
-        except RuntimeError:
-            return self._dispatch(jobs, "evaluate")
+        return self._dispatch(jobs, "evaluate")
 
     def shutdown(self) -> None:
         for pool in self.pools.values():

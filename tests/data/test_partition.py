@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from cafe_ray.config import DataConfig, PartitionConfig
 from cafe_ray.data import ArrayDataset, partition_clients
 from cafe_ray.data.partition import dirichlet_partition, iid_partition, shards_partition
+from cafe_ray.data.sampling import apportion
 
 
 def _labels(n: int = 2000, k: int = 10, seed: int = 0) -> np.ndarray:
@@ -138,3 +140,25 @@ def test_single_client_gets_everything() -> None:
     ds = _dataset(50, 20)
     splits = partition_clients(ds, DataConfig(num_clients=1), seed=0)
     assert len(splits[0].train_idx) == 50 and len(splits[0].test_idx) == 10
+
+
+def test_apportion_exact_and_tiny_weights() -> None:
+    assert apportion(np.array([1.0, 1.0, 1.0]), 10).tolist() == [4, 3, 3]
+    tiny = np.array([1e-310, 3e-310, 0.0])  # subnormal Dirichlet draws: total / sum overflows
+    assert apportion(tiny, 8).tolist() == [2, 6, 0]
+    assert apportion(np.zeros(4), 6).sum() == 6
+
+
+def test_dirichlet_random_settings_always_valid() -> None:
+    """Random (n, classes, clients, alpha, min_size) including infeasible min sizes."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n, k = int(rng.integers(10, 800)), int(rng.integers(1, 120))
+        c = int(rng.integers(1, min(n, 200) + 1))
+        alpha, ms = float(10 ** rng.uniform(-4, 3)), int(rng.integers(1, 60))
+        y = rng.integers(0, k, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts = dirichlet_partition(y, c, alpha, ms, np.random.default_rng(trial))
+        _assert_disjoint_cover(parts, n)
+        assert min(len(p) for p in parts) >= max(1, min(ms, n // c))

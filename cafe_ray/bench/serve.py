@@ -1,0 +1,288 @@
+"""Serving under load: a threshold exit policy versus full depth, over HTTP on loopback.
+
+A separate process (spawned, so it shares nothing with the server but the socket) runs
+``concurrency`` clients with ``httpx`` that send ``requests`` predict requests, spread over
+several client ids, as fast as answers come back. Each phase reports throughput, latency
+percentiles, errors, and the accuracy and MACs of the answers. Phases alternate between the
+threshold policy and full depth (``rounds`` times each, after a warm-up that loads every
+client model), so that a slow moment of a shared machine hits both.
+
+The threshold defaults to the cheapest one, on a grid, whose accuracy on the bench clients'
+``val`` split is within ``margin`` of full depth; requests carry their ``holdout`` samples
+(neither split was trained on, and they are disjoint).
+
+The workload run (``bench_config``) is Fashion-MNIST with the small early-exit CNN at width 32
+(5.7 MMACs per sample at full depth, 0.23 MMACs at exit 1): big enough that compute, not
+HTTP, is most of a full-depth request's cost on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cafe_ray.config import ExperimentConfig, build_config
+
+GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(10)) + (0.99, 0.995, 0.999)  # 0.5 .. 0.95, 0.99+
+
+
+def bench_config(out: str | Path, rounds: int = 10, width: int = 32) -> ExperimentConfig:
+    """The workload run: Fashion-MNIST, 10 clients (Dirichlet 0.3), small CNN, FedPer-EE."""
+    return build_config({
+        "name": "serve-bench", "seed": 0, "output_dir": str(out), "executor": "sequential",
+        "data": {"name": "fashion_mnist", "num_clients": 10, "max_train_samples": 20000, "test_fraction": 0.25,
+                 "partition": {"kind": "dirichlet", "alpha": 0.3, "min_size": 50}},
+        "model": {"name": "cnn_small", "width": width},
+        "algorithm": {"name": "fedper_ee"},
+        "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+        "round": {"num_rounds": rounds, "fraction": 1.0, "eval_every": rounds},
+        "profiles": {"catalog": "uniform", "actors_per_class": 1},
+        "checkpoint": {"every": rounds, "keep": 1},
+    })
+
+
+def train_bench_run(out: str | Path, rounds: int = 10, width: int = 32) -> Path:
+    from cafe_ray.sim.engine import run_simulation
+
+    run_dir, _ = run_simulation(bench_config(out, rounds, width), show_progress=False)
+    return Path(run_dir)
+
+
+# ------------------------------------------------------------------ workload
+@dataclass(frozen=True)
+class Workload:
+    client_ids: np.ndarray  # (R,) client of each request
+    x: np.ndarray  # (R, S, *input_shape) samples of each request
+    y: np.ndarray  # (R, S) their labels
+
+    def bodies(self, policy: dict[str, Any]) -> list[bytes]:
+        return [json.dumps({"inputs": xi.tolist(), **policy}).encode() for xi in self.x]
+
+
+def make_workload(run: Any, clients: list[int], requests: int, samples: int, split: str = "holdout",
+                  seed: int = 0) -> Workload:
+    """``requests`` requests of ``samples`` samples each, round-robin over ``clients``, each
+    sample drawn from that client's ``split``."""
+    rng = np.random.default_rng(seed)
+    data = {c: run.client_data(c, split) for c in clients}
+    cids = np.array([clients[i % len(clients)] for i in range(requests)])
+    xs, ys = [], []
+    for c in cids:
+        x, y = data[int(c)]
+        idx = rng.integers(0, x.shape[0], size=samples)
+        xs.append(x[idx].numpy())
+        ys.append(y[idx].numpy())
+    return Workload(cids, np.stack(xs), np.stack(ys))
+
+
+def calibrate_threshold(run: Any, clients: list[int], margin: float = 0.005, split: str = "val") -> float:
+    """Cheapest grid threshold whose pooled ``split`` accuracy is >= full depth's - ``margin``."""
+    from cafe_ray.inference.evaluate import evaluate_policy, pooled
+    from cafe_ray.inference.policies import FullDepth, Threshold
+
+    cost = run.exit_cost
+    models = {c: run.client_model(c) for c in clients}
+    data = {c: run.client_data(c, split) for c in clients}
+
+    def score(policy: Any) -> Any:
+        return pooled([evaluate_policy(models[c], *data[c], policy, cost) for c in clients])
+
+    full = score(FullDepth())
+    for t in GRID:
+        r = score(Threshold(t))
+        if r.accuracy >= full.accuracy - margin:
+            return t
+    return 1.0
+
+
+# ------------------------------------------------------------------ load (child process)
+def _load(url: str, client_ids: list[int], bodies: list[bytes], concurrency: int,
+          timeout_s: float) -> dict[str, Any]:
+    """Send every body once, ``concurrency`` at a time; per request latency and answer."""
+    import httpx
+
+    n = len(bodies)
+    lat = np.full(n, np.nan)
+    status = np.zeros(n, dtype=np.int64)
+    labels: list[list[int]] = [[] for _ in range(n)]
+    exits: list[list[int]] = [[] for _ in range(n)]
+    macs: list[list[int]] = [[] for _ in range(n)]
+    nxt = iter(range(n))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in nxt:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(f"/v1/clients/{client_ids[i]}/predict", content=bodies[i],
+                                      headers={"content-type": "application/json"})
+                status[i] = r.status_code
+                if r.status_code == 200:
+                    preds = r.json()["predictions"]
+                    labels[i] = [p["label"] for p in preds]
+                    exits[i] = [p["exit_index"] for p in preds]
+                    macs[i] = [p["macs"] for p in preds]
+            except httpx.HTTPError:
+                status[i] = -1
+            lat[i] = time.perf_counter() - t0
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+            return time.perf_counter() - t0
+
+    wall = asyncio.run(main())
+    return {"wall_s": wall, "latency_s": lat, "status": status, "labels": labels, "exits": exits, "macs": macs}
+
+
+# ------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class PhaseResult:
+    label: str
+    requests: int
+    samples: int
+    errors: int
+    wall_s: float
+    latency_ms: np.ndarray  # (requests,)
+    accuracy: float  # over the samples of successful requests
+    mean_macs: float
+    exit_share: tuple[float, ...]  # fraction of samples leaving at each exit
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.wall_s
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latency_ms, q))
+
+    @property
+    def mean_ms(self) -> float:
+        return float(self.latency_ms.mean())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "requests": self.requests, "samples": self.samples, "errors": self.errors,
+                "wall_s": self.wall_s, "throughput_rps": self.throughput, "mean_ms": self.mean_ms,
+                "p50_ms": self.pct(50), "p95_ms": self.pct(95), "p99_ms": self.pct(99), "accuracy": self.accuracy,
+                "mean_macs": self.mean_macs, "exit_share": list(self.exit_share)}
+
+
+def _merge(label: str, parts: list[dict[str, Any]], y: np.ndarray, num_exits: int) -> PhaseResult:
+    lat = np.concatenate([p["latency_s"] for p in parts]) * 1e3
+    status = np.concatenate([p["status"] for p in parts])
+    ok = status == 200
+    labels = [lab for p in parts for lab in p["labels"]]
+    exits = [e for p in parts for e in p["exits"]]
+    macs = [m for p in parts for m in p["macs"]]
+    ys = np.concatenate([y] * len(parts))
+    got = np.array([v for i in np.nonzero(ok)[0] for v in labels[i]])
+    want = np.concatenate([ys[i] for i in np.nonzero(ok)[0]]) if ok.any() else np.array([])
+    ex = np.array([v for i in np.nonzero(ok)[0] for v in exits[i]], dtype=np.int64)
+    share = np.bincount(ex, minlength=num_exits) / max(len(ex), 1)
+    return PhaseResult(label, len(lat), int(want.size), int((~ok).sum()), sum(p["wall_s"] for p in parts), lat,
+                       float((got == want).mean()) if want.size else float("nan"),
+                       float(np.mean([v for i in np.nonzero(ok)[0] for v in macs[i]])) if ok.any() else float("nan"),
+                       tuple(float(s) for s in share))
+
+
+@dataclass(frozen=True)
+class ServeBench:
+    run_dir: str
+    threshold: float
+    concurrency: int
+    samples_per_request: int
+    clients: list[int]
+    full: PhaseResult
+    dynamic: PhaseResult
+    full_macs: int
+
+    @property
+    def latency_cut(self) -> float:
+        return 1.0 - self.dynamic.mean_ms / self.full.mean_ms
+
+    @property
+    def accuracy_delta_pts(self) -> float:
+        return 100 * (self.dynamic.accuracy - self.full.accuracy)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "threshold": self.threshold, "concurrency": self.concurrency,
+                "samples_per_request": self.samples_per_request, "clients": self.clients,
+                "full_macs": self.full_macs, "full": self.full.to_json(), "threshold_policy": self.dynamic.to_json(),
+                "mean_latency_cut": self.latency_cut, "accuracy_delta_pts": self.accuracy_delta_pts}
+
+
+def run_bench(run_dir: str | Path, *, requests: int = 2000, concurrency: int = 8, num_clients: int = 8,
+              samples: int = 1, threshold: float | None = None, rounds: int = 2, port: int | None = None,
+              replicas: int = 1, threads: int = 1, say: Any = print) -> ServeBench:
+    """Serve ``run_dir`` on loopback and load it from a spawned process; see the module doc."""
+    import ray
+    from ray import serve
+
+    from cafe_ray.runs import RunArtifacts
+    from cafe_ray.serve.app import start
+    from cafe_ray.serve.config import ServeConfig
+
+    run = RunArtifacts(run_dir)
+    clients = run.client_ids[:num_clients]
+    if threshold is None:
+        threshold = calibrate_threshold(run, clients)
+        say(f"threshold {threshold} (cheapest within 0.5 pt of full depth on the val split)")
+    work = make_workload(run, clients, requests, samples)
+    warm = make_workload(run, clients, max(4 * len(clients), concurrency * 4), samples, seed=1)
+    port = port or _free_port()
+    own_ray = not ray.is_initialized()
+    cfg = ServeConfig(run_dir=str(run_dir), port=port, replicas=replicas, threads=threads, replica_cpus=0,
+                      max_models_per_replica=max(8, len(clients)), batch_max_requests=max(16, concurrency))
+    start(cfg)
+    say(f"serving {run_dir} at {cfg.url}; load: {concurrency} concurrent clients, {requests} requests x "
+        f"{samples} sample(s) per phase, {rounds} round(s)")
+    ids = [int(c) for c in work.client_ids]
+    policies = {"full": {"policy": "full"}, "threshold": {"policy": "threshold", "threshold": threshold}}
+    bodies = {k: work.bodies(v) for k, v in policies.items()}
+    parts: dict[str, list[dict[str, Any]]] = {"full": [], "threshold": []}
+    ctx = mp.get_context("spawn")
+    try:
+        with ctx.Pool(1) as pool:
+            pool.apply(_load, (cfg.url, [int(c) for c in warm.client_ids], warm.bodies(policies["full"]),
+                               concurrency, 60.0))
+            for r in range(rounds):
+                for k in ("threshold", "full") if r % 2 == 0 else ("full", "threshold"):
+                    parts[k].append(pool.apply(_load, (cfg.url, ids, bodies[k], concurrency, 60.0)))
+                    say(f"  round {r + 1} {k}: {parts[k][-1]['wall_s']:.1f}s")
+    finally:
+        serve.delete(cfg.app_name)
+        if own_ray:
+            serve.shutdown()
+            ray.shutdown()
+    m = run.exit_cost.num_exits
+    return ServeBench(str(run_dir), threshold, concurrency, samples, clients,
+                      _merge("full depth", parts["full"], work.y, m),
+                      _merge(f"threshold {threshold}", parts["threshold"], work.y, m), int(run.exit_cost.cascade[-1]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def markdown(b: ServeBench) -> str:
+    rows = ["| policy | requests | errors | req/s | mean ms | p50 ms | p95 ms | p99 ms | accuracy | mean MACs | "
+            "exit share |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (b.full, b.dynamic):
+        rows.append(f"| {r.label} | {r.requests} | {r.errors} | {r.throughput:.0f} | {r.mean_ms:.1f} | "
+                    f"{r.pct(50):.1f} | {r.pct(95):.1f} | {r.pct(99):.1f} | {100 * r.accuracy:.2f}% | "
+                    f"{r.mean_macs:,.0f} | {' / '.join(f'{s:.2f}' for s in r.exit_share)} |")
+    rows.append("")
+    rows.append(f"mean latency cut by the threshold policy: {100 * b.latency_cut:.1f}%; accuracy change: "
+                f"{b.accuracy_delta_pts:+.2f} points")
+    return "\n".join(rows)

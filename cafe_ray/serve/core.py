@@ -1,0 +1,281 @@
+"""The pure core of serving: request -> input tensor, request -> exit policy, jobs -> answers.
+
+Nothing here imports Ray: the Serve deployment (:mod:`cafe_ray.serve.app`) is a thin shell
+that validates with these functions, loads client models through ``serve.multiplexed``, and
+hands each ``serve.batch`` of :class:`Job` to :func:`run_jobs`, which groups them by client
+model and policy and runs every sample only as deep as its policy decides
+(:func:`~cafe_ray.inference.predict_batch`).
+
+Errors are :class:`RequestError` subclasses carrying the HTTP status they map to; their
+messages say what was wrong, the value, and what is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cafe_ray.inference.dynamic import Prediction, predict_batch
+from cafe_ray.inference.policies import ExitPolicy, available_policies
+from cafe_ray.models import EarlyExitNet, ExitCost
+from cafe_ray.serve.schemas import PredictRequest, PredictResponse, SamplePrediction
+
+PolicyKey = tuple[str, tuple[tuple[str, Any], ...]]  # (name, sorted params): equal keys batch together
+
+# Which request fields each policy takes; a field given to another policy is an error.
+POLICY_FIELDS: dict[str, frozenset[str]] = {
+    "threshold": frozenset({"threshold"}),
+    "entropy": frozenset({"max_entropy"}),
+    "budget": frozenset({"mac_budget"}),
+    "learned": frozenset({"mac_budget"}),
+}
+_REQUEST_POLICY_FIELDS = ("threshold", "max_entropy", "mac_budget")
+
+
+# ---------------------------------------------------------------------------- errors
+class RequestError(ValueError):
+    """A request the server cannot answer; ``status_code`` is the HTTP status it maps to."""
+
+    status_code = 422
+
+
+class InvalidInput(RequestError):
+    status_code = 422
+
+
+class InvalidPolicy(RequestError):
+    status_code = 422
+
+
+class UnknownClient(RequestError):
+    status_code = 404
+
+
+class BatchTooLarge(RequestError):
+    status_code = 413
+
+
+class ClientMismatch(RequestError):
+    status_code = 400
+
+
+def client_from_model_id(client_id: int | None, model_id: str | None) -> int:
+    """The client a request is for: the URL's / argument's id, or Serve's multiplexed model id
+    (``serve_multiplexed_model_id`` header, ``handle.options(multiplexed_model_id=...)``).
+    Both may be given only if they agree."""
+    mid: int | None = None
+    if model_id:
+        try:
+            mid = int(model_id)
+        except ValueError:
+            raise InvalidInput(f"multiplexed model id {model_id!r} is not a client id (an integer)") from None
+    if client_id is not None and mid is not None and client_id != mid:
+        raise ClientMismatch(f"the request names client {client_id} but its multiplexed model id is "
+                             f"{model_id!r}; send one or make them agree")
+    cid = client_id if client_id is not None else mid
+    if cid is None:
+        raise InvalidInput("no client id: call handle.options(multiplexed_model_id=str(client_id)) or pass "
+                           "client_id=")
+    return cid
+
+
+# ---------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class InputSpec:
+    """What one sample must look like for a run's model."""
+
+    shape: tuple[int, ...]  # one sample, e.g. (1, 28, 28) or (64,) token ids
+    is_text: bool  # int64 token ids in [0, vocab_size) instead of float32 pixels
+    vocab_size: int | None = None
+
+    @property
+    def dtype(self) -> str:
+        return "int64" if self.is_text else "float32"
+
+    def describe(self) -> str:
+        kind = f"integer token ids in [0, {self.vocab_size})" if self.is_text else "finite floats"
+        return f"(batch, {', '.join(map(str, self.shape))}) of {kind}"
+
+
+def parse_inputs(inputs: Sequence[Any], spec: InputSpec, max_batch: int) -> torch.Tensor:
+    """Nested lists -> (B, *spec.shape) tensor, or a :class:`RequestError` saying what is wrong."""
+    n = len(inputs)
+    if n == 0:
+        raise InvalidInput(f"inputs is empty; send 1 to {max_batch} samples of shape {spec.describe()}")
+    if n > max_batch:
+        raise BatchTooLarge(f"inputs has {n} samples; this server takes at most {max_batch} per request "
+                            "(split the batch, or start the server with a larger --max-batch)")
+    try:
+        arr = np.asarray(inputs)
+    except (ValueError, TypeError) as err:
+        raise InvalidInput(f"inputs must be nested lists of shape {spec.describe()}; they are ragged "
+                           f"({err})") from None
+    if arr.dtype.kind not in "iuf":
+        what = {"b": "booleans", "U": "strings", "S": "bytes", "O": "nulls, objects or out-of-range numbers"}
+        raise InvalidInput(f"inputs must be numbers, got {what.get(arr.dtype.kind, arr.dtype.name)}; "
+                           f"expected {spec.describe()}")
+    if arr.shape[1:] != spec.shape:
+        raise InvalidInput(f"inputs has shape {tuple(arr.shape)}; expected {spec.describe()} (a list of "
+                           f"samples, each of shape {spec.shape})")
+    if spec.is_text:
+        if arr.dtype.kind == "f":
+            raise InvalidInput(f"inputs must be integer token ids for this text model, got floats; "
+                               f"expected {spec.describe()}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or (spec.vocab_size is not None and hi >= spec.vocab_size):
+            raise InvalidInput(f"token ids must lie in [0, {spec.vocab_size}), got values in [{lo}, {hi}]")
+        return torch.from_numpy(arr.astype(np.int64))
+    out = arr.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InvalidInput(f"inputs must be finite numbers (float32); {int(bad.sum())} value(s) are NaN, "
+                           f"infinite or beyond float32, the first at index {list(where)}")
+    return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------------------- policies
+def policy_names() -> list[str]:
+    """Policies a request may name, read from the registry at call time (+ ``budget``, which
+    this package provides as :class:`MacCap` when the registry has none)."""
+    return sorted(set(available_policies()) | {"budget"})
+
+
+@dataclass(frozen=True)
+class PolicyDefaults:
+    policy: str = "threshold"
+    threshold: float = 0.6
+    max_entropy: float = 0.5
+
+
+def policy_request(req: PredictRequest, defaults: PolicyDefaults,
+                   profile_budget: float | None = None) -> PolicyKey:
+    """Validate a request's policy name and parameters; returns the (name, params) key.
+
+    ``params`` are what the policy is built with: ``threshold`` / ``max_entropy`` (defaults
+    filled in), ``budget`` (MACs per sample; for ``budget`` the request's ``mac_budget`` or else
+    ``profile_budget``, the client's device profile budget) or nothing.
+    """
+    name = req.policy or defaults.policy
+    names = policy_names()
+    if name not in names:
+        raise InvalidPolicy(f"policy: unknown policy {name!r}; available: {', '.join(names)}")
+    takes = POLICY_FIELDS.get(name, frozenset())
+    extra = [f for f in _REQUEST_POLICY_FIELDS if getattr(req, f) is not None and f not in takes]
+    if extra:
+        hint = f"it takes {', '.join(sorted(takes))}" if takes else "it takes no parameters"
+        raise InvalidPolicy(f"{', '.join(extra)} does not apply to policy {name!r} ({hint})")
+    params: dict[str, Any] = {}
+    if name == "threshold":
+        params["threshold"] = defaults.threshold if req.threshold is None else float(req.threshold)
+    elif name == "entropy":
+        params["max_entropy"] = defaults.max_entropy if req.max_entropy is None else float(req.max_entropy)
+    elif name == "budget":
+        budget = req.mac_budget if req.mac_budget is not None else profile_budget
+        if budget is None:
+            raise InvalidPolicy("policy 'budget' needs mac_budget (MACs per sample), and this client's "
+                                "device profile has no inference_mac_budget to default to")
+        params["budget"] = float(budget)
+    elif name == "learned" and req.mac_budget is not None:
+        params["budget"] = float(req.mac_budget)
+    return name, tuple(sorted(params.items()))
+
+
+def cap_exit(cascade: Sequence[int], budget: float) -> int:
+    """0-based deepest exit whose cascade MACs fit ``budget``; raises if not even exit 1 does."""
+    fits = [k for k, c in enumerate(cascade) if c <= budget]
+    if not fits:
+        raise ValueError(f"mac_budget {budget:,.0f} MACs/sample is below exit 1's {int(cascade[0]):,} MACs: "
+                         f"no exit fits; use a budget >= {int(cascade[0]):,} (full depth is "
+                         f"{int(cascade[-1]):,})")
+    return fits[-1]
+
+
+class MacCap(ExitPolicy):
+    """Per-sample MAC cap: every sample exits at the deepest exit whose cascade MACs fit ``budget``.
+
+    The serving fallback for ``policy=budget`` when the policy registry has no ``budget`` entry:
+    the simplest rule that never spends more than the budget on any sample.
+    """
+
+    name = "budget"
+
+    def __init__(self, cascade: Sequence[int], budget: float) -> None:
+        self.budget = float(budget)
+        self.exit_index = cap_exit(cascade, budget)
+
+    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+        return torch.full((probs.shape[0],), k >= self.exit_index, dtype=torch.bool)
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "budget": self.budget, "rule": "per-sample cap",
+                "exit": self.exit_index + 1}
+
+
+# ---------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Job:
+    """One request, validated: what ``serve.batch`` queues."""
+
+    client_id: int
+    x: torch.Tensor  # (B, *input_shape)
+    key: PolicyKey  # equal keys on one client run as one predict_batch call
+    policy: ExitPolicy
+    return_probs: bool = False
+
+
+def group_jobs(jobs: Sequence[Job]) -> list[list[int]]:
+    """Indices of ``jobs`` grouped by (client, policy key), in order of first appearance."""
+    groups: dict[tuple[int, PolicyKey], list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault((j.client_id, j.key), []).append(i)
+    return list(groups.values())
+
+
+def answer(client_id: int, policy: ExitPolicy, pred: Prediction, cost: ExitCost,
+           return_probs: bool) -> PredictResponse:
+    """A :class:`Prediction` (one request's slice) as the API's response."""
+    labels, exits = pred.labels.tolist(), pred.exits.tolist()
+    conf, macs = pred.confidence.tolist(), pred.macs.tolist()
+    probs = pred.probs.tolist() if return_probs else [None] * len(labels)
+    samples = [SamplePrediction(label=lab, exit=e + 1, exit_index=e, confidence=c, macs=m, probs=p)
+               for lab, e, c, m, p in zip(labels, exits, conf, macs, probs, strict=True)]
+    return PredictResponse(client_id=client_id, policy=policy.describe(), num_exits=cost.num_exits,
+                           full_macs=int(cost.cascade[-1]), mean_macs=float(np.mean(macs)), predictions=samples)
+
+
+def _slice(pred: Prediction, a: int, b: int) -> Prediction:
+    return Prediction(pred.labels[a:b], pred.exits[a:b], pred.confidence[a:b], pred.macs[a:b], pred.probs[a:b])
+
+
+def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[PredictResponse]:
+    """Jobs of one client and one policy key: one early-exit forward over all their samples."""
+    x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
+    pred = predict_batch(model, x, jobs[0].policy, cost)
+    out, a = [], 0
+    for j in jobs:
+        b = a + j.x.shape[0]
+        out.append(answer(j.client_id, j.policy, _slice(pred, a, b), cost, j.return_probs))
+        a = b
+    return out
+
+
+def run_jobs(jobs: Sequence[Job], model: Callable[[int], EarlyExitNet] | Mapping[int, EarlyExitNet],
+             cost: ExitCost) -> list[PredictResponse | Exception]:
+    """Answer a batch of jobs, aligned with ``jobs``; a group that fails yields its exception for
+    each of its jobs and leaves the other groups' answers intact."""
+    get = model.__getitem__ if isinstance(model, Mapping) else model
+    out: list[PredictResponse | Exception] = [RuntimeError("unanswered")] * len(jobs)
+    for idx in group_jobs(jobs):
+        group = [jobs[i] for i in idx]
+        try:
+            answers: list[PredictResponse | Exception] = list(run_group(get(group[0].client_id), group, cost))
+        except Exception as err:  # noqa: BLE001 - reported to each request of the group
+            answers = [err] * len(group)
+        for i, a in zip(idx, answers, strict=True):
+            out[i] = a
+    return out

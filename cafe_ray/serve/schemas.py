@@ -1,0 +1,103 @@
+"""The HTTP JSON API's request and response models (they also make the OpenAPI schema).
+
+Exits are numbered both ways in every answer: ``exit`` is 1-based (exit 1 is the first,
+cheapest one; ``exit == num_exits`` is full depth), ``exit_index`` is 0-based, as in
+:class:`cafe_ray.inference.Prediction` and the rest of the library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictRequest(BaseModel):
+    """A batch of samples for one client's personal model, and how deep to run them."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
+        "examples": [{"inputs": [[[0.0, 0.5], [1.0, 0.25]]], "policy": "threshold", "threshold": 0.8}]})
+
+    inputs: list[Any] = Field(..., min_length=1, description=(
+        "Samples as nested lists of shape (batch, *input_shape): floats (C, H, W) for image datasets, "
+        "integer token ids (L,) for text ones. GET /v1/clients/{client_id} gives input_shape. "
+        "At most the server's max_batch samples (more: 413)."))
+    policy: str | None = Field(None, description=(
+        "Exit policy: one of GET /v1/policies (full, threshold, entropy, budget, learned, ...). "
+        "Default: the server's (threshold)."))
+    threshold: float | None = Field(None, ge=0, le=1, description=(
+        "policy=threshold: exit at the first exit whose max softmax probability reaches this. "
+        "Default: the server's (0.6)."))
+    max_entropy: float | None = Field(None, ge=0, description=(
+        "policy=entropy: exit at the first exit whose prediction entropy (nats) is at most this."))
+    mac_budget: float | None = Field(None, gt=0, description=(
+        "MACs per sample. policy=budget: a threshold calibrated on the client's val split so that mean "
+        "MACs per sample stay within it (default: the client's device profile inference_mac_budget). "
+        "policy=learned: the budget the policy's budget_left feature sees."))
+    return_probs: bool = Field(False, description="Also return the class probabilities at the exit taken.")
+
+
+class SamplePrediction(BaseModel):
+    label: int = Field(description="Predicted class (argmax at the exit taken).")
+    exit: int = Field(description="Exit taken, 1-based (num_exits = full depth).")
+    exit_index: int = Field(description="Exit taken, 0-based (exit - 1).")
+    confidence: float = Field(description="Max softmax probability at the exit taken.")
+    macs: int = Field(description="MACs spent on this sample: every stage and exit head it ran (cascade).")
+    probs: list[float] | None = Field(None, description="Class probabilities at the exit taken (return_probs).")
+
+
+class PredictResponse(BaseModel):
+    client_id: int
+    policy: dict[str, Any] = Field(description="The policy that ran, with its parameters.")
+    num_exits: int
+    full_macs: int = Field(description="MACs of a sample that runs to the last exit (every stage and head).")
+    mean_macs: float = Field(description="Mean of macs over this batch.")
+    predictions: list[SamplePrediction]
+
+
+class ClientSummary(BaseModel):
+    client_id: int
+    profile: dict[str, Any] = Field(description="The client's simulated device profile.")
+
+
+class ClientsResponse(BaseModel):
+    count: int
+    clients: list[ClientSummary]
+
+
+class ExitInfo(BaseModel):
+    exit: int = Field(description="1-based exit number.")
+    exit_index: int = Field(description="0-based exit number.")
+    stage_macs: int = Field(description="MACs of the backbone stage before this exit.")
+    head_macs: int = Field(description="MACs of this exit's head.")
+    macs: int = Field(description="MACs of an answer at this exit: stages and heads up to it (cascade).")
+    test_accuracy: float | None = Field(description="This client's test accuracy at this exit, from the "
+                                                    "run's last evaluation (null if never evaluated).")
+
+
+class ClientDetail(BaseModel):
+    client_id: int
+    profile: dict[str, Any]
+    input_shape: list[int] = Field(description="Shape of one sample; a request sends (batch, *input_shape).")
+    input_dtype: str = Field(description="float32 (image) or int64 (text token ids).")
+    num_classes: int
+    classes: list[str]
+    num_exits: int
+    full_macs: int
+    exits: list[ExitInfo]
+
+
+class PoliciesResponse(BaseModel):
+    available: list[str]
+    default: str
+    defaults: dict[str, Any] = Field(description="Parameters used when a request gives none.")
+    learned: str | None = Field(description="The learned policy the server was started with, if any.")
+
+
+class Health(BaseModel):
+    status: str
+    run_dir: str
+    algorithm: str
+    dataset: str
+    round: int
+    clients: int

@@ -1,0 +1,214 @@
+"""What a serving replica does, without Ray: a run's clients, their models, their policies.
+
+:class:`ModelService` reads a finished run (:class:`~cafe_ray.runs.RunArtifacts`, no pickle)
+and answers every API call synchronously. The Serve deployment holds one and adds only
+HTTP, ``serve.multiplexed`` model caching and ``serve.batch`` batching; tests and scripts can
+use one directly (``ModelService(ServeConfig(run_dir=...)).predict(3, request)``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cafe_ray.inference.policies import ExitPolicy, available_policies, build_policy
+from cafe_ray.models import EarlyExitNet
+from cafe_ray.runs import RunArtifacts
+from cafe_ray.serve.config import ServeConfig
+from cafe_ray.serve.core import (
+    InputSpec,
+    InvalidPolicy,
+    Job,
+    MacCap,
+    PolicyDefaults,
+    PolicyKey,
+    UnknownClient,
+    parse_inputs,
+    policy_names,
+    policy_request,
+    run_jobs,
+)
+from cafe_ray.serve.schemas import (
+    ClientDetail,
+    ClientsResponse,
+    ClientSummary,
+    ExitInfo,
+    Health,
+    PoliciesResponse,
+    PredictRequest,
+    PredictResponse,
+)
+
+POLICY_CACHE = 256  # built policies kept per replica (a calibrated budget policy costs a forward pass)
+
+
+def learned_paths(path: str | Path | None) -> Path | dict[int, Path] | None:
+    """One shared learned policy, or ``{client: policy}`` for a ``--per-client`` folder."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir() and not (p / "policy.safetensors").is_file():
+        found = {int(d.name.removeprefix("client_")): d / "policy.safetensors" for d in p.glob("client_*")
+                 if d.name.removeprefix("client_").isdigit() and (d / "policy.safetensors").is_file()}
+        if not found:
+            raise FileNotFoundError(f"learned policy: {p} holds neither policy.safetensors nor client_<ID>/"
+                                    "policy.safetensors; pass what `cafe-ray policy train` wrote")
+        return dict(sorted(found.items()))
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    weights = p / "policy.safetensors" if p.is_dir() else stem.with_name(stem.name + ".safetensors")
+    if not weights.is_file():
+        raise FileNotFoundError(f"learned policy: {weights} not found; a policy is NAME.safetensors + "
+                                "NAME.json, as written by `cafe-ray policy train`")
+    return weights
+
+
+class ModelService:
+    """A run's personal dynamic models behind the serving API (thread-safe)."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.run = RunArtifacts(cfg.run_dir)
+        self.cost = self.run.exit_cost
+        ds = self.run.dataset
+        self.spec = InputSpec(tuple(int(s) for s in ds.input_shape), ds.is_text,
+                              self.run.cfg.data.vocab_size if ds.is_text else None)
+        self.num_classes = int(ds.num_classes)
+        self.classes = [str(c) for c in ds.classes] or [str(i) for i in range(self.num_classes)]
+        self.client_ids = list(self.run.client_ids)
+        self._clients = set(self.client_ids)
+        self.defaults = PolicyDefaults(cfg.default_policy, cfg.default_threshold, cfg.default_max_entropy)
+        self.learned = learned_paths(cfg.learned)
+        self._accuracy = self.run.last_eval()
+        self._lock = threading.Lock()  # RunArtifacts and the policy cache are not thread-safe
+        self._policies: OrderedDict[tuple[int, PolicyKey], ExitPolicy] = OrderedDict()
+
+    # ------------------------------------------------------------------ clients
+    def check_client(self, client_id: int) -> None:
+        if client_id not in self._clients:
+            raise UnknownClient(f"unknown client {client_id}; this run has {len(self.client_ids)} clients "
+                                f"({self._id_range()}); GET /v1/clients lists them")
+
+    def _id_range(self) -> str:
+        ids = self.client_ids
+        return f"ids {ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else f"ids {ids}"
+
+    def profile(self, client_id: int) -> dict[str, Any]:
+        return dict(self.run.profiles.get(client_id, {}))
+
+    def load_model(self, client_id: int) -> EarlyExitNet:
+        """Client ``client_id``'s personal model in eval mode (what ``serve.multiplexed`` caches)."""
+        self.check_client(client_id)
+        with self._lock:
+            model = self.run.client_model(client_id)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def clients(self) -> ClientsResponse:
+        return ClientsResponse(count=len(self.client_ids),
+                               clients=[ClientSummary(client_id=c, profile=self.profile(c)) for c in self.client_ids])
+
+    def client_detail(self, client_id: int) -> ClientDetail:
+        self.check_client(client_id)
+        c = self.cost
+        acc = self._accuracy.get(client_id)
+        exits = [ExitInfo(exit=k + 1, exit_index=k, stage_macs=int(c.stage_macs[k]), head_macs=int(c.head_macs[k]),
+                          macs=int(c.cascade[k]), test_accuracy=None if acc is None else float(acc[k]))
+                 for k in range(c.num_exits)]
+        return ClientDetail(client_id=client_id, profile=self.profile(client_id), input_shape=list(self.spec.shape),
+                            input_dtype=self.spec.dtype, num_classes=self.num_classes, classes=self.classes,
+                            num_exits=c.num_exits, full_macs=int(c.cascade[-1]), exits=exits)
+
+    def policies(self) -> PoliciesResponse:
+        return PoliciesResponse(available=policy_names(), default=self.defaults.policy,
+                                defaults={"threshold": self.defaults.threshold,
+                                          "max_entropy": self.defaults.max_entropy,
+                                          "mac_budget": "the client's device profile inference_mac_budget"},
+                                learned=self.cfg.learned)
+
+    def health(self) -> Health:
+        return Health(status="ok", run_dir=str(self.run.run_dir), algorithm=self.run.cfg.algorithm.name,
+                      dataset=self.run.cfg.data.name, round=self.run.round, clients=len(self.client_ids))
+
+    # ------------------------------------------------------------------ requests
+    def validate(self, client_id: int, req: PredictRequest) -> tuple[Any, PolicyKey]:
+        """The cheap checks, before any model is loaded: client, batch size, inputs, policy."""
+        self.check_client(client_id)
+        x = parse_inputs(req.inputs, self.spec, self.cfg.max_batch)
+        budget = self.profile(client_id).get("inference_mac_budget")
+        return x, policy_request(req, self.defaults, budget)
+
+    def cached_policy(self, client_id: int, key: PolicyKey) -> ExitPolicy | None:
+        """The policy if it was built already (a dictionary lookup), else None."""
+        with self._lock:
+            hit = self._policies.get((client_id, key))
+            if hit is not None:
+                self._policies.move_to_end((client_id, key))
+            return hit
+
+    def policy(self, client_id: int, key: PolicyKey, model: EarlyExitNet) -> ExitPolicy:
+        """The policy a validated key names, built once per (client, key) and cached (building a
+        budget policy calibrates it on the client's val split: a forward pass)."""
+        hit = self.cached_policy(client_id, key)
+        if hit is not None:
+            return hit
+        pol = self._build_policy(client_id, key, model)
+        with self._lock:
+            self._policies[(client_id, key)] = pol
+            while len(self._policies) > POLICY_CACHE:
+                self._policies.popitem(last=False)
+        return pol
+
+    def _build_policy(self, client_id: int, key: PolicyKey, model: EarlyExitNet) -> ExitPolicy:
+        name, items = key
+        params = dict(items)
+        try:
+            if name == "budget":
+                return self._budget_policy(client_id, params["budget"], model)
+            if name == "learned":
+                return self._learned_policy(client_id, params.get("budget"))
+            return build_policy(name, **params)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise InvalidPolicy(f"policy {name!r}: {err}") from None
+
+    def _budget_policy(self, client_id: int, budget: float, model: EarlyExitNet) -> ExitPolicy:
+        if "budget" not in available_policies():  # the registry has none: a per-sample cap
+            return MacCap(self.cost.cascade, budget)
+        with self._lock:
+            x_val, _ = self.run.client_data(client_id, "val")
+        if x_val.shape[0] == 0:
+            raise ValueError(f"client {client_id} has no val samples to calibrate a budget threshold on")
+        return build_policy("budget", model=model, data=x_val, cost=self.cost, budget=budget)
+
+    def _learned_policy(self, client_id: int, budget: float | None) -> ExitPolicy:
+        if self.learned is None:
+            raise ValueError("this server has no learned policy; start it with `cafe-ray serve RUN_DIR "
+                             "--learned PATH` (a policy written by `cafe-ray policy train`)")
+        path = self.learned.get(client_id) if isinstance(self.learned, dict) else self.learned
+        if path is None:
+            raise ValueError(f"the per-client learned policies ({self.cfg.learned}) have none for client "
+                             f"{client_id}")
+        fraction = None if budget is None else min(budget / self.cost.cascade[-1], 1.0)
+        return build_policy("learned", path=path, budget=fraction)
+
+    def job(self, client_id: int, req: PredictRequest, model: EarlyExitNet,
+            validated: tuple[Any, PolicyKey] | None = None) -> Job:
+        x, key = validated or self.validate(client_id, req)
+        return Job(client_id, x, key, self.policy(client_id, key, model), req.return_probs)
+
+    def run_jobs(self, jobs: Sequence[Job], models: Mapping[int, EarlyExitNet] | Callable[[int], EarlyExitNet],
+                 ) -> list[PredictResponse | Exception]:
+        return run_jobs(jobs, models, self.cost)
+
+    def predict(self, client_id: int, req: PredictRequest | dict[str, Any]) -> PredictResponse:
+        """One request end to end, in this process (no Ray, no batching, no model cache)."""
+        req = req if isinstance(req, PredictRequest) else PredictRequest.model_validate(req)
+        validated = self.validate(client_id, req)
+        model = self.load_model(client_id)
+        (out,) = self.run_jobs([self.job(client_id, req, model, validated)], {client_id: model})
+        if isinstance(out, Exception):
+            raise out
+        return out
