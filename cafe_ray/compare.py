@@ -1,7 +1,8 @@
 """Run a comparison study (methods x settings) and write its table and plots.
 
 A study YAML names a base config, a grid of settings (e.g. Dirichlet alpha) and a
-list of variants (a method or an ablation: a label plus ``--set`` overrides).
+list of variants (a method or an ablation: a label plus ``--set`` overrides; a
+variant of group ``upper_bound`` is the centralized Ray Train run on pooled data).
 Every (setting, variant) is one simulation in ``OUT/runs/<setting>/<variant>``; a
 finished one (summary.json present) is not run again, so an interrupted study
 resumes by running the same command.
@@ -115,7 +116,15 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
             done = _find_done(parent, cfg.name)
             if done is None:
                 t0 = time.perf_counter()
-                done, _ = run_simulation(cfg, address=address, console=Console(quiet=True), show_progress=False)
+                if v.group == "upper_bound":  # Ray Train on the pooled data (cafe_ray.train)
+                    from cafe_ray.sim.engine import ensure_ray
+                    from cafe_ray.train import run_centralized
+
+                    ensure_ray(address)
+                    done, _ = run_centralized(cfg, out=parent / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                else:
+                    done, _ = run_simulation(cfg, address=address, console=Console(quiet=True),
+                                             show_progress=False)
                 console.print(f"[green]done[/] {setting_name(setting)} / {v.label} "
                               f"in {time.perf_counter() - t0:.0f}s -> {done}")
             else:
@@ -184,7 +193,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
         if not part:
             continue
         m = max(len(r["acc_exit"]) for r in part)
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5.5))
         width = 0.8 / m
         x = np.arange(len(part))
         for k in range(m):
@@ -206,7 +215,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
         ax2.set_ylabel("average exit accuracy (%)")
         ax2.set_title(f"average exit accuracy over rounds ({setting})")
         ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=7, ncol=2)
+        ax2.legend(fontsize=7, ncol=1, bbox_to_anchor=(1.01, 1.0), loc="upper left")
         fig.tight_layout()
         fig.savefig(out / f"comparison_{_slug(setting)}.png", dpi=110)
         plt.close(fig)

@@ -25,7 +25,12 @@ class MemoryResult:
 
 
 class PeakRSS:
-    """Samples the RSS of this process and every Ray worker process every 100 ms."""
+    """Samples every 100 ms the RSS of this process and all its descendants.
+
+    ``ray.init()`` here starts the local cluster as children of this driver, so the
+    tree holds the raylet, GCS, the coordinator and every client actor, and nothing
+    of other Ray instances on the same machine.
+    """
 
     def __init__(self) -> None:
         self.peak = 0
@@ -33,12 +38,11 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> int:
-        total = psutil.Process(os.getpid()).memory_info().rss
-        for p in psutil.process_iter(["cmdline"]):
+        me = psutil.Process(os.getpid())
+        total = me.memory_info().rss
+        for p in me.children(recursive=True):
             try:
-                cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("ray::") or "default_worker.py" in cmd:
-                    total += p.memory_info().rss
+                total += p.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return total

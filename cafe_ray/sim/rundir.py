@@ -137,6 +137,7 @@ def plot_accuracy(records: list[dict[str, Any]], path: Path, title: str) -> None
     ax.plot(rounds, [100 * r["acc_avg_exit"] for r in evals], "k--", lw=2, label="mean over exits")
     ax.plot(rounds, [100 * r["acc_worst_client"] for r in evals], ":", color="grey", label="worst client")
     ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -1,0 +1,41 @@
+"""`cafe-ray serve` and `cafe-ray bench serve` are registered, documented and fail clearly."""
+
+from __future__ import annotations
+
+import typer
+from typer.testing import CliRunner
+
+from cafe_ray.cli import app
+from cafe_ray.commands.serve import _bench_group
+
+runner = CliRunner()
+
+
+def test_serve_command_is_registered_with_its_options():
+    r = runner.invoke(app, ["serve", "--help"])
+    assert r.exit_code == 0, r.output
+    for opt in ("--host", "--port", "--replicas", "--max-batch", "--max-models", "--learned"):
+        assert opt in r.output
+
+
+def test_bench_serve_joins_the_existing_bench_group():
+    r = runner.invoke(app, ["bench", "--help"])
+    assert r.exit_code == 0 and "serve" in r.output and "overhead" in r.output
+    assert runner.invoke(app, ["bench", "serve", "--help"]).exit_code == 0
+    assert len([g for g in app.registered_groups if g.name == "bench"]) == 1
+
+
+def test_bench_group_is_created_when_missing():
+    fresh = typer.Typer()
+    assert _bench_group(fresh) is _bench_group(fresh)
+    assert [g.name for g in fresh.registered_groups] == ["bench"]
+
+
+def test_serve_rejects_a_directory_that_is_not_a_run(tmp_path):
+    r = runner.invoke(app, ["serve", str(tmp_path)])
+    assert r.exit_code == 2 and "(no config.yaml)" in " ".join(r.output.split())
+
+
+def test_serve_rejects_a_bad_port(tmp_path):
+    r = runner.invoke(app, ["serve", str(tmp_path), "--port", "70000"])
+    assert r.exit_code == 2 and "--port" in r.output
