@@ -109,11 +109,14 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
     rows: list[dict[str, Any]] = []
     for setting in settings(study):
         for v in study.variants:
-            if only and v.label not in only:
-                continue
             cfg = config_for(study, setting, v, out)
             parent = Path(cfg.output_dir)
             done = _find_done(parent, cfg.name)
+            if only and v.label not in only:
+                # --only limits what runs; the table still shows every finished run
+                if done is not None:
+                    rows.append(_row(setting, v, done))
+                continue
             if done is None:
                 t0 = time.perf_counter()
                 if v.group == "upper_bound":  # Ray Train on the pooled data (cafe_ray.train)

@@ -33,6 +33,9 @@ def test_study_runs_writes_outputs_and_resumes(tmp_path):
     # a second call runs nothing new: the same run directories come back
     again = run_study(p, out)
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows]
+    # --only limits what runs, not what the table shows
+    only = run_study(p, out, only=["FedPer-EE"])
+    assert len(only) == 4 and pq.read_table(out / "results.parquet").num_rows == 4
 
 
 def test_bad_variant_fails_before_running(tmp_path):
