@@ -1,6 +1,6 @@
 """Serving under load: a threshold exit policy versus full depth, over HTTP on loopback.
 
-A separate process (spawned, so it shares nothing with the server but the socket) runs
+A separate Python process (a subprocess: it shares nothing with the server but loopback) runs
 ``concurrency`` clients with ``httpx`` that send ``requests`` predict requests, spread over
 several client ids, as fast as answers come back. Each phase reports throughput, latency
 percentiles, errors, and the accuracy and MACs of the answers. Phases alternate between the
@@ -14,7 +14,7 @@ The threshold defaults to the cheapest one, on a grid, whose accuracy on the ben
 The workload run (``bench_config``) is Fashion-MNIST, 10 clients, FedPer-EE with the small
 early-exit CNN at width 64: 22.1 MMACs per sample at full depth, 0.45 MMACs at exit 1, so that
 compute, not HTTP, is most of a full-depth request's cost on a 2-core machine. Requests carry
-16 samples each by default (a device's burst of images). MACs overstate the time saved on CPU:
+64 samples each by default (a device's burst of images). MACs overstate the time saved on CPU:
 the first stage's GroupNorm and max-pool over 64x28x28 maps are memory-bound and uncounted, so
 exiting at exit 1 still costs about half of a full-depth forward in wall time.
 """
@@ -252,7 +252,7 @@ class ServeBench:
 
 
 def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8, num_clients: int = 8,
-              samples: int = 16, threshold: float | None = None, rounds: int = 2, port: int | None = None,
+              samples: int = 64, threshold: float | None = None, rounds: int = 2, port: int | None = None,
               replicas: int = 1, threads: int = 1, say: Any = print) -> ServeBench:
     """Serve ``run_dir`` on loopback and load it from a spawned process; see the module doc."""
     import ray

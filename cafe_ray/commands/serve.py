@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         requests: Annotated[int, typer.Option("--requests", help="Requests per phase.")] = 1000,
         concurrency: Annotated[int, typer.Option("--concurrency", help="Concurrent HTTP clients.")] = 8,
         clients: Annotated[int, typer.Option("--clients", help="Client ids the requests spread over.")] = 8,
-        samples: Annotated[int, typer.Option("--samples", help="Samples per request.")] = 16,
+        samples: Annotated[int, typer.Option("--samples", help="Samples per request.")] = 64,
         threshold: Annotated[float | None, typer.Option("--threshold", help="Threshold policy (default: the "
                                                         "cheapest within 0.5 pt of full depth on val).")] = None,
         rounds: Annotated[int, typer.Option("--rounds", help="Alternating phases per policy.")] = 2,
