@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from cafe_ray.config import build_config
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 from cafe_ray.sim.profiles import resolve_catalog
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -70,7 +70,7 @@ def test_shipped_configs_and_studies_validate():
 
     import yaml
 
-    from cafe_ray.compare import load_study
+    from cafe_ray.studies.compare import load_study
 
     for p in sorted((Path(__file__).parent.parent / "simulations").glob("*.yaml")):
         raw = yaml.safe_load(p.read_text())

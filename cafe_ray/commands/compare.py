@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
         address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
     ) -> None:
         """Run every (setting, variant) not yet done; write results.md/.parquet and PNG plots."""
-        from cafe_ray.compare import markdown_table, run_study
         from cafe_ray.config import ConfigError
+        from cafe_ray.studies.compare import markdown_table, run_study
 
         console = Console()
         try:

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
     ) -> None:
         """Train an exit policy with RLlib on cafe_ray/EarlyExit-v0; export it as safetensors + JSON."""
-        from cafe_ray.policy_training import (
+        from cafe_ray.envs.training import (
             DEFAULT_RECIPE,
             load_recipe,
             train_for_run,

@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         """Ray Tune sweep over config fields; ASHA early stopping on rounds; table + best config."""
         from cafe_ray.config import ConfigError, load_config
         from cafe_ray.sim.engine import ensure_ray
-        from cafe_ray.tune import load_space, markdown_table, run_sweep
+        from cafe_ray.studies.sweep import load_space, markdown_table, run_sweep
 
         try:
             raw = load_config(config, set_ or []).model_dump(mode="json")
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         """Centralized upper bound (Ray Train TorchTrainer): same model, pooled data, per-client eval."""
         from cafe_ray.config import ConfigError, load_config
         from cafe_ray.sim.engine import ensure_ray, print_summary
-        from cafe_ray.train import run_centralized
+        from cafe_ray.studies.centralized import run_centralized
 
         try:
             cfg = load_config(config, set_ or [])

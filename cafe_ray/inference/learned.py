@@ -3,7 +3,7 @@
 A saved policy is two files with one stem: ``NAME.safetensors`` (the MLP's weights) and
 ``NAME.json`` (its architecture, the feature normalisation applied before the first layer,
 the MAC budget and full-depth MACs it was trained with, and where it came from). Loading
-needs torch and safetensors only: RLlib trains policies (:mod:`cafe_ray.policy_training`)
+needs torch and safetensors only: RLlib trains policies (:mod:`cafe_ray.envs.training`)
 but evaluation and serving run them without it.
 
 The MLP maps the observation of :func:`~cafe_ray.inference.observation.exit_observation`

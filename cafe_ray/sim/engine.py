@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cafe_ray.config import ExperimentConfig, load_config
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 from cafe_ray.sim.executor import RayExecutor, SequentialExecutor
 from cafe_ray.sim.simulation import Simulation
 
@@ -56,7 +56,7 @@ def run_here(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False
     """Run the round loop in *this* process with the executor ``cfg.executor`` names.
 
     For callers that already are a Ray worker with their own resources, e.g. a Ray
-    Tune trial (cafe_ray.tune): the client actors become this process's children and
+    Tune trial (cafe_ray.studies.sweep): the client actors become this process's children and
     land in its placement group. Returns the summary.
     """
     factory = _sequential_factory if cfg.executor == "sequential" else _ray_factory

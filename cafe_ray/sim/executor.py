@@ -124,7 +124,7 @@ class RayExecutor(Executor):
             if self.capacity_source == "cluster":
                 raise
             raise ValueError(f"{err} (here 'the cluster' is the placement group this process runs in, "
-                             "e.g. a Tune trial's, which cafe_ray.tune sizes from the resolved catalog)") from None
+                             "e.g. a Tune trial's, which cafe_ray.studies.sweep sizes from the resolved catalog)") from None
         ds_ref = ray.put(dataset)  # once: zero-copy numpy in every actor on this node
         splits_ref = ray.put(splits)
         actor_cls = ray.remote(_ClientActor)

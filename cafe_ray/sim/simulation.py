@@ -6,7 +6,6 @@ their interface.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -18,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from cafe_ray.algorithms import ClientResult, RoundContext, ServerState, build_algorithm
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.data import load_dataset, partition_clients
 from cafe_ray.models import exit_macs
-from cafe_ray.sim import rundir, seeds
+from cafe_ray.runs import rundir
+from cafe_ray.sim import seeds
 from cafe_ray.sim.executor import Executor
 from cafe_ray.sim.profiles import Catalog, DeviceProfile, assign_profiles, resolve_catalog
 from cafe_ray.sim.runner import EvalJob, EvalResult, FitJob, make_model
@@ -70,10 +69,10 @@ class Simulation:
         if resume:
             self._restore()
         else:
-            rundir.save_splits(self.run_dir / "splits.npz", self.splits)
-            (self.run_dir / "profiles.json").write_text(json.dumps(
-                {str(i): {**p.__dict__, "active": list(p.active), "inactive": list(p.inactive)}
-                 for i, p in enumerate(self.profiles)}))
+            rundir.save_splits(self.run_dir / rundir.SPLITS, self.splits)
+            rundir.write_profiles(self.run_dir, {
+                str(i): {**p.__dict__, "active": list(p.active), "inactive": list(p.inactive)}
+                for i, p in enumerate(self.profiles)})
         client_class = {i: p.resource_class for i, p in enumerate(self.profiles)}
         self.executor = executor_factory(
             cfg=cfg, dataset=self.dataset, splits=self.splits, store_root=str(self.store.root),
@@ -89,7 +88,7 @@ class Simulation:
         try:
             for t in range(self.start_round, T):
                 rec = self._round(t)
-                rundir.append_jsonl(self.run_dir / "metrics.jsonl", [rec])
+                rundir.append_jsonl(self.run_dir / rundir.METRICS, [rec])
                 self.progress.round = t + 1
                 self.progress.virtual_time_s = self.virtual_time
                 if rec.get("acc_avg_exit") is not None:
@@ -194,7 +193,7 @@ class Simulation:
         if (t + 1) % cfg.round.eval_every == 0 or t == T - 1:
             rec.update(self._evaluate(t, participants))
         rec["wall_s"] = time.perf_counter() - wall0
-        rundir.append_jsonl(self.run_dir / "clients.jsonl", client_recs)
+        rundir.append_jsonl(self.run_dir / rundir.CLIENTS, client_recs)
         return rec
 
     def _evaluate(self, t: int, participants: list[int]) -> dict[str, Any]:
@@ -210,7 +209,7 @@ class Simulation:
         n = sum(r.num_test for r in results)
         acc_exit = [sum(r.correct[k] for r in results) / n for k in range(self.num_exits)]
         per_client = [float(np.mean(r.accuracies)) for r in results]
-        rundir.append_jsonl(self.run_dir / "eval.jsonl", [
+        rundir.append_jsonl(self.run_dir / rundir.EVAL, [
             {"round": t, "client": r.client_id, "num_test": r.num_test, "acc_exit": r.accuracies}
             for r in results])
         return {
@@ -230,42 +229,41 @@ class Simulation:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state.tensors.items()}
-        save_file(tensors, str(tmp / "server.safetensors"))
         self.store.snapshot(tmp / "store")
-        (tmp / "state.json").write_text(json.dumps({
+        rundir.write_checkpoint_files(tmp, tensors, {
             "round": t, "meta": self.state.meta, "virtual_time_s": self.virtual_time,
             "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up, "seed": self.cfg.seed,
             "failed_total": self.progress.failed_total,
             "rng": "stateless: every draw derives from (seed, round, client, stream)",
-        }))
+        })
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         rundir.prune_checkpoints(root, self.cfg.checkpoint.keep)
-        rundir.write_parquet(rundir.read_jsonl(self.run_dir / "metrics.jsonl"), self.run_dir / "metrics.parquet")
+        rundir.write_parquet(rundir.read_jsonl(self.run_dir / rundir.METRICS), self.run_dir / "metrics.parquet")
 
     def _restore(self) -> None:
         ckpt = rundir.latest_checkpoint(self.run_dir)
         if ckpt is None:
             # no checkpoint yet: start over in the same directory
-            for f in ("metrics.jsonl", "clients.jsonl", "eval.jsonl"):
+            for f in rundir.ROUND_LOGS:
                 (self.run_dir / f).unlink(missing_ok=True)
             self.store.clear()
             return
-        st = json.loads((ckpt / "state.json").read_text())
-        self.state = ServerState(tensors=load_file(str(ckpt / "server.safetensors")), meta=st["meta"])
+        tensors, st = rundir.read_checkpoint(ckpt)
+        self.state = ServerState(tensors=tensors, meta=st["meta"])
         self.store.restore(ckpt / "store")
         t = int(st["round"])
         self.start_round = t + 1
         self.virtual_time = float(st["virtual_time_s"])
         self.cum_down, self.cum_up = int(st["cum_bytes_down"]), int(st["cum_bytes_up"])
         self.progress.failed_total = int(st.get("failed_total", 0))
-        for f in ("metrics.jsonl", "clients.jsonl", "eval.jsonl"):
+        for f in rundir.ROUND_LOGS:
             rundir.truncate_jsonl(self.run_dir / f, t)
 
     def _finish(self) -> dict[str, Any]:
-        records = rundir.read_jsonl(self.run_dir / "metrics.jsonl")
+        records = rundir.read_jsonl(self.run_dir / rundir.METRICS)
         rundir.write_parquet(records, self.run_dir / "metrics.parquet")
-        rundir.write_parquet(rundir.read_jsonl(self.run_dir / "clients.jsonl"), self.run_dir / "clients.parquet")
+        rundir.write_parquet(rundir.read_jsonl(self.run_dir / rundir.CLIENTS), self.run_dir / "clients.parquet")
         rundir.plot_accuracy(records, self.run_dir / "accuracy.png",
                              f"{self.cfg.name}: {self.cfg.algorithm.name} on {self.cfg.data.name}")
         last_eval = next((r for r in reversed(records) if r.get("acc_exit")), {})
@@ -281,5 +279,5 @@ class Simulation:
             "exit_macs": list(self.cost.cumulative),
             "final_checkpoint": str(rundir.latest_checkpoint(self.run_dir)),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        rundir.write_summary(self.run_dir, summary)
         return summary

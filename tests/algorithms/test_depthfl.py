@@ -15,7 +15,7 @@ from cafe_ray.algorithms.base import ClientResult, global_params
 from cafe_ray.algorithms.depthfl import DepthFL, mutual_distillation_loss, rampup
 from cafe_ray.algorithms.submodel import depth_of, prefix_keys
 from cafe_ray.models.base import EarlyExitNet
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 from tests.algorithms.helpers import client_ctx, make_cfg, make_clients, round_ctx
 from tests.algorithms.zoo_helpers import LEARNS, run_digits
 

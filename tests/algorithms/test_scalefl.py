@@ -18,7 +18,7 @@ from cafe_ray.algorithms.submodel import PrefixMean, prefix_index
 from cafe_ray.config import ExperimentConfig, build_config
 from cafe_ray.models.base import EarlyExitNet
 from cafe_ray.models.zoo import build_model
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 from cafe_ray.sim.profiles import CATALOGS, load_trace
 from tests.algorithms.helpers import client_ctx, make_clients, round_ctx
 from tests.algorithms.zoo_helpers import LEARNS, run_digits

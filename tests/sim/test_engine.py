@@ -2,7 +2,7 @@
 
 import pytest
 
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 from cafe_ray.sim.engine import run_simulation, start, wait_for
 from tests.sim.conftest import comparable, tiny_cfg
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 from cafe_ray.sim.engine import run_simulation
 from tests.sim.conftest import tiny_cfg
 

@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cafe_ray.compare import load_study, run_study
 from cafe_ray.config import ConfigError
+from cafe_ray.studies.compare import load_study, run_study
 
 
 def _study(tmp_path):

@@ -22,7 +22,6 @@ a results table.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -161,7 +160,7 @@ def run_centralized(
 
     from cafe_ray.data import load_dataset, partition_clients
     from cafe_ray.models import exit_macs
-    from cafe_ray.sim import rundir
+    from cafe_ray.runs import rundir
     from cafe_ray.sim.runner import make_model
 
     epochs = default_epochs(cfg) if epochs is None else epochs
@@ -198,8 +197,8 @@ def run_centralized(
     wall = time.perf_counter() - wall0
 
     history = ret["history"]
-    rundir.append_jsonl(run_dir / "metrics.jsonl", history)
-    rundir.append_jsonl(run_dir / "eval.jsonl", [{"round": ret["last_epoch"], **r} for r in ret["eval"]])
+    rundir.append_jsonl(run_dir / rundir.METRICS, history)
+    rundir.append_jsonl(run_dir / rundir.EVAL, [{"round": ret["last_epoch"], **r} for r in ret["eval"]])
     rundir.write_parquet(history, run_dir / "metrics.parquet")
     rundir.plot_accuracy(history, run_dir / "accuracy.png", f"{cfg.name}: centralized upper bound on {cfg.data.name}")
     model_path = run_dir / "model.safetensors"
@@ -221,5 +220,5 @@ def run_centralized(
         "epochs": epochs, "workers": workers, "use_gpu": bool(use_gpu),
         "train_samples": int(len(pooled_indices(splits))), "upper_bound": True,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.write_summary(run_dir, summary)
     return run_dir, summary

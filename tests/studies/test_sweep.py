@@ -12,8 +12,8 @@ import yaml
 from ray.tune import Callback
 
 from cafe_ray.config import ConfigError, load_config
-from cafe_ray.sim import rundir
-from cafe_ray.tune import (
+from cafe_ray.runs import rundir
+from cafe_ray.studies.sweep import (
     check_space,
     load_space,
     run_sweep,

@@ -210,7 +210,7 @@ def _trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
     """Tune function trainable: one simulation, reported at every evaluation round."""
     from ray import tune
 
-    from cafe_ray.sim import rundir
+    from cafe_ray.runs import rundir
     from cafe_ray.sim.engine import run_here
 
     trial_id = tune.get_context().get_trial_id()
@@ -233,7 +233,7 @@ def _trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
             tune.report(tune_metrics(rec))
 
     run_here(cfg, run_dir, resume=resume, on_round=on_round)
-    final = [r for r in rundir.read_jsonl(run_dir / "metrics.jsonl") if r.get(METRIC) is not None]
+    final = [r for r in rundir.read_jsonl(run_dir / rundir.METRICS) if r.get(METRIC) is not None]
     if final and final[-1]["round"] == last:
         tune.report(tune_metrics(final[-1]))
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from cafe_ray.data.base import ArrayDataset, ClientSplit
-from cafe_ray.sim import rundir
-from cafe_ray.train import evaluate_clients, pooled_indices, run_centralized
+from cafe_ray.runs import rundir
+from cafe_ray.studies.centralized import evaluate_clients, pooled_indices, run_centralized
 from tests.conftest import make_tiny_een
 from tests.sim.conftest import tiny_cfg
 
@@ -50,7 +50,7 @@ def test_evaluation_is_test_size_weighted_per_exit_with_worst_client():
 
 
 def test_centralized_upper_bound_with_two_ray_train_workers(tmp_path, ray_session):
-    from cafe_ray.compare import Variant, _row, markdown_table
+    from cafe_ray.studies.compare import Variant, _row, markdown_table
 
     cfg = tiny_cfg(tmp_path, "round.eval_every=1")
     out, s = run_centralized(cfg, epochs=2, workers=2, use_gpu=False, out=tmp_path / "central")

@@ -14,9 +14,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cafe_ray.cli import app
-from cafe_ray.inference import ExitMLP, PolicySpec
-from cafe_ray.inference.observation import observation_bounds
-from cafe_ray.policy_training import (
+from cafe_ray.envs.training import (
     DEFAULT_RECIPE,
     NormalisedEarlyExit,
     PolicyRecipe,
@@ -24,6 +22,8 @@ from cafe_ray.policy_training import (
     feature_normalisation,
     load_recipe,
 )
+from cafe_ray.inference import ExitMLP, PolicySpec
+from cafe_ray.inference.observation import observation_bounds
 from tests.inference.helpers import HAND_COST, HAND_LABELS, HAND_LOGITS
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ import yaml
 from rich.console import Console
 
 from cafe_ray.config import ConfigError, apply_overrides, build_config
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def config_for(study: Study, setting: dict[str, Any], v: Variant, out: Path):  #
 
 
 def _find_done(run_parent: Path, name: str) -> Path | None:
-    done = sorted(p for p in run_parent.glob(f"{name}-*") if (p / "summary.json").exists())
+    done = sorted(p for p in run_parent.glob(f"{name}-*") if rundir.is_finished(p))
     return done[-1] if done else None
 
 
@@ -119,9 +119,9 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
                 continue
             if done is None:
                 t0 = time.perf_counter()
-                if v.group == "upper_bound":  # Ray Train on the pooled data (cafe_ray.train)
+                if v.group == "upper_bound":  # Ray Train on the pooled data (cafe_ray.studies.centralized)
                     from cafe_ray.sim.engine import ensure_ray
-                    from cafe_ray.train import run_centralized
+                    from cafe_ray.studies.centralized import run_centralized
 
                     ensure_ray(address)
                     done, _ = run_centralized(cfg, out=parent / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -138,8 +138,8 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
 
 
 def _row(setting: dict[str, Any], v: Variant, run_dir: Path) -> dict[str, Any]:
-    s = json.loads((run_dir / "summary.json").read_text())
-    curve = [(r["round"] + 1, r["acc_avg_exit"]) for r in rundir.read_jsonl(run_dir / "metrics.jsonl")
+    s = rundir.read_summary(run_dir)
+    curve = [(r["round"] + 1, r["acc_avg_exit"]) for r in rundir.read_jsonl(run_dir / rundir.METRICS)
              if r.get("acc_avg_exit") is not None]
     return {
         "setting": setting_name(setting), "label": v.label, "group": v.group,

@@ -1,4 +1,4 @@
-"""The run directory: resolved config, metrics (JSONL + Parquet), checkpoints, plot.
+"""The run directory's format, written and read only here.
 
 ``runs/<name>-<timestamp>/``
   config.yaml          the resolved config (what `--resume` reads back)
@@ -28,6 +28,17 @@ import numpy as np
 from cafe_ray.config import ExperimentConfig, dump_config
 from cafe_ray.data.base import ClientSplit
 
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CLIENTS = "clients.jsonl"
+EVAL = "eval.jsonl"
+SUMMARY = "summary.json"
+PROFILES = "profiles.json"
+SPLITS = "splits.npz"
+CHECKPOINT_STATE = "state.json"
+CHECKPOINT_SERVER = "server.safetensors"
+ROUND_LOGS = (METRICS, CLIENTS, EVAL)
+
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -37,7 +48,7 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
         path = Path(f"{base}-{i}")
         i += 1
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(dump_config(cfg))
+    (path / CONFIG).write_text(dump_config(cfg))
     return path
 
 
@@ -154,5 +165,63 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("round_*") if (p / "state.json").exists())
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("round_*") if (p / CHECKPOINT_STATE).exists())
     return ckpts[-1] if ckpts else None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    """Atomic JSON write: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, default=_json_default))
+    os.replace(tmp, path)
+
+
+def write_profiles(run_dir: Path, profiles: dict[str, dict[str, Any]]) -> None:
+    write_json(run_dir / PROFILES, profiles)
+
+
+def read_profiles(run_dir: Path) -> dict[int, dict[str, Any]]:
+    return {int(k): v for k, v in json.loads((run_dir / PROFILES).read_text()).items()}
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_json(run_dir / SUMMARY, summary, indent=2)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The final metrics, or {} while the run has not finished."""
+    p = run_dir / SUMMARY
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / SUMMARY).exists()
+
+
+def write_checkpoint_files(folder: Path, tensors: dict[str, Any], state: dict[str, Any]) -> None:
+    """The server half of a checkpoint (the caller snapshots the client store beside it)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / CHECKPOINT_SERVER))
+    write_json(folder / CHECKPOINT_STATE, state)
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(server tensors, state dict) of one checkpoint folder."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
+    return load_file(str(folder / CHECKPOINT_SERVER)), state
+
+
+def last_eval(run_dir: Path) -> dict[int, list[float]]:
+    """Each client's per-exit test accuracy at the run's last evaluation."""
+    recs = read_jsonl(run_dir / EVAL)
+    if not recs:
+        return {}
+    last = max(r["round"] for r in recs)
+    return {r["client"]: r["acc_exit"] for r in recs if r["round"] == last}

@@ -7,18 +7,16 @@ Evaluation, the gym environment and serving all start here.
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from cafe_ray.algorithms import ClientContext, ServerState, build_algorithm
 from cafe_ray.config import ExperimentConfig, load_config
 from cafe_ray.data import ArrayDataset, ClientSplit, load_dataset
 from cafe_ray.models import EarlyExitNet, ExitCost, exit_macs
-from cafe_ray.sim import rundir
+from cafe_ray.runs import rundir
 from cafe_ray.sim.runner import ClientRunner, make_model
 from cafe_ray.sim.store import ClientStateStore
 
@@ -28,17 +26,17 @@ class RunArtifacts:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "config.yaml").is_file():
+        if not rundir.is_run_dir(self.run_dir):
             raise FileNotFoundError(f"{self.run_dir} is not a run directory (no config.yaml); "
                                     "pass a directory written by `cafe-ray simulate`")
         self.checkpoint = rundir.latest_checkpoint(self.run_dir)
         if self.checkpoint is None:
             raise FileNotFoundError(f"{self.run_dir} has no checkpoint yet; let the run finish or resume it")
-        self.cfg: ExperimentConfig = load_config(self.run_dir / "config.yaml")
+        self.cfg: ExperimentConfig = load_config(self.run_dir / rundir.CONFIG)
         self.algorithm = build_algorithm(self.cfg)
-        st = json.loads((self.checkpoint / "state.json").read_text())
+        tensors, st = rundir.read_checkpoint(self.checkpoint)
         self.round = int(st["round"])
-        self.state = ServerState(tensors=load_file(str(self.checkpoint / "server.safetensors")), meta=st["meta"])
+        self.state = ServerState(tensors=tensors, meta=st["meta"])
         self.store = ClientStateStore(self.checkpoint / "store")
 
     @cached_property
@@ -47,11 +45,11 @@ class RunArtifacts:
 
     @cached_property
     def splits(self) -> dict[int, ClientSplit]:
-        return {s.client_id: s for s in rundir.load_splits(self.run_dir / "splits.npz")}
+        return {s.client_id: s for s in rundir.load_splits(self.run_dir / rundir.SPLITS)}
 
     @cached_property
     def profiles(self) -> dict[int, dict]:
-        return {int(k): v for k, v in json.loads((self.run_dir / "profiles.json").read_text()).items()}
+        return rundir.read_profiles(self.run_dir)
 
     @property
     def client_ids(self) -> list[int]:
@@ -99,13 +97,8 @@ class RunArtifacts:
         raise ValueError(f"split must be 'train', 'test', 'val' or 'holdout', got {split!r}")
 
     def summary(self) -> dict:
-        p = self.run_dir / "summary.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        return rundir.read_summary(self.run_dir)
 
     def last_eval(self) -> dict[int, list[float]]:
         """Each client's per-exit test accuracy at the run's last evaluation."""
-        recs = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-        if not recs:
-            return {}
-        last = max(r["round"] for r in recs)
-        return {r["client"]: r["acc_exit"] for r in recs if r["round"] == last}
+        return rundir.last_eval(self.run_dir)
