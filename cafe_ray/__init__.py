@@ -1,4 +1,26 @@
 """cafe-ray: a Ray-based simulation platform for personalized federated learning
-with early-exit networks. Reference algorithm: CAFEDistill (arXiv:2601.10015)."""
+with early-exit networks. Reference algorithm: CAFEDistill (arXiv:2601.10015).
+
+Importing the package registers the Gymnasium environment ``cafe_ray/EarlyExit-v0`` by its
+entry-point string: neither torch nor the environment's module is imported until
+``gym.make`` builds one.
+"""
 
 __version__ = "0.1.0"
+
+ENV_ID = "cafe_ray/EarlyExit-v0"
+ENV_ENTRY_POINT = "cafe_ray.envs.early_exit:EarlyExitEnv"
+# An episode has at most one step per exit; the limit is a guard above any zoo model's exits.
+ENV_MAX_EPISODE_STEPS = 64
+
+
+def _register_envs() -> None:
+    try:
+        import gymnasium
+    except ImportError:  # gymnasium is a dependency; a stripped install still imports
+        return
+    if ENV_ID not in gymnasium.registry:
+        gymnasium.register(id=ENV_ID, entry_point=ENV_ENTRY_POINT, max_episode_steps=ENV_MAX_EPISODE_STEPS)
+
+
+_register_envs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cafe_ray.config import ConfigError, dump_config, load_config
 
@@ -25,9 +27,29 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "simulations" / "quick
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: a.b=value (repeatable).")]
 
 
-def _fail(msg: str) -> None:
-    err_console.print(f"[red]error:[/] {msg}")
-    raise typer.Exit(2)
+_DEBUG = {"on": bool(os.environ.get("CAFE_RAY_DEBUG"))}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="On errors, also print the full traceback.")] = False,
+) -> None:
+    """Simulate personalized federated learning with early-exit networks on Ray."""
+    if debug:
+        _DEBUG["on"] = True
+
+
+def _fail(msg: str, code: int = 2, err: BaseException | None = None) -> None:
+    """One ``error:`` line (never wrapped, no markup parsing) and exit ``code``; --debug adds the traceback."""
+    if err is not None and _DEBUG["on"]:
+        import traceback
+
+        ctx = err.__context__  # Ray's wrapper, with the remote traceback, when the cause was unwrapped
+        if ctx is not None and ctx is not err.__cause__:
+            traceback.print_exception(ctx, file=sys.stderr)
+        traceback.print_exception(err, file=sys.stderr)
+    err_console.print(Text.assemble(("error:", "red"), " ", msg), soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _load(config: Path | None, sets: list[str] | None):  # noqa: ANN202
@@ -50,17 +72,56 @@ def simulate(
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: local).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
-    """Run a federated simulation (or resume one) and write its run directory."""
-    from cafe_ray.sim.engine import run_simulation
+    """Run a federated simulation (or resume one) and write its run directory.
+
+    Everything knowable without training is checked before Ray starts. Ctrl-C or
+    SIGTERM stops the run, shuts down the local Ray it started and prints the
+    command that resumes it; exit codes: 2 error, 130 Ctrl-C, 143 SIGTERM.
+    """
+    import signal
+    import threading
+
+    from cafe_ray.sim.errors import RunInterrupted, RunStopped, describe, on_sigterm
+    from cafe_ray.sim.preflight import preflight, resume_config
 
     cfg = None if resume else _load(config, set_)
     if resume and (config or set_):
         _fail("--resume continues a run with its saved config; drop CONFIG and --set")
+    try:  # before Ray (and before importing it): a bad input fails in seconds
+        run_cfg = cfg if resume is None else resume_config(resume)
+        report = preflight(run_cfg, address=address, run_dir=resume)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(describe(err), 2, err)
+    except KeyboardInterrupt as err:
+        _fail("interrupted while checking the config; nothing was written", 130, err)
+    from cafe_ray.sim import engine
+
+    if run_cfg.executor == "ray":
+        try:
+            engine.ensure_ray(address)
+        except KeyboardInterrupt as err:
+            engine.shutdown_ray_if_started()
+            _fail("interrupted while starting Ray; nothing was written", 130, err)
+        except Exception as err:  # noqa: BLE001 - a wrong address, a cluster that went away
+            engine.shutdown_ray_if_started()
+            _fail(f"--address {address or '(local)'}: cannot start or reach Ray ({describe(err)})", 2, err)
+
+    if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        run_dir, _ = run_simulation(cfg, resume_dir=resume, address=address, console=console,
-                                    show_progress=not no_progress)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        run_dir, _ = engine.run_simulation(cfg, resume_dir=resume, address=address, console=console,
+                                           show_progress=not no_progress, checked=report)
+    except RunStopped as err:
+        code = 2
+        if isinstance(err, RunInterrupted):
+            code = 143 if "SIGTERM" in err.reason else 130
+        _fail(str(err), code, err)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as err:
+        _fail(describe(err), 2, err)
+    except KeyboardInterrupt as err:  # before the run directory existed (e.g. while checking the data)
+        _fail("interrupted before the run started; nothing was written", 130, err)
+    finally:
+        engine.shutdown_ray_if_started()
     console.print(f"run directory: [bold]{run_dir}[/]")
 
 
@@ -70,17 +131,17 @@ def validate(
     set_: SetOpt = None,
     show: Annotated[bool, typer.Option("--show", help="Print the resolved config.")] = False,
 ) -> None:
-    """Check a config file: unknown keys and bad values are reported with their path."""
+    """Check a config as `simulate` would before starting Ray: keys, values, algorithm, catalog,
+    the dataset and its partition, the model, output_dir and the resource classes."""
     cfg = _load(config, set_)
-    from cafe_ray.algorithms import available
-    from cafe_ray.sim.profiles import resolve_catalog
+    from cafe_ray.sim.preflight import preflight
 
-    if cfg.algorithm.name not in available():
-        _fail(f"algorithm.name: unknown algorithm {cfg.algorithm.name!r}; available: {', '.join(available())}")
     try:
-        resolve_catalog(cfg.profiles)
-    except ValueError as err:
-        _fail(str(err))
+        report = preflight(cfg, create_output_dir=False)
+    except ConfigError as err:
+        _fail(str(err), 2, err)
+    for w in report.warnings:
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", w), soft_wrap=True)
     if show:
         console.print(dump_config(cfg))
     console.print(f"[green]ok[/] {config}")
@@ -125,8 +186,10 @@ def algorithms() -> None:
     from cafe_ray.algorithms import get_algorithm
 
     for n in names():
-        doc = (sys.modules[get_algorithm(n).__module__].__doc__ or "").strip().splitlines()[0]
-        console.print(f"[bold]{n}[/]  {doc}")
+        cls = get_algorithm(n)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        vec = "yes" if cls.supports_vectorize() else "no"
+        console.print(f"[bold]{n}[/]  {doc}  [dim](engine.vectorize: {vec})[/]")
 
 
 @app.command()
@@ -162,29 +225,129 @@ def _bench_out(out: Path | None) -> str:
 
 @bench_app.command("overhead")
 def bench_overhead(
-    dataset: Annotated[str, typer.Option(help="fashion_mnist (target workload) or digits/synthetic.")] = "fashion_mnist",
+    dataset: Annotated[str, typer.Option(help="fashion_mnist (compute-bound workload) or digits/synthetic.")] = "fashion_mnist",
     clients: Annotated[int, typer.Option(help="Clients per round (all participate).")] = 20,
     rounds: Annotated[int, typer.Option(help="Rounds.")] = 3,
     max_train: Annotated[int | None, typer.Option(help="Subsample the train set.")] = 20000,
+    repeats: Annotated[int, typer.Option(help="Engine/floor pairs, alternated; min and median reported.")] = 3,
+    only: Annotated[str | None, typer.Option(help="Run one workload: big, tiny or vectorized.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where the engine's run directories go.")] = None,
 ) -> None:
-    """Engine vs a bare PyTorch loop on the same FedAvg-EE workload; and per client-round overhead."""
+    """Engine vs a fair floor (bare loop, 1 thread, same training and evaluation) and floor / workers."""
     from cafe_ray.bench import overhead
     from cafe_ray.sim.engine import ensure_ray
 
     ensure_ray(None)
     o = _bench_out(out)
-    big = overhead.measure(f"{dataset}, {clients} clients/round, 1 epoch",
-                           overhead.workload(dataset, clients, rounds, 1, None, 16, max_train, o))
-    tiny = overhead.measure("synthetic 8x8, 50 clients/round, 1 local step",
-                            overhead.workload("synthetic", 50, 5, 1, 1, 8, None, o))
-    table = Table(title="engine overhead (wall time, lower is better)")
-    for col in ("workload", "client-rounds", "bare loop s", "engine s", "engine/bare", "overhead ms/client-round"):
+    work = {
+        "big": (f"{dataset}, {clients} clients/round, {rounds} rounds, 1 epoch",
+                overhead.workload(dataset, clients, rounds, 1, None, 16, max_train, o)),
+        "tiny": ("synthetic 8x8, 50 clients/round, 5 rounds, 1 local step",
+                 overhead.workload("synthetic", 50, 5, 1, 1, 8, None, o)),
+        "vectorized": ("the tiny workload with engine.vectorize (cohorts of 16) vs the unvectorized floor",
+                       overhead.workload("synthetic", 50, 5, 1, 1, 8, None, o, vectorize=True)),
+    }
+    results = [overhead.measure(label, cfg, repeats) for k, (label, cfg) in work.items() if only in (None, k)]
+    table = Table(title="engine vs floor (wall s; min / median of alternated runs; lower is better)")
+    for col in ("workload", "client-rounds", "floor 1 thread", "ideal floor/W", "engine rounds",
+                "engine end-to-end", "engine/ideal", "steady/ideal", "ms/client-round above ideal", "floor/engine",
+                "load avg", "max acc diff"):
         table.add_column(col)
-    for r in (big, tiny):
-        table.add_row(r.label, str(r.client_rounds), f"{r.bare_s:.2f}", f"{r.engine_s:.2f}",
-                      f"{r.ratio:.2f}x", f"{r.overhead_ms_per_client_round:.1f}")
-    console.print(table)
+    for r in results:
+        table.add_row(
+            r.label, str(r.client_rounds), f"{r.floor_min:.2f} / {r.floor_median:.2f}",
+            f"{r.ideal_min:.2f} (W={r.workers})",
+            f"{r.engine_rounds('min'):.2f} / {r.engine_rounds('median'):.2f}",
+            f"{r.engine_e2e('min'):.2f} / {r.engine_e2e('median'):.2f}",
+            f"{r.ratio('min'):.2f}x / {r.ratio('median'):.2f}x",
+            f"{r.steady_ratio('min'):.2f}x / {r.steady_ratio('median'):.2f}x",
+            f"{r.above_ideal_ms('min'):.1f} / {r.above_ideal_ms('median'):.1f}",
+            f"{r.floor_min / r.engine_rounds('min'):.2f}x / {r.floor_median / r.engine_rounds('median'):.2f}x",
+            " ".join(f"{x.load:.1f}" for pair in zip(r.engine, r.floor, strict=True) for x in pair),
+            f"{r.max_acc_diff:.4f}")
+    Console(width=max(console.width, 200)).print(table)  # wide: the numbers, not wrapped
+
+
+@bench_app.command("cohort")
+def bench_cohort(
+    clients: Annotated[list[int] | None, typer.Option(help="Cohort sizes (clients in one round).")] = None,
+    repeats: Annotated[int, typer.Option(help="Plain/cohort pairs, alternated.")] = 3,
+) -> None:
+    """engine.vectorize's compute: one batched cohort vs the same clients one by one (1 thread, no Ray)."""
+    import statistics
+
+    from cafe_ray.bench import overhead
+
+    table = Table(title="vectorized cohort vs per-client training, one process, 1 thread")
+    for col in ("workload", "clients", "per client s (min / median)", "cohort s (min / median)", "speed-up (min / median)",
+                "max param diff", "load avg"):
+        table.add_column(col)
+    work = [("synthetic 8x8, 1 local step, w8", overhead.workload("synthetic", n, 1, 1, 1, 8, None, "/tmp"))
+            for n in clients or [16, 50]]
+    digits = overhead.workload("digits", 16, 1, 2, None, 8, None, "/tmp")
+    work.append(("digits, 2 epochs (~10 steps), w8", digits))
+    for label, cfg in work:
+        res = overhead.cohort_vs_plain(cfg, repeats)
+        p = [r.plain_s for r in res]
+        c = [r.cohort_s for r in res]
+        table.add_row(label, str(cfg.data.num_clients), f"{min(p):.3f} / {statistics.median(p):.3f}", f"{min(c):.3f} / {statistics.median(c):.3f}",
+                      f"{min(p) / min(c):.2f}x / {statistics.median(p) / statistics.median(c):.2f}x",
+                      f"{max(r.max_param_diff for r in res):.1e}", " ".join(f"{r.load:.1f}" for r in res))
+    Console(width=max(console.width, 200)).print(table)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    per_round: Annotated[int, typer.Option(help="Clients per round.")] = 100,
+    rounds: Annotated[int, typer.Option(help="Rounds (round 0 and the last are not steady).")] = 8,
+    big: Annotated[int, typer.Option(help="Registered clients of the large run.")] = 1_000_000,
+    small: Annotated[int, typer.Option(help="Registered clients of the small run.")] = 1000,
+    samples: Annotated[int, typer.Option(help="Synthetic training samples (the same in both runs).")] = 2_000_000,
+    repeats: Annotated[int, typer.Option(help="Small/large pairs, alternated.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
+) -> None:
+    """Steady round time and peak memory at 1,000 vs 1,000,000 registered clients, 100 per round."""
+    from cafe_ray.bench import scale
+    from cafe_ray.sim.engine import ensure_ray
+
+    ensure_ray(None)
+    o = _bench_out(out)
+    res = [scale.measure_scale(n, per_round, rounds, o, samples) for _ in range(repeats) for n in (small, big)]
+    table = Table(title="rounds vs registered clients (same data, same clients per round)")
+    for col in ("registered", "per round", "setup s", "steady round s (median)", "rounds s", "peak RSS MB", "load avg"):
+        table.add_column(col)
+    for r in res:
+        table.add_row(f"{r.registered:,}", str(r.per_round), f"{r.setup_s:.1f}", f"{r.steady_round_s:.3f}",
+                      " ".join(f"{w:.2f}" for w in r.round_times), f"{r.peak_rss_mb:.0f}", f"{r.load:.1f}")
+    Console(width=max(console.width, 200)).print(table)  # wide: the numbers, not wrapped
+    s = min(r.steady_round_s for r in res if r.registered == small)
+    b = min(r.steady_round_s for r in res if r.registered == big)
+    console.print(f"steady round time {big:,} / {small:,} registered (min): {b / s:.2f}x")
+
+
+@bench_app.command("startup")
+def bench_startup(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML.")] = Path("simulations/quickstart.yaml"),
+    repeats: Annotated[int, typer.Option(help="Runs.")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
+) -> None:
+    """Command to the end of the first round, beyond ray.init (CLI import + start + round 0)."""
+    import statistics
+
+    from cafe_ray.bench import scale
+    from cafe_ray.sim.engine import ensure_ray
+
+    ensure_ray(None)
+    o = _bench_out(out)
+    res = [scale.measure_startup(config, o) for _ in range(repeats)]
+    table = Table(title=f"start-up: {config} (s, beyond ray.init)")
+    for col in ("run", "import CLI", "start + round 0", "total", "load avg"):
+        table.add_column(col)
+    for i, r in enumerate(res):
+        table.add_row(str(i + 1), f"{r.import_s:.2f}", f"{r.to_first_round_s:.2f}", f"{r.total_s:.2f}", f"{r.load:.1f}")
+    totals = [r.total_s for r in res]
+    Console(width=max(console.width, 200)).print(table)  # wide: the numbers, not wrapped
+    console.print(f"total: min {min(totals):.2f} s, median {statistics.median(totals):.2f} s")
 
 
 @bench_app.command("memory")
@@ -207,7 +370,7 @@ def bench_memory(
         table.add_column(col)
     for r in res:
         table.add_row(str(r.registered), str(r.per_round), f"{r.peak_rss_mb:.0f}", f"{r.store_mb:.1f}")
-    console.print(table)
+    Console(width=max(console.width, 200)).print(table)  # wide: the numbers, not wrapped
     console.print(f"peak RSS ratio 1000/100 registered: {res[1].peak_rss_mb / res[0].peak_rss_mb:.2f}x")
     ray.shutdown()
 
@@ -217,6 +380,9 @@ def bench_all() -> None:
     """Every benchmark with its defaults."""
     bench_overhead()
     bench_memory()
+    bench_cohort()
+    bench_scale()
+    bench_startup()
 
 
 def _register_command_modules() -> None:

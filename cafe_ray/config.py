@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -23,170 +23,335 @@ class _Strict(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class PartitionConfig(_Strict):
-    kind: Literal["iid", "dirichlet", "shards"] = "dirichlet"  # how labels are split over clients
-    alpha: float = Field(0.3, gt=0)  # Dirichlet concentration (smaller = more skew)
-    min_size: int = Field(10, ge=1)  # dirichlet: fewest training samples a client may hold
-    shards_per_client: int = Field(2, ge=1)  # shards: label shards ("k") per client
+    kind: Literal["iid", "dirichlet", "shards"] = Field(
+        "dirichlet", description="how labels are split over clients: iid, dirichlet (Dirichlet(alpha) "
+                                 "label skew) or shards (k pathological label shards per client)")
+    alpha: float = Field(0.3, gt=0, description="dirichlet: concentration (smaller = more skew)")
+    min_size: int = Field(10, ge=1, description="dirichlet: fewest training samples a client may hold")
+    shards_per_client: int = Field(2, ge=1, description="shards: label shards (k) per client")
 
 
 class DataConfig(_Strict):
     name: Literal[
         "digits", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet", "agnews", "synthetic"
-    ] = "digits"  # dataset; digits is embedded (no download)
-    root: str | None = None  # data root for real datasets (None = defaults, see README)
-    num_clients: int = Field(10, ge=1)  # registered (virtual) clients
-    partition: PartitionConfig = PartitionConfig()
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # client test size relative to its train size
-    max_train_samples: int | None = Field(None, ge=1)  # subsample the pooled train set (speed)
-    synthetic_samples: int = Field(2000, ge=10)  # synthetic: number of training samples
-    synthetic_classes: int = Field(10, ge=2)  # synthetic: number of classes
-    synthetic_shape: tuple[int, ...] = (1, 8, 8)  # synthetic: input shape (C, H, W)
-    seq_len: int = Field(64, ge=4)  # agnews: tokens per sample
-    vocab_size: int = Field(20000, ge=10)  # agnews: vocabulary size
+    ] = Field("digits", description="dataset; digits is embedded (no download); the real datasets load "
+                                    "from their standard file formats under root; synthetic is generated")
+    root: str | None = Field(None, description="data root of the real datasets (null = $CAFE_RAY_DATA, "
+                                               "else ~/.cache/cafe-ray/data); only Fashion-MNIST is "
+                                               "ever downloaded (when a network is reachable)")
+    num_clients: int = Field(10, ge=1, description="registered (virtual) clients")
+    partition: PartitionConfig = Field(PartitionConfig(), description="how the pooled training set is split "
+                                                                        "over the clients")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="client test size relative to its train size; "
+                                                              "follows the client's label distribution")
+    val_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="fraction of each client's training data held out as its validation split "
+                    "(stratified by the client's labels, deterministic in the seed); sweeps, "
+                    "studies and exit-threshold calibration read it instead of the test split. "
+                    "0 = no validation split")
+    max_train_samples: int | None = Field(None, ge=1, description="subsample the pooled training set to this "
+                                                                  "many samples, for speed (null = all)")
+    synthetic_samples: int = Field(2000, ge=10, description="synthetic: number of training samples")
+    synthetic_classes: int = Field(10, ge=2, description="synthetic: number of classes")
+    synthetic_shape: tuple[int, ...] = Field((1, 8, 8), description="synthetic: input shape (C, H, W)")
+    seq_len: int = Field(64, ge=4, description="agnews: tokens per sample")
+    vocab_size: int = Field(20000, ge=10, description="agnews: vocabulary size")
 
 
 # -------------------------------------------------------------------------- model
 class ModelConfig(_Strict):
-    name: Literal["auto", "cnn_small", "conv3", "resnet18_ee", "transformer4"] = "auto"
-    # auto: cnn_small for digits/fashion_mnist/synthetic, conv3 for cifar10,
-    # resnet18_ee for cifar100/tinyimagenet, transformer4 for agnews
-    width: int = Field(32, ge=4)  # base channel width / embedding dim
+    name: Literal["auto", "cnn_small", "conv3", "resnet18_ee", "transformer4"] = Field(
+        "auto", description="early-exit architecture (`cafe-ray models`); auto picks by dataset: cnn_small "
+                            "for digits/fashion_mnist/synthetic, conv3 for cifar10, resnet18_ee for "
+                            "cifar100/tinyimagenet, transformer4 for agnews")
+    width: int = Field(32, ge=4, description="base channel width (CNNs) / embedding size (transformer4)")
 
 
 # ---------------------------------------------------------------------- algorithm
 class FedProxConfig(_Strict):
-    mu_prox: float = Field(0.01, ge=0)  # weight of (mu_prox/2)*||theta - theta_global||^2
+    mu_prox: float = Field(0.01, ge=0, description="fedprox_ee: proximal weight of "
+                                                   "(mu_prox/2)*||theta - theta_global||^2")
 
 
 class SelectionConfig(_Strict):
-    similarity: Literal["update_cosine", "head_cosine", "random"] = "update_cosine"
-    # tier-2 conflict proxy (CAFEDISTILL.md step 3)
-    schedule: Literal["progressive", "all"] = "progressive"  # all = every student every round
-    order: Literal["shallow_first", "deep_first"] = "shallow_first"  # tier-1 depth priority
+    similarity: Literal["update_sketch", "update_cosine", "head_cosine", "random"] = Field(
+        "update_sketch",
+        description="tier-2 conflict proxy (CAFEDISTILL.md step 3). update_sketch: cosine of the client's "
+                    "backbone update to the same round's aggregate of the OTHER participants (leave-one-out), "
+                    "on a fixed-size count sketch, so the server keeps m-1 floats per client; update_cosine: "
+                    "the spec's proxy (full stored update vs the previous aggregate); head_cosine; random")
+    sketch_dim: int = Field(
+        1024, ge=8, description="update_sketch: buckets of the count sketch of each stage's update")
+    schedule: Literal["progressive", "all"] = Field(
+        "progressive", description="progressive: the student budget follows R(t) = min(2t/T, 1); "
+                                   "all: every student every round")
+    order: Literal["shallow_first", "deep_first"] = Field(
+        "shallow_first", description="tier-1 depth priority: shallow_first or deep_first")
+    schedule_clock: Literal["global", "client"] = Field(
+        "client",
+        description="clock of R(t): global = the round t; client = the client's own visit count v_i over "
+                    "its expected visits T*n_t/n (equal to global under full participation), so that under "
+                    "partial participation a client's students are not scheduled by rounds it never saw")
+    ramp: float = Field(
+        0.25, gt=0, le=1,
+        description="fraction of the run (of T, or of the expected visits under schedule_clock=client) over "
+                    "which R grows to 1: R(t) = min(t / (ramp * T), 1); 0.5 is the spec's min(2t/T, 1)")
+
+
+# The specification's original defaults (../shared/CAFEDISTILL.md steps 1-9, before
+# the validation study): `algorithm.cafedistill.preset: spec` restores them; fields
+# given explicitly still win over the preset.
+CAFEDISTILL_SPEC_PRESET: dict[str, Any] = {
+    "lam": 1.0, "tau": 3.0, "mu": 0.5, "kd_backbone": "full", "kd_warmup": "none", "kd_start_round": 0,
+    "kd_needs_trained_teacher": False, "kd_gate": "none", "kd_target": "full", "center_heads": False,
+    "own_head": "stored", "unselected": "frozen",
+    "selection": {"similarity": "update_cosine", "schedule_clock": "global", "ramp": 0.5},
+}
 
 
 class CafeDistillConfig(_Strict):
-    lam: float = Field(1.0, ge=0)  # lambda: KD weight (0 = no distillation)
-    tau: float = Field(3.0, gt=0)  # distillation temperature
-    mu: float = Field(0.5, gt=0)  # teacher-weight QP regulariser (small = own teacher)
-    teachers: Literal["all_seen", "participants"] = "all_seen"  # pool of teacher heads j
-    selection: SelectionConfig = SelectionConfig()
+    preset: Literal["default", "spec"] = Field(
+        "default",
+        description="default = the defaults chosen by the validation study (docs/results.md, "
+                    "'Choosing CAFEDistill's defaults'); spec = the specification's original defaults "
+                    "(lam 1, tau 3, mu 0.5, KD into the backbone from round 0, frozen unselected heads, "
+                    "update_cosine). Fields set explicitly override the preset")
+    lam: float = Field(0.1, ge=0, description="lambda: KD weight (0 = no distillation); the KD term is "
+                                                "lambda * tau^2 * KL, so lambda*tau^2 is the effective weight")
+    tau: float = Field(3.0, gt=0, description="tau: distillation temperature")
+    mu: float = Field(2.0, gt=0, description="mu: teacher-weight QP regulariser (small = own teacher, "
+                                               "large = uniform over the pool)")
+    teachers: Literal["all_seen", "participants"] = Field(
+        "all_seen", description="pool of teacher heads j: all_seen (every stored last-exit head) or "
+                                "participants (this round's participants)")
+    kd_backbone: Literal["full", "detach", "scaled"] = Field(
+        "full",
+        description="how the KD gradient reaches the backbone stages feeding a student: full; detach (KD "
+                    "trains the student head on detached features, CE still trains the backbone); scaled "
+                    "(the KD gradient into the backbone times kd_backbone_scale)")
+    kd_backbone_scale: float = Field(0.5, ge=0, le=1, description="kd_backbone=scaled: backbone gradient factor")
+    kd_warmup: Literal["none", "progress", "round"] = Field(
+        "progress",
+        description="KD warm-up: none (lambda from round 0); progress (lambda * R(t), on the schedule's "
+                    "clock); round (lambda from round kd_start_round on, 0-based)")
+    kd_start_round: int = Field(0, ge=0, description="kd_warmup=round: the first round with KD")
+    kd_needs_trained_teacher: bool = Field(
+        True, description="no KD while the teacher pool holds no trained head (round 0: the initial head)")
+    kd_gate: Literal["none", "teacher_correct", "teacher_confident"] = Field(
+        "teacher_confident",
+        description="per-sample gating of KD: none; teacher_correct (distil only where the aggregated "
+                    "teacher's argmax is the label); teacher_confident (only where the teacher's "
+                    "probability of the label exceeds the student's)")
+    kd_target: Literal["full", "own_classes", "prior_corrected"] = Field(
+        "full",
+        description="label-aware KD target: full (KL over every class); own_classes (KL restricted to "
+                    "and renormalised over the classes in the client's training labels); prior_corrected "
+                    "(teacher logits + log of the client's label prior)")
+    center_heads: bool = Field(
+        True, description="teacher weights from D_ij = 1 - cos(h_i - h_init, h_j - h_init): distances of "
+                          "what training changed, not of the shared initial weights")
+    own_head: Literal["stored", "live"] = Field(
+        "stored",
+        description="the client's own term in hbar_i: stored (its last upload) or live (the server sends "
+                    "sum_{j!=i} w_ij h_j and w_ii; the client adds w_ii times its current head; same traffic)")
+    unselected: Literal["frozen", "ce_detached"] = Field(
+        "ce_detached",
+        description="student heads outside S_i: frozen (spec) or trained by CE on detached features "
+                    "(they move, the backbone gets no gradient from them)")
+    selection: SelectionConfig = Field(SelectionConfig(), description="student schedule and selection "
+                                                                       "(CAFEDISTILL.md steps 2-3)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """preset: spec fills every field not given explicitly with the specification's value."""
+        if not isinstance(data, dict) or data.get("preset") != "spec":
+            return data
+        out = dict(data)
+        for key, value in CAFEDISTILL_SPEC_PRESET.items():
+            if key == "selection":
+                sel = out.get("selection") or {}
+                if isinstance(sel, BaseModel):
+                    sel = sel.model_dump(exclude_unset=True)
+                out["selection"] = {**value, **sel}
+            elif key not in out:
+                out[key] = value
+        return out
 
 
 class FedRepConfig(_Strict):
-    head_epochs: int = Field(1, ge=1)  # local epochs on the heads (backbone frozen) before the backbone's
+    head_epochs: int = Field(1, ge=1, description="local epochs on the heads (backbone frozen) before the "
+                                                  "backbone's")
 
 
 class FedBABUConfig(_Strict):
-    finetune_epochs: int = Field(5, ge=0)  # epochs of head fine-tuning before evaluation (0 = none)
-    finetune_lr: float | None = Field(None, gt=0)  # fine-tuning learning rate (None = train.lr)
+    finetune_epochs: int = Field(5, ge=0, description="epochs of head fine-tuning on the client's train split "
+                                                      "before every evaluation and when served (0 = none)")
+    finetune_lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (null = train.lr)")
 
 
 class DittoConfig(_Strict):
-    lam: float = Field(0.1, ge=0)  # lambda: weight of (lambda/2)*||v - w_global||^2 on the personal model
-    personal_epochs: int | None = Field(None, ge=1)  # epochs on the personal model (None = train.local_epochs)
+    lam: float = Field(0.1, ge=0, description="lambda: weight of (lambda/2)*||v - w_global||^2 on the "
+                                              "personal model")
+    personal_epochs: int | None = Field(None, ge=1, description="epochs on the personal model "
+                                                                "(null = train.local_epochs)")
 
 
 class FedAMPConfig(_Strict):
-    alpha_k: float = Field(1.0, gt=0)  # alpha_k: step of the attentive message passing (scales xi_ij)
-    sigma: float = Field(10.0, gt=0)  # sigma: scale of A'(x) = exp(-x/sigma)/sigma, x = ||theta_i - theta_j||^2 (grows with model size)
-    lam: float = Field(1.0, ge=0)  # lambda: local proximal weight is lambda/(2 alpha_k) * ||theta - u_i||^2
+    alpha_k: float = Field(1.0, gt=0, description="alpha_k: step of the attentive message passing (scales xi_ij)")
+    sigma: float = Field(10.0, gt=0, description="sigma: scale of A'(x) = exp(-x/sigma)/sigma, "
+                                                 "x = ||theta_i - theta_j||^2 (grows with model size)")
+    lam: float = Field(1.0, ge=0, description="lambda: the local proximal term is "
+                                              "lambda/(2 alpha_k) * ||theta - u_i||^2")
+    min_self_weight: float = Field(
+        0.5, ge=0, le=1,
+        description="floor of the own weight xi_ii in u_i: when the neighbours' attention weights sum above "
+                    "1 - min_self_weight they are rescaled to that sum (0 = the old rule, whose own weight "
+                    "went to 0 with the default sigma)")
 
 
 class PFedGraphConfig(_Strict):
-    alpha: float = Field(0.8, gt=0)  # alpha: graph QP regulariser toward the data-size weights p
-    lam: float = Field(0.01, ge=0)  # lambda: local pull lambda * (1 - cos(theta, theta_bar_i))
+    alpha: float = Field(0.8, gt=0, description="alpha: graph QP regulariser toward the data-size weights p")
+    lam: float = Field(0.01, ge=0, description="lambda: local pull lambda * (1 - cos(theta, theta_bar_i))")
 
 
 class FedRoDConfig(_Strict):
-    personal_init: Literal["zero", "generic"] = "zero"  # personal heads start at zero or at a copy of the generic head
+    personal_init: Literal["zero", "generic"] = Field(
+        "zero", description="personal heads start at zero or at a copy of the generic head")
 
 
 class FedPACConfig(_Strict):
-    lam_proto: float = Field(1.0, ge=0)  # lambda: weight of the MSE feature alignment to the global prototypes
-    head_epochs: int = Field(1, ge=1)  # local epochs on the heads (backbone frozen) before the backbone's
-    head_lr: float | None = Field(None, gt=0)  # learning rate of the head phase (None = train.lr)
-    min_weight: float = Field(1e-3, ge=0, lt=1)  # head-combination weights below this are zeroed (then renormalised)
+    lam_proto: float = Field(1.0, ge=0, description="lambda: weight of the MSE feature alignment to the global "
+                                                    "prototypes")
+    head_epochs: int = Field(1, ge=1, description="local epochs on the heads (backbone frozen) before the "
+                                                  "backbone's")
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the head phase (null = train.lr)")
+    min_weight: float = Field(1e-3, ge=0, lt=1, description="head-combination weights below this are zeroed "
+                                                            "(then renormalised)")
 
 
 class DepthFLConfig(_Strict):
-    kd_weight: float = Field(1.0, ge=0)  # weight of the mutual self-distillation among a client's exits (0 = off)
-    temperature: float = Field(1.0, gt=0)  # distillation temperature (DepthFL uses 1)
-    rampup_rounds: int = Field(0, ge=0)  # kd weight ramps up as exp(-5(1 - t/R)^2) over R rounds (0 = constant)
+    kd_weight: float = Field(1.0, ge=0, description="weight of the mutual self-distillation among a client's "
+                                                    "exits (0 = off)")
+    temperature: float = Field(1.0, gt=0, description="distillation temperature (DepthFL uses 1)")
+    rampup_rounds: int = Field(0, ge=0, description="the KD weight ramps up as exp(-5(1 - t/R)^2) over R "
+                                                    "rounds (0 = constant)")
 
 
 class ScaleFLConfig(_Strict):
-    kd_weight: float = Field(1.0, ge=0)  # gamma: weight of the KD from the deepest trained exit (0 = off)
-    temperature: float = Field(3.0, gt=0)  # distillation temperature T
-    kd_start: float = Field(0.25, ge=0, le=1)  # KD is on once round >= kd_start * T (ScaleFL: 25%)
-    depth_weighted: bool = True  # weight exit j's loss by j+1 (ScaleFL), rescaled to mean 1 over trained exits
+    kd_weight: float = Field(1.0, ge=0, description="gamma: weight of the KD from the deepest trained exit "
+                                                    "(0 = off)")
+    temperature: float = Field(3.0, gt=0, description="distillation temperature T")
+    kd_start: float = Field(0.25, ge=0, le=1, description="KD is on once round >= kd_start * T (ScaleFL: 25%)")
+    depth_weighted: bool = Field(True, description="weight exit j's loss by j+1 (ScaleFL), rescaled to mean 1 "
+                                                   "over the trained exits")
 
 
 class AlgorithmConfig(_Strict):
-    name: str = "fedavg_ee"  # registry name, see `cafe-ray algorithms`
-    fedprox: FedProxConfig = FedProxConfig()
-    cafedistill: CafeDistillConfig = CafeDistillConfig()
-    fedrep: FedRepConfig = FedRepConfig()  # fedrep_ee
-    fedbabu: FedBABUConfig = FedBABUConfig()  # fedbabu_ee
-    ditto: DittoConfig = DittoConfig()  # ditto_ee
-    fedamp: FedAMPConfig = FedAMPConfig()  # fedamp_ee
-    pfedgraph: PFedGraphConfig = PFedGraphConfig()  # pfedgraph_ee
-    fedrod: FedRoDConfig = FedRoDConfig()  # fedrod_ee
-    fedpac: FedPACConfig = FedPACConfig()  # fedpac_ee
-    depthfl: DepthFLConfig = DepthFLConfig()  # depthfl
-    scalefl: ScaleFLConfig = ScaleFLConfig()  # scalefl
+    name: str = Field("fedavg_ee", description="registry name of the algorithm (`cafe-ray algorithms`)")
+    fedprox: FedProxConfig = Field(FedProxConfig(), description="fedprox_ee hyperparameters")
+    cafedistill: CafeDistillConfig = Field(CafeDistillConfig(), description="cafedistill hyperparameters "
+                                                                             "(docs/algorithms.md)")
+    fedrep: FedRepConfig = Field(FedRepConfig(), description="fedrep_ee hyperparameters")
+    fedbabu: FedBABUConfig = Field(FedBABUConfig(), description="fedbabu_ee hyperparameters")
+    ditto: DittoConfig = Field(DittoConfig(), description="ditto_ee hyperparameters")
+    fedamp: FedAMPConfig = Field(FedAMPConfig(), description="fedamp_ee hyperparameters")
+    pfedgraph: PFedGraphConfig = Field(PFedGraphConfig(), description="pfedgraph_ee hyperparameters")
+    fedrod: FedRoDConfig = Field(FedRoDConfig(), description="fedrod_ee hyperparameters")
+    fedpac: FedPACConfig = Field(FedPACConfig(), description="fedpac_ee hyperparameters")
+    depthfl: DepthFLConfig = Field(DepthFLConfig(), description="depthfl hyperparameters")
+    scalefl: ScaleFLConfig = Field(ScaleFLConfig(), description="scalefl hyperparameters")
 
 
 class TrainConfig(_Strict):
-    local_epochs: int = Field(1, ge=1)  # E: passes over the client's data per round
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_steps: int | None = Field(None, ge=1)  # cap on local steps per round (None = epochs)
+    local_epochs: int = Field(1, ge=1, description="E: local passes over the client's data per round")
+    batch_size: int = Field(32, ge=1, description="local SGD batch size")
+    lr: float = Field(0.05, gt=0, description="local SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="local SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="local SGD weight decay")
+    max_steps: int | None = Field(None, ge=1, description="cap on local steps per round (null = local_epochs "
+                                                          "full passes)")
 
 
 # ------------------------------------------------------------------- simulation
 class RoundConfig(_Strict):
-    num_rounds: int = Field(20, ge=1)  # T
-    fraction: float = Field(1.0, gt=0, le=1)  # q: fraction of available clients sampled
-    min_clients: int = Field(1, ge=1)  # at least this many participants when available
-    deadline_s: float | None = Field(None, gt=0)  # virtual deadline; later clients dropped
-    eval_every: int = Field(5, ge=1)  # evaluate every k rounds (and at the last round)
-    eval_clients: Literal["all", "participants"] = "all"  # whom to evaluate
+    num_rounds: int = Field(20, ge=1, description="T: number of rounds")
+    fraction: float = Field(1.0, gt=0, le=1, description="q: fraction of the online clients sampled per round")
+    min_clients: int = Field(1, ge=1, description="at least this many participants when that many are online")
+    deadline_s: float | None = Field(None, gt=0, description="virtual deadline of a round in seconds; later "
+                                                             "clients are dropped and reported (null = the round "
+                                                             "lasts until its slowest participant)")
+    eval_every: int = Field(5, ge=1, description="evaluate every k rounds (and at the last round)")
+    eval_clients: str = Field(
+        "auto", pattern=r"^(auto|all|participants|sample:[1-9][0-9]*)$",
+        description="whom an evaluation round evaluates: all registered clients; participants (this "
+                    "round's); sample:K (K clients drawn per evaluation round from (seed, round), the same "
+                    "K for every algorithm); auto = all up to 1000 registered clients, else sample:1000. "
+                    "metrics.jsonl records the resolved choice as eval_scope")
 
 
 class ResourceClassOverride(_Strict):
-    actors: int | None = Field(None, ge=1)  # pool size for this class
-    num_cpus: float | None = Field(None, ge=0)
-    num_gpus: float | None = Field(None, ge=0)
-    memory: int | None = Field(None, ge=0)  # bytes
-    resources: dict[str, float] | None = None  # custom Ray resources
+    actors: int | None = Field(None, ge=1, description="pool size of this class (null = "
+                                                       "profiles.actors_per_class)")
+    num_cpus: float | None = Field(None, ge=0, description="Ray num_cpus of each actor (null = the catalog's)")
+    num_gpus: float | None = Field(None, ge=0, description="Ray num_gpus of each actor (null = the catalog's)")
+    memory: int | None = Field(None, ge=0, description="Ray memory of each actor in bytes (null = the "
+                                                       "catalog's)")
+    resources: dict[str, float] | None = Field(
+        None, description="custom Ray resources of each actor, e.g. {edge_gpu: 1}: only nodes that "
+                          "advertise them host the class (docs/scale-out.md)")
 
 
 class ProfilesConfig(_Strict):
-    catalog: str = "uniform"  # named catalog (uniform, iot_mix, ...) or a trace file path
-    actors_per_class: int = Field(2, ge=1)  # default pool size per resource class
-    classes: dict[str, ResourceClassOverride] = {}  # per-class overrides of the catalog
+    catalog: str = Field("uniform", description="device catalog: a named one (uniform, iot_mix; "
+                                                "`cafe-ray profiles`) or a FedScale-style JSON trace path")
+    actors_per_class: int = Field(2, ge=1, description="pool size per resource class (shrunk to what the "
+                                                       "cluster can host)")
+    classes: dict[str, ResourceClassOverride] = Field(
+        {}, description="per-class overrides of the catalog's Ray options, by resource-class name")
+    autoscale_timeout_s: float = Field(
+        300.0, ge=0,
+        description="on a cluster with an autoscaler (`ray up`), how long a simulation waits for it to add "
+                    "the nodes its client actor pools need before shrinking the pools to what is up "
+                    "(0 = do not wait; the request stands, so pools grow when nodes join later)")
+
+
+class EngineConfig(_Strict):
+    chunk_clients: int | None = Field(
+        None, ge=1,
+        description="virtual clients per Ray task (one actor call trains a chunk and returns numpy "
+                    "arrays); None = adaptive: the round's jobs split into about 2 chunks per actor, "
+                    "at most 64 clients each. Metrics do not depend on it")
+    vectorize: bool = Field(
+        False,
+        description="train a chunk's clients as one batched computation (torch.func vmap over stacked "
+                    "parameters) when the algorithm supports it (`cafe-ray algorithms`); results match "
+                    "the plain path within float tolerance and are deterministic for a given chunk")
 
 
 class CheckpointConfig(_Strict):
-    every: int = Field(5, ge=1)  # checkpoint every k rounds (and at the last round)
-    keep: int = Field(2, ge=1)  # how many checkpoints to keep
+    every: int = Field(5, ge=1, description="checkpoint every k rounds (and at the last round)")
+    keep: int = Field(2, ge=1, description="how many checkpoints to keep (the last n)")
 
 
 class ExperimentConfig(_Strict):
-    name: str = "experiment"  # run directory prefix
-    seed: int = 0  # every random choice derives from (seed, round, client)
-    output_dir: str = "runs"  # where run directories are created
-    executor: Literal["ray", "sequential"] = "ray"  # sequential: in-process, for debugging
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
-    train: TrainConfig = TrainConfig()
-    round: RoundConfig = RoundConfig()
-    profiles: ProfilesConfig = ProfilesConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
+    name: str = Field("experiment", description="run directory prefix")
+    seed: int = Field(0, description="every random choice derives from (seed, round, client, stream)")
+    output_dir: str = Field("runs", description="where run directories are created")
+    executor: Literal["ray", "sequential"] = Field(
+        "ray", description="ray (actor pools per resource class) or sequential (in-process, for "
+                           "debugging; same results)")
+    data: DataConfig = Field(DataConfig(), description="the dataset and its split over clients")
+    model: ModelConfig = Field(ModelConfig(), description="the early-exit network")
+    algorithm: AlgorithmConfig = Field(AlgorithmConfig(), description="the federated algorithm and its "
+                                                                       "hyperparameters")
+    train: TrainConfig = Field(TrainConfig(), description="local training (SGD) on a client")
+    round: RoundConfig = Field(RoundConfig(), description="rounds, sampling, deadlines, evaluation")
+    profiles: ProfilesConfig = Field(ProfilesConfig(), description="device profiles and the Ray resource "
+                                                                    "classes that run them")
+    engine: EngineConfig = Field(EngineConfig(), description="how the executor batches client work")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="crash-safe checkpoints (--resume)")
 
 
 
@@ -197,7 +362,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling (see the configuration reference in README)"
+            msg = "unknown key; check the spelling (see docs/configuration.md or `cafe-ray config-reference`)"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  {path}: {msg}")

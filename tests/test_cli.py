@@ -25,7 +25,7 @@ def test_validate_unknown_algorithm(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("algorithm: {name: fedsgd}\n")
     r = runner.invoke(app, ["validate", str(p)])
-    assert r.exit_code == 2 and "unknown algorithm 'fedsgd'" in r.output
+    assert r.exit_code == 2 and "algorithm.name='fedsgd': unknown algorithm" in r.output
 
 
 def test_models_lists_the_zoo():
@@ -69,3 +69,247 @@ def test_simulate_bad_override_is_an_error(tmp_path):
 def test_resume_refuses_new_settings(tmp_path):
     r = runner.invoke(app, ["simulate", "--resume", str(tmp_path), "--set", "seed=3"])
     assert r.exit_code == 2 and "drop CONFIG and --set" in r.output
+
+
+# ---------------------------------------------------------------------------
+# Failures through the real `cafe-ray` executable on real Ray: each bad case gives
+# rc, one `error:` line naming the field, no traceback, no leftover Ray process and
+# no lost checkpoint. Each test runs Ray under its own RAY_TMPDIR, so "its"
+# processes are exactly those with that folder in their command line or open files
+# (plus those still in the CLI's own process session): other Ray users are untouched.
+import os  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from cafe_ray.runs import rundir  # noqa: E402
+from cafe_ray.sim.engine import wait_for  # noqa: E402
+from cafe_ray.sim.reaper import kill_session, session_pids  # noqa: E402
+
+CAFE_RAY = str(Path(sys.executable).parent / "cafe-ray")
+TINY = """name: t
+data: {name: digits, num_clients: 4, partition: {kind: iid}}
+model: {name: cnn_small, width: 8}
+algorithm: {name: fedavg_ee}
+train: {local_epochs: 1, batch_size: 32, max_steps: 3}
+round: {num_rounds: %(rounds)d, eval_every: 100}
+profiles: {catalog: uniform, actors_per_class: 1}
+checkpoint: {every: 1, keep: 2}
+"""
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Start `cafe-ray` as a real process in its own session and RAY_TMPDIR; clean up after."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="crt", dir="/tmp"))  # short: Ray's socket paths are limited
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "CAFE_RAY_OFFLINE": "1",
+           "CAFE_RAY_DATA": str(tmp_path / "no-data"), "COLUMNS": "200"}
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, rounds: int = 3) -> subprocess.Popen:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(TINY % {"rounds": rounds})
+        argv = [CAFE_RAY, *args] if args and args[0] in ("validate", "--debug", "doctor") or "--resume" in args \
+            else [CAFE_RAY, "simulate", str(cfg), "--no-progress", "--set", f"output_dir={tmp_path / 'runs'}", *args]
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    start.ray_tmp = ray_tmp  # type: ignore[attr-defined]
+    start.runs = tmp_path / "runs"  # type: ignore[attr-defined]
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    kill_session(ray_tmp)  # only this test's Ray, should a test have failed half-way
+    for p in procs:
+        for pid in _in_session(p.pid):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _in_session(sid: int) -> list[int]:
+    """Live processes whose session id is ``sid`` (everything the CLI started stays in it)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in ("Z", "X") and int(fields[3]) == sid:
+                out.append(int(entry))
+    return out
+
+
+def _no_leftovers(cli, proc: subprocess.Popen) -> bool:
+    """True once no process of this test's Ray session, nor of the CLI's session, is alive."""
+    return wait_for(lambda: not session_pids(cli.ray_tmp) and not _in_session(proc.pid), timeout=60)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def _ray_started(cli) -> bool:
+    return (cli.ray_tmp / "ray").exists()
+
+
+@pytest.mark.parametrize(("sets", "field"), [
+    (["algorithm.name=fedfoo"], "algorithm.name='fedfoo': unknown algorithm"),
+    (["executor=sequential", "algorithm.name=fedfoo"], "algorithm.name='fedfoo': unknown algorithm"),
+    (["data.num_clients=5000"], "data.num_clients=5000 exceeds the 1438 training samples"),
+    (["executor=sequential", "data.num_clients=5000"], "data.num_clients=5000 exceeds"),
+    (["data.name=cifar10", "data.root=/nonexistent/cifar"], "data.name=cifar10: CIFAR-10 not found"),
+    (["output_dir=/proc/cafe-ray-runs"], "output_dir=/proc/cafe-ray-runs: cannot write there"),
+    (["output_dir=/etc/hostname/runs"], "output_dir=/etc/hostname/runs: /etc/hostname is a file"),
+])
+def test_bad_input_fails_before_ray_starts(cli, sets, field):
+    p = cli(*[a for s in sets for a in ("--set", s)])
+    rc, _, err = _finish(p)
+    assert rc == 2, err
+    assert field in _one_error_line(err)
+    assert not _ray_started(cli)  # checked before Ray: nothing to clean up, no run directory
+    assert not cli.runs.exists() or not any(cli.runs.iterdir())
+    assert _no_leftovers(cli, p)
+
+
+def test_debug_shows_the_traceback(cli):
+    rc, _, err = _finish(cli("--debug", "simulate", "--set", "algorithm.name=fedfoo", "--no-progress"))
+    assert rc == 2 and "Traceback" in err and "algorithm.name='fedfoo'" in err
+
+
+def _wait_for_checkpoint(cli, proc: subprocess.Popen) -> Path:
+    def ckpt() -> Path | None:
+        runs = list(cli.runs.glob("t-*")) if cli.runs.exists() else []
+        return rundir.latest_checkpoint(runs[0]) if runs else None
+
+    assert wait_for(lambda: ckpt() is not None or proc.poll() is not None, timeout=300, interval=0.05)
+    assert proc.poll() is None, _finish(proc)
+    return ckpt().parent.parent  # type: ignore[union-attr]
+
+
+def _resume_and_check(cli, run_dir: Path, printed: str, rounds: int) -> None:
+    """Resume with the exact command the CLI printed; the run completes every round once."""
+    cmd = printed.split("resume with: ", 1)[1].split(")")[0].strip()
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["cafe-ray", "simulate", "--resume"] and Path(argv[3]) == run_dir.resolve()
+    p = cli(*argv[1:], "--no-progress")
+    rc, out, err = _finish(p)
+    assert rc == 0, err
+    assert "resuming" in out and "Traceback" not in err
+    assert [r["round"] for r in rundir.read_jsonl(run_dir / rundir.METRICS)] == list(range(rounds))
+    assert rundir.read_summary(run_dir)["rounds"] == rounds
+    assert not (run_dir / rundir.FAILED).exists()
+    assert _no_leftovers(cli, p)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupt_prints_where_and_resume_command(cli, how):
+    rounds = 12
+    p = cli(rounds=rounds)
+    run_dir = _wait_for_checkpoint(cli, p)
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    else:
+        p.send_signal(signal.SIGTERM)
+    rc, _, err = _finish(p, timeout=120)
+    assert rc == (130 if how == "ctrl-c" else 143), err
+    line = _one_error_line(err)
+    assert ("interrupted (Ctrl-C)" if how == "ctrl-c" else "terminated (SIGTERM)") in line
+    assert f"of {rounds} rounds; the last checkpoint holds" in line
+    assert _no_leftovers(cli, p)
+    ckpt = rundir.latest_checkpoint(run_dir)
+    tensors, state = rundir.read_checkpoint(ckpt)  # intact and readable
+    assert tensors and state["round"] >= 0
+    assert rundir.read_failure(run_dir)["reason"].startswith(("interrupted", "terminated"))
+    if how == "ctrl-c":
+        _resume_and_check(cli, run_dir, line, rounds)
+
+
+def test_kill9_leaves_no_ray_processes_and_resumes(cli):
+    rounds = 10
+    p = cli(rounds=rounds)
+    run_dir = _wait_for_checkpoint(cli, p)
+    assert session_pids(cli.ray_tmp)  # a local Ray is running for it
+    p.kill()
+    p.wait()
+    assert _no_leftovers(cli, p)  # the watchdog removed Ray's agents too
+    assert rundir.read_checkpoint(rundir.latest_checkpoint(run_dir))[0]
+    _resume_and_check(cli, run_dir, f"resume with: cafe-ray simulate --resume {run_dir}", rounds)
+
+
+def test_full_disk_stops_cleanly_and_resumes(cli, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        cli.runs = mnt / "runs"
+        rounds = 12
+        p = cli("--set", f"output_dir={cli.runs}", rounds=rounds)
+        run_dir = _wait_for_checkpoint(cli, p)
+        filler = mnt / "filler"
+        with filler.open("wb") as f:  # fill the disk while the run goes on
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        rc, _, err = _finish(p, timeout=300)
+        assert rc == 2, err
+        line = _one_error_line(err)
+        assert f"output_dir={cli.runs}: the disk is full" in line and "resume with:" in line
+        assert _no_leftovers(cli, p)
+        ckpt = rundir.latest_checkpoint(run_dir)
+        assert rundir.read_checkpoint(ckpt)[0]  # the last complete checkpoint survived
+        assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # no half-written one kept
+        filler.unlink()
+        _resume_and_check(cli, run_dir, line, rounds)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_validate_checks_data_and_clients_like_simulate(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAFE_RAY_OFFLINE", "1")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"output_dir: {tmp_path / 'runs'}\ndata: {{name: digits, num_clients: 5000}}\n")
+    r = runner.invoke(app, ["validate", str(p)])
+    assert r.exit_code == 2 and "data.num_clients=5000 exceeds the 1438 training samples" in r.output
+    r = runner.invoke(app, ["validate", str(p), "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}"])
+    assert r.exit_code == 2 and "data.name=cifar10: CIFAR-10 not found" in r.output
+    r = runner.invoke(app, ["validate", str(p), "--set", "data.num_clients=200"])
+    assert r.exit_code == 0 and "min_size=10 is infeasible for 1438 samples over 200 clients" in r.output
+    assert not (tmp_path / "runs").exists()  # validate leaves nothing behind
+
+
+def test_doctor_reports_without_starting_ray(cli, tmp_path):
+    from tests.data.conftest import make_cifar10
+
+    make_cifar10(tmp_path / "data")
+    rc, out, err = _finish(cli("doctor", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path)))
+    assert rc == 0, err
+    for item in ("python", "torch", "ray", "2.60.0", "output_dir", "GiB free", "a local Ray (not started) would get CPU="):
+        assert item in out, item
+    (row,) = [ln for ln in out.splitlines() if "dataset cifar10 " in ln]
+    assert f"found {tmp_path / 'data' / 'cifar-10-batches-py'}" in row
+    assert "dataset cifar100" in out and "not found" in out
+    assert not _ray_started(cli)

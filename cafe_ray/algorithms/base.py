@@ -83,6 +83,8 @@ class ClientData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    x_val: torch.Tensor | None = None  # the client's validation split (data.val_fraction), if any
+    y_val: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -114,9 +116,29 @@ class Algorithm(ABC):
 
     name: ClassVar[str] = ""
     personalized: ClassVar[bool] = False  # True if evaluation uses personal parameters
+    # True only where the class itself promises that client_update is exactly
+    # client_start; local_sgd(every parameter, sum_exit_ce); client_finish, so that an
+    # executor may run the local SGD of many clients as one batched computation
+    # (engine.vectorize). Not inherited: a subclass that changes the update must opt in again.
+    vectorizable: ClassVar[bool] = False
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def supports_vectorize(cls) -> bool:
+        """Whether this very class (not a parent) declares ``vectorizable = True``."""
+        return bool(cls.__dict__.get("vectorizable", False))
+
+    def client_start(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                     data: ClientData, ctx: ClientContext) -> None:
+        """Vectorizable algorithms: put the weights local training starts from into ``model``."""
+        raise NotImplementedError(f"{self.name} does not support engine.vectorize")
+
+    def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                      data: ClientData, ctx: ClientContext, loss: float, seen: int) -> ClientOutput:
+        """Vectorizable algorithms: the output, from ``model`` after local training."""
+        raise NotImplementedError(f"{self.name} does not support engine.vectorize")
 
     # ----------------------------------------------------------------- server
     @abstractmethod

@@ -19,9 +19,14 @@ model theta_i is the client's whole EEN (backbone and every exit head). Round t:
 Decisions where the paper is open (documented, see tests):
 - a client that never uploaded is represented by the shared initial model
   (what its local model is before training); it sends nothing to others;
-- the paper assumes alpha_k small enough that xi_ii >= 0; if the neighbours'
-  weights sum above 1, the row is rescaled to sum to 1 with xi_ii = 0, so u_i
-  stays a convex combination (reported as ``xi_self`` = 0);
+- the paper assumes alpha_k small enough that xi_ii >= 0. With the defaults
+  (sigma = 10, early rounds where models are close, 20 neighbours) the
+  neighbours' weights sum far above 1, and a plain rescaling gave xi_ii = 0:
+  u_i forgot the client's own model (the degenerate case). The own weight is
+  therefore floored at ``fedamp.min_self_weight``: if the neighbours' weights sum
+  above 1 - min_self_weight they are rescaled to sum to exactly that, so u_i
+  stays a convex combination with xi_ii >= min_self_weight > 0 (the paper's
+  heuristic variant likewise fixes a self-attention weight xi_ii);
 - evaluation runs the personal theta_i (the initial model if it never trained).
 """
 
@@ -60,30 +65,36 @@ INIT_NS = "init/"  # the shared initial EEN
 MODELS_NS = "models/"  # models/<cid>/<key>: client cid's latest uploaded theta_i
 
 
-def attention_row(sq_dists: np.ndarray, alpha_k: float, sigma: float) -> tuple[np.ndarray, float]:
+def attention_row(
+    sq_dists: np.ndarray, alpha_k: float, sigma: float, min_self_weight: float = 0.0
+) -> tuple[np.ndarray, float]:
     """(xi_ij for the neighbours j, xi_ii) from ||theta_i - theta_j||^2 to each neighbour.
 
     xi_ij = alpha_k * exp(-d_ij / sigma) / sigma, xi_ii = 1 - sum_j xi_ij; if that
-    would be negative the neighbours are rescaled to sum to 1 and xi_ii = 0.
+    would fall below ``min_self_weight`` the neighbours are rescaled to sum to
+    1 - min_self_weight and xi_ii = min_self_weight.
     """
     if not (alpha_k > 0 and sigma > 0):
         raise ValueError(f"fedamp: alpha_k and sigma must be > 0, got alpha_k={alpha_k}, sigma={sigma}")
+    if not 0.0 <= min_self_weight <= 1.0:
+        raise ValueError(f"fedamp.min_self_weight must be in [0, 1], got {min_self_weight}")
     d = np.asarray(sq_dists, dtype=np.float64)
     xi = alpha_k * np.exp(-d / sigma) / sigma
     total = float(xi.sum())
-    if total > 1.0:
-        return xi / total, 0.0
+    cap = 1.0 - min_self_weight
+    if total > cap:
+        return xi * (cap / total), float(min_self_weight)
     return xi, 1.0 - total
 
 
-def attention_matrix(sq_dists: np.ndarray, alpha_k: float, sigma: float) -> np.ndarray:
+def attention_matrix(sq_dists: np.ndarray, alpha_k: float, sigma: float, min_self_weight: float = 0.0) -> np.ndarray:
     """Xi (n, n) over a pool where every client is every other's neighbour; rows sum to 1."""
     D = np.asarray(sq_dists, dtype=np.float64)
     n = D.shape[0]
     Xi = np.zeros((n, n))
     for i in range(n):
         others = [j for j in range(n) if j != i]
-        xi, self_w = attention_row(D[i, others], alpha_k, sigma)
+        xi, self_w = attention_row(D[i, others], alpha_k, sigma, min_self_weight)
         Xi[i, others] = xi
         Xi[i, i] = self_w
     return Xi
@@ -118,7 +129,7 @@ class FedAMPEE(Algorithm):
         for cid in participants:
             i = pos[cid]
             nbrs = [pos[c] for c in stored if c != cid]
-            xi, self_w = attention_row(D[i, nbrs], hp.alpha_k, hp.sigma)
+            xi, self_w = attention_row(D[i, nbrs], hp.alpha_k, hp.sigma, hp.min_self_weight)
             u = mix([models[j] for j in nbrs] + [models[i]], [*xi.tolist(), self_w], like=init)
             out[cid] = (u, self_w)
         return out

@@ -36,6 +36,7 @@ from cafe_ray.models.base import EarlyExitNet
 @register
 class FedAvgEE(Algorithm):
     name = "fedavg_ee"
+    vectorizable = True
 
     def init_server_state(self, model: EarlyExitNet) -> ServerState:
         return with_global(ServerState(tensors={}), {k: v.clone() for k, v in model.state_dict().items()})
@@ -50,8 +51,16 @@ class FedAvgEE(Algorithm):
     def client_update(
         self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
     ) -> ClientOutput:
-        load_params(model, payload.tensors)
+        self.client_start(model, payload, personal, data, ctx)
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, self._loss(payload.tensors))
+        return self.client_finish(model, payload, personal, data, ctx, loss, seen)
+
+    def client_start(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                     data: ClientData, ctx: ClientContext) -> None:
+        load_params(model, payload.tensors)
+
+    def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                      data: ClientData, ctx: ClientContext, loss: float, seen: int) -> ClientOutput:
         sd = model.state_dict()
         upload = {k: sd[k].detach().clone() for k in payload.tensors}
         return ClientOutput(

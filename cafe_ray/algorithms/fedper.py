@@ -44,6 +44,7 @@ def heads_of(model: EarlyExitNet) -> Params:
 class FedPerEE(Algorithm):
     name = "fedper_ee"
     personalized = True
+    vectorizable = True
 
     def init_server_state(self, model: EarlyExitNet) -> ServerState:
         return with_global(ServerState(tensors={}), backbone_of(model))
@@ -55,10 +56,18 @@ class FedPerEE(Algorithm):
     def client_update(
         self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
     ) -> ClientOutput:
+        self.client_start(model, payload, personal, data, ctx)
+        loss, seen = local_sgd(model, data, ctx, self.cfg.train)
+        return self.client_finish(model, payload, personal, data, ctx, loss, seen)
+
+    def client_start(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                     data: ClientData, ctx: ClientContext) -> None:
         load_params(model, payload.tensors)
         if personal:
             load_params(model, personal)
-        loss, seen = local_sgd(model, data, ctx, self.cfg.train)
+
+    def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                      data: ClientData, ctx: ClientContext, loss: float, seen: int) -> ClientOutput:
         return ClientOutput(
             upload=Message(tensors=backbone_of(model)),
             personal=heads_of(model),

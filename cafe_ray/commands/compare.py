@@ -15,15 +15,21 @@ def register(app: typer.Typer) -> None:
         study: Annotated[Path, typer.Argument(help="Study YAML (base config, grid, variants).")],
         out: Annotated[Path, typer.Option("--out", help="Output folder (runs, table, plots).")] = Path("results"),
         only: Annotated[list[str] | None, typer.Option("--only", help="Run only these variant labels.")] = None,
+        setting: Annotated[list[str] | None, typer.Option(
+            "--setting", help="Run only these settings (names as in the table, e.g. 'fleet=full20,alpha=0.1').")] = None,
         address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
     ) -> None:
-        """Run every (setting, variant) not yet done; write results.md/.parquet and PNG plots."""
+        """Run every (setting, variant, seed) not yet done; write results.md/.parquet and PNG plots.
+
+        Cells are mean +- std over the study's seeds on the test split; tuning and the
+        reference method read the validation split (data.val_fraction).
+        """
         from cafe_ray.config import ConfigError
         from cafe_ray.studies.compare import markdown_table, run_study
 
         console = Console()
         try:
-            rows = run_study(study, out, only=only, address=address, console=console)
+            rows = run_study(study, out, only=only, only_settings=setting, address=address, console=console)
         except ConfigError as err:
             Console(stderr=True).print(f"[red]error:[/] {err}")
             raise typer.Exit(2) from None

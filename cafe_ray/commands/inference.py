@@ -35,6 +35,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN_DIR/inference).")] = None,
         split: Annotated[str, typer.Option("--split", help="Client split: test, val, holdout or train.")] = "test",
         steps: Annotated[int, typer.Option("--steps", help="Thresholds swept evenly over [0, 1] (+0.6).")] = 21,
+        calibrate_on: Annotated[str, typer.Option(
+            "--calibrate-on", help="Also choose the <=1-point threshold on this split and report it on --split "
+                                   "('val' needs data.val_fraction > 0 for --split test; 'none' to skip).")] = "val",
     ) -> None:
         """Accuracy vs mean MACs per sample as the exit threshold sweeps; cost reduction table + plot."""
         from cafe_ray.inference.evaluate import evaluate_run, label_runs, rich_table, write_report
@@ -45,7 +48,16 @@ def register(app: typer.Typer) -> None:
         evals = []
         for rd in run_dirs:
             try:
-                evals.append(evaluate_run(rd, split=split, steps=steps))
+                from cafe_ray.inference.evaluate import calibration_is_disjoint
+                from cafe_ray.runs import RunArtifacts
+
+                art = RunArtifacts(rd)
+                calib = calibrate_on if calibrate_on != "none" else None
+                if calib is not None and not calibration_is_disjoint(art, split, calib):
+                    console.print(f"[yellow]note:[/] {rd}: no validation-calibrated point ('{calib}' overlaps "
+                                  f"'{split}'; set data.val_fraction > 0 or use --split holdout)")
+                    calib = None
+                evals.append(evaluate_run(art, split=split, steps=steps, calibrate_on=calib))
             except (FileNotFoundError, ValueError) as err:
                 _fail(str(err))
         label_runs(evals)

@@ -45,11 +45,13 @@ def register(app: typer.Typer) -> None:
         """Ray Tune sweep over config fields; ASHA early stopping on rounds; table + best config."""
         from cafe_ray.config import ConfigError, load_config
         from cafe_ray.sim.engine import ensure_ray
-        from cafe_ray.studies.sweep import load_space, markdown_table, run_sweep
+        from cafe_ray.studies.sweep import check_sweep, load_space, markdown_table, run_sweep
 
-        try:
+        try:  # all of it before Ray starts: a bad value or a --resume mismatch fails in seconds
             raw = load_config(config, set_ or []).model_dump(mode="json")
             sp = load_space(space)
+            check_sweep(raw, sp, out, samples=samples, resume=resume, grace_period=grace,
+                        reduction_factor=reduction, coordinator_cpus=coordinator_cpus)
         except ConfigError as err:
             _fail(str(err))
         ensure_ray(address)

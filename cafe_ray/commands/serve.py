@@ -36,12 +36,18 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
         run_dir: Annotated[Path, typer.Argument(help="Run directory written by `cafe-ray simulate`.")],
-        host: Annotated[str, typer.Option("--host", help="Bind address (0.0.0.0 exposes the API, which has "
-                                          "no authentication, to the network).")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
+        host: Annotated[str | None, typer.Option("--host", help="Bind address (default 127.0.0.1; 0.0.0.0 "
+                                                 "exposes the API, which has no authentication, to the network). "
+                                                 "If Serve already runs on the cluster, it must match its proxy.")
+                        ] = None,
+        port: Annotated[int | None, typer.Option("--port", help="HTTP port (default 8000). If Serve already runs "
+                                                 "on the cluster, it must match its proxy; without --port the "
+                                                 "running proxy's port is used.")] = None,
         replicas: Annotated[int, typer.Option("--replicas", help="Replicas of the deployment.")] = 1,
         max_batch: Annotated[int, typer.Option("--max-batch", help="Most samples in one request "
                                                "(more: HTTP 413).")] = 256,
+        max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB, "
+                                                   "checked before parsing (more: HTTP 413).")] = 16.0,
         batch_requests: Annotated[int, typer.Option("--batch-requests", help="serve.batch: most requests "
                                                     "merged into one model call.")] = 16,
         batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="serve.batch: how long a batch "
@@ -58,31 +64,44 @@ def register(app: typer.Typer) -> None:
                                                      "folder, or --per-client folder).")] = None,
         address: Annotated[str | None, typer.Option("--address", help="Ray cluster address "
                                                     "(default: a local Ray).")] = None,
+        app_name: Annotated[str, typer.Option("--app-name", help="Serve application name (several runs can "
+                                              "share one cluster's proxy under different names).")] = "cafe-ray",
+        route_prefix: Annotated[str, typer.Option("--route-prefix", help="HTTP route prefix of the "
+                                                  "application, e.g. /digits.")] = "/",
+        access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Serve's per-request "
+                                                 "access log lines (off: less work per request).")] = True,
     ) -> None:
         """Serve a run's personalized early-exit models over HTTP (Ray Serve) until Ctrl-C."""
         from pydantic import ValidationError
         from ray import serve
 
-        from cafe_ray.serve.app import start
+        from cafe_ray.serve.app import proxy_url, running_proxy, start
         from cafe_ray.serve.config import ServeConfig
 
+        given = {f for f, v in (("host", host), ("port", port)) if v is not None}
         try:
-            cfg = ServeConfig(run_dir=str(run_dir), host=host, port=port, replicas=replicas, max_batch=max_batch,
+            cfg = ServeConfig(run_dir=str(run_dir), host=host or "127.0.0.1", port=8000 if port is None else port,
+                              replicas=replicas, max_batch=max_batch, max_body_bytes=int(max_body_mb * 2**20),
+                              app_name=app_name, route_prefix=route_prefix, access_log=access_log,
                               batch_max_requests=batch_requests, batch_wait_ms=batch_wait_ms,
                               max_models_per_replica=max_models, threads=threads, replica_cpus=replica_cpus,
                               default_threshold=threshold, learned=None if learned is None else str(learned))
         except ValidationError as err:
             _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
                             for e in err.errors()))
-        if host not in LOOPBACK:
-            err_console.print(f"[yellow]warning:[/] binding {host}: the API has no authentication; anyone who "
-                              "can reach this port can query every client's model")
         try:
-            start(cfg, address)
+            start(cfg, address, require=given)
         except (FileNotFoundError, ValueError) as err:
             _fail(str(err))
-        console.print(f"serving [bold]{cfg.run_dir}[/] at [bold]{cfg.url}[/]  "
-                      f"(docs {cfg.url}/docs, schema {cfg.url}/openapi.json); Ctrl-C to stop")
+        real_host, real_port = running_proxy()
+        if real_host not in LOOPBACK:
+            err_console.print(f"[yellow]warning:[/] the proxy binds {real_host}: the API has no authentication; "
+                              "anyone who can reach this port can query every client's model")
+        url = proxy_url(real_host, real_port, cfg.route_prefix)
+        if (real_host, real_port) != (cfg.host, cfg.port):
+            console.print(f"Serve was already running on this cluster: using its proxy on {real_host}:{real_port}")
+        console.print(f"serving [bold]{cfg.run_dir}[/] at [bold]{url}[/]  "
+                      f"(docs {url}/docs, schema {url}/openapi.json); Ctrl-C to stop", soft_wrap=True)
         def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
             raise KeyboardInterrupt
 
@@ -111,12 +130,27 @@ def register(app: typer.Typer) -> None:
         clients: Annotated[int, typer.Option("--clients", help="Client ids the requests spread over.")] = 8,
         samples: Annotated[int, typer.Option("--samples", help="Samples per request.")] = 64,
         threshold: Annotated[float | None, typer.Option("--threshold", help="Threshold policy (default: the "
-                                                        "cheapest within 0.5 pt of full depth on val).")] = None,
+                                                        "cheapest within 1 point of full depth on val).")] = None,
         rounds: Annotated[int, typer.Option("--rounds", help="Alternating phases per policy.")] = 2,
         threads: Annotated[int, typer.Option("--threads", help="torch threads of the replica.")] = 1,
         json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+        address: Annotated[str | None, typer.Option("--address", help="Deploy on this Ray cluster (its running "
+                                                    "Serve proxy is used as it is).")] = None,
+        port: Annotated[int | None, typer.Option("--port", help="HTTP port of the Serve proxy (default: a free "
+                                                 "one; must match a proxy already running).")] = None,
+        url: Annotated[str | None, typer.Option("--url", help="Load a server already serving RUN_DIR at this URL "
+                                                "(e.g. http://127.0.0.1:8000); starts nothing.")] = None,
+        external: Annotated[bool, typer.Option("--external", help="Generate the load with hey (apt-get install "
+                                               "-y hey), one body per client, instead of the Python client.")
+                            ] = False,
+        body: Annotated[str, typer.Option("--body", help="Request body format: json (nested lists), b64 "
+                                          "(inputs_b64, raw float32) or npy (application/x-npy).")] = "json",
+        profile: Annotated[bool, typer.Option("--profile", help="Only time the in-replica steps of one request "
+                                              "(decode, validate, forward, encode) in this process.")] = False,
     ) -> None:
         """HTTP load on loopback from a separate process: threshold policy vs full depth."""
+        import os
+
         from cafe_ray.bench.serve import markdown, run_bench, train_bench_run
 
         rd = run_dir
@@ -131,12 +165,29 @@ def register(app: typer.Typer) -> None:
                     rd = train_bench_run(out)
                 except (FileNotFoundError, ValueError) as err:
                     _fail(str(err))
+        if profile:
+            from cafe_ray.bench.serve import profile_request_path
+
+            load = os.getloadavg()
+            rows = profile_request_path(rd, samples=samples, threshold=0.6 if threshold is None else threshold)
+            typer.echo("| step (median of 30, one torch thread) | ms |\n|---|---|")
+            for name, ms in rows:
+                typer.echo(f"| {name} | {ms:.3f} |")
+            typer.echo(f"load average before: {' '.join(f'{v:.2f}' for v in load)} on {os.cpu_count()} CPUs")
+            return
+        if url is not None and (address is not None or port is not None):
+            _fail("--url loads a server that is already running; it cannot be combined with --address or --port")
+        load_before = os.getloadavg()
         try:
             res = run_bench(rd, requests=requests, concurrency=concurrency, num_clients=clients, samples=samples,
-                            threshold=threshold, rounds=rounds, threads=threads, say=console.print)
+                            threshold=threshold, rounds=rounds, threads=threads, address=address, port=port,
+                            url=None if url is None else url.rstrip("/"), external=external, body_format=body,
+                            say=console.print)
         except (FileNotFoundError, ValueError) as err:
             _fail(str(err))
         typer.echo(markdown(res))
+        typer.echo(f"load average (1/5/15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}; after: "
+                   f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
         if json_out:
             json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")
             console.print(f"json: {json_out}")

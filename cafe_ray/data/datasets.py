@@ -335,3 +335,33 @@ _LOADERS: dict[str, Callable[[DataConfig, int], ArrayDataset]] = {
     "agnews": _agnews,
     "synthetic": _synthetic,
 }
+
+
+# ------------------------------------------------------------- locate only
+def locate_dataset(cfg: DataConfig) -> tuple[str | None, list[str]]:
+    """Where ``cfg.name`` would load from, without reading it: (folder or note, folders tried).
+
+    Mirrors each loader's candidate folders and required files (``cafe-ray doctor``).
+    The folder is None when the dataset is missing.
+    """
+    if cfg.name == "digits":
+        return "embedded in scikit-learn", []
+    if cfg.name == "synthetic":
+        return "generated in memory (no files)", []
+    root = data_root(cfg)
+    if cfg.name == "fashion_mnist":
+        tried = []
+        for folder in (root / "FashionMNIST" / "raw", root, DEBIAN_FASHION_MNIST):
+            if readers.find_idx_files(folder) is not None:
+                return str(folder), tried
+            tried.append(str(folder))
+        return None, tried
+    required = {
+        "cifar10": ([root / "cifar-10-batches-py", root], [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+        "cifar100": ([root / "cifar-100-python", root], ["train", "test"]),
+        "tinyimagenet": ([root / "tiny-imagenet-200", root], ["wnids.txt", "train", "val/val_annotations.txt"]),
+        "agnews": ([root / "ag_news_csv", root / "agnews", root], ["train.csv", "test.csv"]),
+    }
+    candidates, files = required[cfg.name]
+    folder, tried = _find(candidates, files)
+    return (str(folder) if folder is not None else None), tried

@@ -169,10 +169,43 @@ def _test_split(y_train_client: np.ndarray, test_groups: list[np.ndarray], fract
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
+def _val_split(idx: np.ndarray, y_client: np.ndarray, fraction: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): ~fraction of the client's samples, stratified by its own labels.
+
+    Validation follows the client's label distribution (like its test split) and the
+    client always keeps at least one training sample.
+    """
+    empty = np.empty(0, dtype=np.int64)
+    if fraction <= 0 or len(idx) < 2:
+        return idx, empty
+    m = min(max(1, round(fraction * len(idx))), len(idx) - 1)
+    counts = np.bincount(y_client)
+    quota = np.minimum(apportion(counts, m), counts)
+    picks = [rng.choice(idx[y_client == c], size=q, replace=False) for c, q in enumerate(quota) if q]
+    val = np.sort(np.concatenate(picks)).astype(np.int64) if picks else empty
+    return np.setdiff1d(idx, val, assume_unique=True).astype(np.int64), val
+
+
 def partition_clients(ds: ArrayDataset, cfg: DataConfig, seed: int) -> list[ClientSplit]:
-    """Partition ``ds`` per ``cfg.partition`` into ``cfg.num_clients`` train/test splits."""
+    """Partition ``ds`` per ``cfg.partition`` into ``cfg.num_clients`` train/val/test splits.
+
+    Test indices come from the dataset's test array and mirror the client's label
+    counts; validation indices (``data.val_fraction``) are carved from the client's
+    training data, so train, val and test never overlap.
+
+    From ``VECTORIZED_MIN_CLIENTS`` clients on, iid partitions are built by
+    :mod:`cafe_ray.data.vectorized` in a few numpy passes (a million clients in seconds).
+    """
+    from cafe_ray.data.vectorized import VECTORIZED_MIN_CLIENTS, partition_vectorized
+
+    if cfg.partition.kind == "iid" and cfg.num_clients >= VECTORIZED_MIN_CLIENTS:
+        return partition_vectorized(ds, cfg, seed)  # type: ignore[return-value] - a Sequence[ClientSplit]
     pc = cfg.partition
-    train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed % 2**64).spawn(2))
+    # SeedSequence children do not depend on how many are spawned: adding the val
+    # stream leaves the train and test draws of earlier versions unchanged
+    train_rng, test_rng, val_rng = (np.random.default_rng(s)
+                                    for s in np.random.SeedSequence(seed % 2**64).spawn(3))
     y = np.asarray(ds.y_train, dtype=np.int64)
     if pc.kind == "iid":
         parts = iid_partition(y, cfg.num_clients, train_rng)
@@ -187,5 +220,9 @@ def partition_clients(ds: ArrayDataset, cfg: DataConfig, seed: int) -> list[Clie
     k = max(ds.num_classes, int(y.max()) + 1, int(ds.y_test.max()) + 1)
     yt = np.asarray(ds.y_test, dtype=np.int64)
     test_groups = [np.flatnonzero(yt == c) for c in range(k)]
-    return [ClientSplit(i, idx, _test_split(y[idx], test_groups, cfg.test_fraction, test_rng))
-            for i, idx in enumerate(parts)]
+    out = []
+    for i, idx in enumerate(parts):
+        test = _test_split(y[idx], test_groups, cfg.test_fraction, test_rng)
+        train, val = _val_split(np.sort(idx).astype(np.int64), y[np.sort(idx)], cfg.val_fraction, val_rng)
+        out.append(ClientSplit(i, train if cfg.val_fraction > 0 else idx, test, val))
+    return out

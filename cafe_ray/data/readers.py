@@ -5,6 +5,11 @@ going through torchvision's dataset classes: those verify md5 sums and insist on
 a fixed folder, which rules out both small test files and other mirrors such as
 the Debian package. Readers return raw uint8 arrays; normalisation happens in
 :mod:`cafe_ray.data.datasets`.
+
+CIFAR's "python version" is a pickle, and a plain ``pickle.load`` runs whatever
+code the file names: a data root named by someone else's run directory could
+then run arbitrary code. :class:`CifarUnpickler` therefore admits only the few
+numpy/builtin constructors those files contain and refuses everything else.
 """
 
 from __future__ import annotations
@@ -91,10 +96,54 @@ def read_mnist_like(files: dict[str, Path]) -> tuple[np.ndarray, ...]:
 
 
 # ----------------------------------------------------------------------- CIFAR
+class UnsafePickleError(CorruptDatasetError):
+    """A pickle names a callable outside the CIFAR allow-list; nothing from it was run."""
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """What real CIFAR batches (Python 2 cPickle, or re-pickled by Python 3) may reference."""
+    import codecs
+
+    from numpy._core import multiarray, numeric
+
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # Python 3 protocol-2 pickles encode bytes this way
+    }
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
+        allowed[(mod, "scalar")] = multiarray.scalar
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(mod, "_frombuffer")] = numeric._frombuffer  # protocol 5 arrays
+    return allowed
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only numpy array/dtype/scalar constructors (no other callables)."""
+
+    def __init__(self, file, path: Path) -> None:  # noqa: ANN001 - a binary file object
+        super().__init__(file, encoding="bytes")
+        self.path = path
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self.path}: refused to load: the pickle references {module}.{name}, which a CIFAR "
+                "batch never contains (only numpy arrays, lists, bytes and numbers); the file is not a "
+                "genuine CIFAR batch and may be malicious. Replace it with the official "
+                "cifar-*-python.tar.gz contents") from None
+
+
 def _unpickle(path: Path) -> dict[bytes, object]:
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = CifarUnpickler(f, path).load()
+    except UnsafePickleError:
+        raise
     except Exception as err:  # pickle raises many types on garbage input
         raise CorruptDatasetError(f"{path}: not a readable CIFAR pickle ({err})") from None
     if not isinstance(obj, dict):

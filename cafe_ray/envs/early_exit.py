@@ -8,7 +8,7 @@ personalised early-exit networks). Every exit's logits are computed once per spl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, SupportsFloat
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +18,9 @@ from gymnasium import spaces
 from cafe_ray.inference.observation import OBS_FEATURES, exit_observation, observation_bounds
 from cafe_ray.inference.trace import ExitTrace
 from cafe_ray.models import ExitCost
+
+if TYPE_CHECKING:
+    from cafe_ray.runs import RunArtifacts
 
 CONTINUE, EXIT = 0, 1
 
@@ -83,7 +86,7 @@ class EarlyExitEnv(gym.Env[np.ndarray, np.int64]):
 
     ```python
     import gymnasium as gym
-    import cafe_ray.envs  # registers cafe_ray/EarlyExit-v0
+    import cafe_ray  # registers cafe_ray/EarlyExit-v0 (cheaply: no torch until gym.make)
 
     env = gym.make("cafe_ray/EarlyExit-v0", run_dir="runs/quickstart-...", client_id=0,
                    split="val", cost_weight=0.1, budget=1.0)
@@ -97,10 +100,18 @@ class EarlyExitEnv(gym.Env[np.ndarray, np.int64]):
     * ``cost_weight``: >= 0, reward lost for a full-depth forward pass.
     * ``budget``: the MAC budget as a fraction of full-depth MACs, in (0, 1]; it only shapes
       the ``budget_left`` feature (the cost enters the reward through ``cost_weight``).
-    * ``render_mode``: ``None`` or ``"ansi"``.
+    * ``render_mode``: ``None``, ``"ansi"`` (a text line) or ``"rgb_array"`` (an (64, 16 m, 3)
+      uint8 image: one bar per exit reached, its height the exit's max probability; the exit
+      taken turns green if its prediction was right, red if wrong), so wrappers that record
+      or display episodes (``RecordVideo``, stable-baselines3's ``make_vec_env``) work.
+
+    Building from ``run_dir`` runs the client models once per (checkpoint, client, split): the
+    per-sample exit outputs are cached in the run directory (:func:`cached_trace`), so a vector
+    of N environments costs one pass, not N.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+    FRAME_HEIGHT, BAR_WIDTH = 64, 16
 
     def __init__(self, run_dir: str | Path | None = None, client_id: int | None = 0, split: str = "val", *,
                  trace: ExitTrace | None = None, cost_weight: float = 0.1, budget: float = 1.0,
@@ -132,6 +143,7 @@ class EarlyExitEnv(gym.Env[np.ndarray, np.int64]):
         self._cost = (trace.exit_macs / trace.full_macs).astype(np.float64)  # (m,) normalised cascade MACs
         self._index: int | None = None  # current sample; None before reset / after the episode ended
         self._exit = 0
+        self._shown: tuple[int, int, bool | None] | None = None  # (sample, exit, correct if decided) to render
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -160,6 +172,7 @@ class EarlyExitEnv(gym.Env[np.ndarray, np.int64]):
         else:
             i = int(self.np_random.integers(n))
         self._index, self._exit = i, 0
+        self._shown = (i, 0, None)
         return self._obs[i, 0].copy(), {"index": i, "exit": 0}
 
     def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -171,15 +184,19 @@ class EarlyExitEnv(gym.Env[np.ndarray, np.int64]):
         last = self.trace.num_exits - 1
         if int(action) == CONTINUE and k < last:
             self._exit = k + 1
+            self._shown = (i, k + 1, None)
             return self._obs[i, k + 1].copy(), 0.0, False, False, {"index": i, "exit": k + 1}
         correct = bool(self.trace.correct[i, k])
         reward = float(correct) - self.cost_weight * float(self._cost[k])
         info = {"index": i, "exit": k, "macs": int(self.trace.exit_macs[k]), "correct": correct,
                 "prediction": int(self.trace.logits[i, k].argmax()), "label": int(self.trace.labels[i])}
         self._index = None
+        self._shown = (i, k, correct)
         return self._obs[i, k].copy(), reward, True, False, info
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return self._frame()
         if self.render_mode != "ansi":
             return None
         if self._index is None:
@@ -189,14 +206,57 @@ class EarlyExitEnv(gym.Env[np.ndarray, np.int64]):
         return f"sample {self._index} exit {self._exit + 1}/{self.trace.num_exits}: {feats}"
 
 
+    def _frame(self) -> np.ndarray:
+        """(64, 16 m, 3) uint8: max-probability bars of the exits reached; the decision's colour."""
+        m, h, w = self.trace.num_exits, self.FRAME_HEIGHT, self.BAR_WIDTH
+        img = np.full((h, w * m, 3), 255, dtype=np.uint8)
+        img[:, ::w] = 220  # exit separators
+        if self._shown is None:
+            return img
+        i, k, correct = self._shown
+        conf = self.trace.confidence[i, :, 0]
+        for j in range(k + 1):
+            top = int(round((1.0 - float(conf[j])) * (h - 1)))
+            colour = (70, 130, 180) if j < k or correct is None else (46, 160, 67) if correct else (214, 39, 40)
+            img[top:, j * w + 2 : (j + 1) * w - 2] = colour
+        if correct is None:  # the exit the agent stands at: a black marker on top
+            img[:2, k * w + 2 : (k + 1) * w - 2] = 0
+        return img
+
+
 def _cascade(exit_macs: ExitCost | np.ndarray | list[int]) -> np.ndarray:
     return np.asarray(exit_macs.cascade if isinstance(exit_macs, ExitCost) else exit_macs, dtype=np.int64)
 
 
-def load_trace(run_dir: str | Path, client_id: int | None, split: str) -> ExitTrace:
+def cached_trace(run: RunArtifacts, client_id: int, split: str) -> ExitTrace:
+    """Client ``client_id``'s exit trace on ``split``, from the run directory's cache
+    (:func:`cafe_ray.runs.rundir.exit_trace_path`), computed once and cached if absent."""
+    from cafe_ray.runs import rundir
+
+    path = rundir.exit_trace_path(run.run_dir, run.round, client_id, split)
+    hit = rundir.read_exit_trace(path)
+    if hit is not None and np.array_equal(hit["exit_macs"], np.asarray(run.exit_cost.cascade)):
+        return ExitTrace(hit["logits"], hit["labels"], hit["exit_macs"])
+    trace = ExitTrace.from_run(run, client_id, split)
+    rundir.write_exit_trace(path, trace.logits, trace.labels, trace.exit_macs)
+    return trace
+
+
+def check_client_id(run: RunArtifacts, client_id: int | None) -> list[int]:
+    """The client ids ``client_id`` stands for (``None``: all), or a ValueError listing the valid ones."""
+    ids = run.client_ids
+    if client_id is None:
+        return ids
+    if isinstance(client_id, bool) or not isinstance(client_id, int | np.integer) or int(client_id) not in ids:
+        shown = f"{ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ", ".join(map(str, ids))
+        raise ValueError(f"client_id={client_id!r}: run {run.run_dir.name} has no such client; valid ids are "
+                         f"{shown} ({len(ids)} clients), or None to pool them all")
+    return [int(client_id)]
+
+
+def load_trace(run_dir: str | Path | RunArtifacts, client_id: int | None, split: str) -> ExitTrace:
     """One client's (or, for ``None``, every client's pooled) exit trace on ``split``."""
     from cafe_ray.runs import RunArtifacts
 
-    run = RunArtifacts(run_dir)
-    ids = run.client_ids if client_id is None else [client_id]
-    return ExitTrace.concat([ExitTrace.from_run(run, i, split) for i in ids])
+    run = run_dir if isinstance(run_dir, RunArtifacts) else RunArtifacts(run_dir)
+    return ExitTrace.concat([cached_trace(run, i, split) for i in check_client_id(run, client_id)])

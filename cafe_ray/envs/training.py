@@ -29,14 +29,14 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cafe_ray.envs.early_exit import EarlyExitEnv
+from cafe_ray.envs.early_exit import EarlyExitEnv, load_trace
 from cafe_ray.inference.learned import ACTIVATIONS, ExitMLP, PolicySpec, save_policy
 from cafe_ray.inference.trace import ExitTrace
 
 if TYPE_CHECKING:
     from cafe_ray.runs import RunArtifacts
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "policies"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "policies"  # the repo's policies/
 DEFAULT_RECIPE = RECIPES_DIR / "ppo_default.yaml"
 
 
@@ -251,8 +251,7 @@ def train_for_run(run_dir: str | Path | RunArtifacts, recipe: PolicyRecipe, out_
     from cafe_ray.runs import RunArtifacts
 
     run = run_dir if isinstance(run_dir, RunArtifacts) else RunArtifacts(run_dir)
-    ids = run.client_ids if client is None else [client]
-    trace = ExitTrace.concat([ExitTrace.from_run(run, i, recipe.split) for i in ids])
+    trace = load_trace(run, client, recipe.split)  # cached in the run directory after the first pass
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = train_policy(trace, recipe, out / "policy", on_iteration=on_iteration,

@@ -9,7 +9,10 @@ Inference cost reduction (CAFEDistill, arXiv:2601.10015, "What to report") is
 ``1 - mean MACs / full-depth MACs``, where full-depth MACs are a plain forward pass of
 every stage plus the last head (``ExitCost.cumulative[-1]``: no intermediate heads), so the
 reduction is net of the early exits' own overhead. It is reported at the cheapest sweep point
-whose accuracy is within 1 point of full depth, and at threshold 0.6.
+whose accuracy is within 1 point of full depth, and at threshold 0.6. The cheapest point is
+an oracle when read off the evaluated split itself; ``calibrate_on="val"`` also picks that
+threshold on the validation split and reports what it gives on the evaluated split (the
+deployable number).
 """
 
 from __future__ import annotations
@@ -186,25 +189,64 @@ class RunEvaluation:
         }
 
 
+def calibration_is_disjoint(art: RunArtifacts, split: str, calibrate_on: str) -> bool:
+    """Whether ``calibrate_on`` shares no sample with ``split`` for this run.
+
+    With a validation split (data.val_fraction > 0) 'val' is carved from training data and
+    disjoint from 'test' and 'holdout'; without one, 'val' is half of 'test'.
+    """
+    if calibrate_on == split:
+        return False
+    if calibrate_on == "val" and split in ("test", "holdout"):
+        return art.cfg.data.val_fraction > 0 or split == "holdout"
+    return False
+
+
 def evaluate_run(run: str | Path | RunArtifacts, split: str = "test", steps: int = DEFAULT_STEPS,
-                 clients: Sequence[int] | None = None) -> RunEvaluation:
-    """Sweep ``threshold_grid(steps)`` + full depth for every client (or ``clients``) on ``split``."""
+                 clients: Sequence[int] | None = None, calibrate_on: str | None = None) -> RunEvaluation:
+    """Sweep ``threshold_grid(steps)`` + full depth for every client (or ``clients``) on ``split``.
+
+    ``calibrate_on`` (e.g. "val"): also choose the <=1-point threshold on that split and
+    report it on ``split`` as ``savings["calibrated_1pt"]``; refused when the two overlap.
+    """
     art = run if isinstance(run, RunArtifacts) else RunArtifacts(run)
+    if calibrate_on is not None and not calibration_is_disjoint(art, split, calibrate_on):
+        raise ValueError(f"{art.run_dir}: cannot calibrate on {calibrate_on!r} and report on {split!r}: they "
+                         "overlap (without data.val_fraction > 0, 'val' is half of the test split; "
+                         "report on 'holdout' then)")
     cost = art.exit_cost
     full_macs = int(cost.cumulative[-1])
     grid = threshold_grid(steps)
-    curves = []
+    curves, calib = [], []
     for cid in (art.client_ids if clients is None else list(clients)):
         x, y = art.client_data(cid, split)
         if x.shape[0] == 0:
             continue  # a client with no samples in this split carries no weight
-        pts = sweep(art.client_model(cid), x, y, cost, grid)
+        model = art.client_model(cid)
+        pts = sweep(model, x, y, cost, grid)
         curves.append(ClientCurve(cid, pts, savings(pts, full_macs)))
+        if calibrate_on is not None:
+            xv, yv = art.client_data(cid, calibrate_on)
+            if xv.shape[0]:
+                calib.append(sweep(model, xv, yv, cost, grid))
     if not curves:
         raise ValueError(f"{art.run_dir}: no client has samples in split {split!r}")
     agg = pool_curves([c.points for c in curves])
+    sav = savings(agg, full_macs)
+    if calib:
+        sav["calibrated_1pt"] = calibrated_saving(pool_curves(calib), agg, full_macs)
     return RunEvaluation(str(art.run_dir), art.cfg.algorithm.name, split, [int(v) for v in cost.cascade],
-                         full_macs, curves, agg, savings(agg, full_macs))
+                         full_macs, curves, agg, sav)
+
+
+def calibrated_saving(calibration: Sequence[CurvePoint], evaluated: Sequence[CurvePoint], full_macs: int,
+                      tolerance: float = TOLERANCE) -> Saving:
+    """The <=1-point threshold chosen on ``calibration``, read on ``evaluated`` (same grid)."""
+    t = savings(calibration, full_macs, tolerance)["within_1pt"].threshold
+    point = next(p for p in evaluated if p.threshold == t)
+    full = next(p for p in evaluated if p.threshold is None).result
+    r = point.result
+    return Saving(t, r.accuracy, r.mean_macs, 1.0 - r.mean_macs / full_macs, r.accuracy - full.accuracy)
 
 
 def label_runs(evals: Sequence[RunEvaluation]) -> None:
@@ -216,7 +258,8 @@ def label_runs(evals: Sequence[RunEvaluation]) -> None:
 
 # ------------------------------------------------------------------ reporting
 _COLUMNS = ("run", "split", "clients", "full-depth acc", "full MACs", "<=1pt: thr", "<=1pt: acc",
-            "<=1pt: MACs", "<=1pt: reduction", "t=0.6: acc (delta)", "t=0.6: MACs", "t=0.6: reduction")
+            "<=1pt: MACs", "<=1pt: reduction", "val-calibrated: thr", "val-calibrated: acc (delta)",
+            "val-calibrated: reduction", "t=0.6: acc (delta)", "t=0.6: MACs", "t=0.6: reduction")
 
 
 def _pct(v: float) -> str:
@@ -231,9 +274,12 @@ def table_rows(evals: Sequence[RunEvaluation]) -> list[list[str]]:
     rows = []
     for e in evals:
         w, r = e.savings["within_1pt"], e.savings.get(f"at_{REFERENCE_THRESHOLD:g}")
+        c = e.savings.get("calibrated_1pt")
         rows.append([
             e.label or e.algorithm, e.split, str(len(e.clients)), _pct(e.full.accuracy), f"{e.full_macs:,}",
             _thr(w.threshold), _pct(w.accuracy), f"{w.mean_macs:,.0f}", _pct(w.reduction),
+            _thr(c.threshold) if c else "-", f"{_pct(c.accuracy)} ({100 * c.delta_accuracy:+.2f})" if c else "-",
+            _pct(c.reduction) if c else "-",
             f"{_pct(r.accuracy)} ({100 * r.delta_accuracy:+.2f})" if r else "-",
             f"{r.mean_macs:,.0f}" if r else "-", _pct(r.reduction) if r else "-",
         ])
@@ -258,7 +304,8 @@ def markdown_table(evals: Sequence[RunEvaluation]) -> str:
 def markdown_report(evals: Sequence[RunEvaluation]) -> str:
     parts = ["# Dynamic inference: accuracy vs MACs", "",
              "Reduction = 1 - mean MACs / full-depth MACs (every stage + the last head). "
-             "`<=1pt`: the cheapest swept threshold within 1 accuracy point of full depth.", "",
+             "`<=1pt`: the cheapest swept threshold within 1 accuracy point of full depth on this split "
+             "(an oracle); `val-calibrated`: that threshold chosen on the validation split, read here.", "",
              markdown_table(evals), ""]
     for e in evals:
         parts += [f"## {e.label or e.algorithm}: sweep ({e.run_dir})", "",

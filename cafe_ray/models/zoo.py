@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 
 from cafe_ray.config import ModelConfig
 from cafe_ray.models.base import BACKBONE_PREFIX, EarlyExitNet, LastExitHead
@@ -134,6 +133,9 @@ def conv3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> Ea
 # -------------------------------------------------------------------- resnet18_ee
 def _res_layer(inplanes: int, planes: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Sequential:
     """Two torchvision BasicBlocks, as in ResNet._make_layer (projection shortcut when needed)."""
+    # lazy: torchvision costs ~1.4 s of import that the other models never need
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
     downsample = None
     if stride != 1 or inplanes != planes:
         downsample = nn.Sequential(conv1x1(inplanes, planes, stride), norm(planes))
@@ -152,6 +154,8 @@ class _ConvPoolHead(nn.Module):
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
+        from torchvision.models.resnet import conv3x3
+
         self.conv = conv3x3(channels, 2 * channels, stride=2)
         self.norm = group_norm(2 * channels)
         self.linear = nn.Linear(2 * channels, num_classes)
@@ -170,6 +174,8 @@ def resnet18_ee(input_shape: tuple[int, ...], num_classes: int, width: int = 64)
     the standard ResNet-18). Stem: 3x3 conv stride 1, no max-pool. Norm: GroupNorm (see module
     docstring). Stages: stem+layer1, layer2, layer3, layer4 (32x32: 32, 16, 8, 4).
     """
+    from torchvision.models.resnet import conv3x3
+
     c, _, _ = _check_image_shape("resnet18_ee", input_shape, min_side=8)
     norm = group_norm
     chans = [width, 2 * width, 4 * width, 8 * width]

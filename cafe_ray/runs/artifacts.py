@@ -79,15 +79,19 @@ class RunArtifacts:
     def client_data(self, client_id: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of a client's split.
 
-        'train' and 'test' are the simulation's splits. 'val' and 'holdout' halve the
-        client's test split with a seeded permutation: calibrate a policy on 'val',
-        report it on 'holdout', and neither was ever trained on.
+        'train' and 'test' are the simulation's splits. With a validation split
+        (``data.val_fraction > 0``) 'val' is that split and 'holdout' the whole test
+        split; without one, 'val' and 'holdout' halve the test split with a seeded
+        permutation. Either way: calibrate a policy on 'val', report it on 'holdout',
+        and neither was trained on.
         """
         d = self._runner._data(client_id)
         if split == "test":
             return d.x_test, d.y_test
         if split == "train":
             return d.x_train, d.y_train
+        if d.x_val is not None and split in ("val", "holdout"):
+            return (d.x_val, d.y_val) if split == "val" else (d.x_test, d.y_test)
         if split in ("val", "holdout"):
             n = int(d.y_test.shape[0])
             g = torch.Generator().manual_seed(self.cfg.seed * 7919 + client_id)

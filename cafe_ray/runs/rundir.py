@@ -6,27 +6,33 @@
   metrics.parquet      the same as a table (rewritten at checkpoints and the end)
   clients.jsonl        one record per client per round: status, virtual time, bytes
   eval.jsonl           per client per-exit test accuracy at each evaluation
-  splits.npz           each client's train/test indices (no pickle)
-  profiles.json        each client's device profile
+  splits.npz           every client's train/test/val indices as CSR arrays (no pickle; older runs: per-client keys)
+  profiles.json        the device tiers once and each client's tier index (older runs: one entry per client)
   store/               client personal states (safetensors)
   checkpoints/round_NNNNNN/  server.safetensors, state.json, store/ (hard links)
   summary.json         final metrics
+  warnings.jsonl       warnings raised by the driver, the coordinator and the client actors
+  failed.json          why the last attempt stopped and how to resume (removed on success)
   accuracy.png         per-exit accuracy over rounds
+  exit_traces/round_NNNNNN/client_<id>_<split>.safetensors
+                       cached per-sample exit logits of a client model (EarlyExit-v0 envs build from it)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cafe_ray.config import ExperimentConfig, dump_config
-from cafe_ray.data.base import ClientSplit
+from cafe_ray.data.base import ClientSplit, ClientSplits
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -38,6 +44,8 @@ SPLITS = "splits.npz"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_SERVER = "server.safetensors"
 ROUND_LOGS = (METRICS, CLIENTS, EVAL)
+WARNINGS = "warnings.jsonl"
+FAILED = "failed.json"
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -117,18 +125,31 @@ def write_parquet(records: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_splits(path: Path, splits: list[ClientSplit]) -> None:
+_CSR_KEYS = ("train_ptr", "train_idx", "test_ptr", "test_idx", "val_ptr", "val_idx")
+
+
+def save_splits(path: Path, splits: Sequence[ClientSplit]) -> None:
+    """splits.npz: six CSR arrays (any number of clients in one write); per-client keys for lists."""
+    if isinstance(splits, ClientSplits):  # uncompressed: shuffled indices barely compress, and a
+        np.savez(path, **{k: getattr(splits, k) for k in _CSR_KEYS})  # million clients took ~10 s
+        return
     arrays: dict[str, np.ndarray] = {}
     for s in splits:
         arrays[f"train_{s.client_id}"] = s.train_idx
         arrays[f"test_{s.client_id}"] = s.test_idx
+        if len(s.val_idx):
+            arrays[f"val_{s.client_id}"] = s.val_idx
     np.savez_compressed(path, **arrays)
 
 
-def load_splits(path: Path) -> list[ClientSplit]:
+def load_splits(path: Path) -> Sequence[ClientSplit]:
     with np.load(path, allow_pickle=False) as z:
+        if "train_ptr" in z.files:
+            return ClientSplits(*(z[k] for k in _CSR_KEYS))
         ids = sorted(int(k.split("_")[1]) for k in z.files if k.startswith("train_"))
-        return [ClientSplit(i, z[f"train_{i}"], z[f"test_{i}"]) for i in ids]
+        empty = np.empty(0, dtype=np.int64)
+        return [ClientSplit(i, z[f"train_{i}"], z[f"test_{i}"],
+                            z[f"val_{i}"] if f"val_{i}" in z.files else empty) for i in ids]
 
 
 def plot_accuracy(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -185,7 +206,12 @@ def write_profiles(run_dir: Path, profiles: dict[str, dict[str, Any]]) -> None:
 
 
 def read_profiles(run_dir: Path) -> dict[int, dict[str, Any]]:
-    return {int(k): v for k, v in json.loads((run_dir / PROFILES).read_text()).items()}
+    """client id -> profile fields; reads both the per-client and the tiers + client_tier layout."""
+    raw = json.loads((run_dir / PROFILES).read_text())
+    if "client_tier" in raw and "tiers" in raw:
+        tiers = raw["tiers"]
+        return {i: tiers[t] for i, t in enumerate(raw["client_tier"])}
+    return {int(k): v for k, v in raw.items()}
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -225,3 +251,147 @@ def last_eval(run_dir: Path) -> dict[int, list[float]]:
         return {}
     last = max(r["round"] for r in recs)
     return {r["client"]: r["acc_exit"] for r in recs if r["round"] == last}
+
+
+# ------------------------------------------------------------- reliability
+@contextlib.contextmanager
+def atomic_checkpoint(ckpt_root: Path, round_: int) -> Iterator[Path]:
+    """Yield a temp folder to fill; on success it becomes ``round_NNNNNN`` in one rename.
+
+    A crash or a full disk part-way leaves the previous checkpoints untouched and
+    no folder named ``round_*`` (resume only reads those), and the half-written
+    temp folder is removed so that it does not keep the disk full.
+    """
+    final = ckpt_root / f"round_{round_:06d}"
+    tmp = ckpt_root / f".tmp_round_{round_:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # durable before it is visible
+            if f.is_file():
+                _fsync(f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record_warning(run_dir: Path, source: str, message: str, category: str = "UserWarning") -> bool:
+    """Append a warning to warnings.jsonl unless the same message is already there; True if new."""
+    path = Path(run_dir) / WARNINGS
+    if any(r.get("message") == message for r in read_jsonl(path)):
+        return False
+    line = json.dumps({"time": time.time(), "source": source, "category": category, "message": message})
+    with path.open("a") as f:  # one short O_APPEND write: safe from several processes
+        f.write(line + "\n")
+    return True
+
+
+def read_warnings(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / WARNINGS)
+
+
+def capture_warnings(run_dir: Path, source: str, echo: bool = True) -> Callable[[], None]:
+    """Route this process's ``warnings.warn`` into the run's warnings.jsonl; returns the undo.
+
+    Installed in the coordinator and the client actors, whose stderr nobody sees;
+    the driver follows the file and prints what arrives. ``echo`` also shows the
+    warning the usual way (stderr).
+    """
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        with contextlib.suppress(OSError):  # a full disk must not turn a warning into a crash
+            record_warning(run_dir, source, str(message), category.__name__)
+        if echo:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+    def restore() -> None:
+        warnings.showwarning = previous
+
+    return restore
+
+
+def has_progress(run_dir: Path) -> bool:
+    """True once a round finished (a metrics record or a checkpoint exists)."""
+    return bool(read_jsonl(Path(run_dir) / METRICS)) or latest_checkpoint(Path(run_dir)) is not None
+
+
+def write_failure(run_dir: Path, info: dict[str, Any]) -> None:
+    """Record why an attempt stopped (read back by ``--resume`` to explain where it continues)."""
+    write_json(Path(run_dir) / FAILED, info, indent=2)
+
+
+def read_failure(run_dir: Path) -> dict[str, Any]:
+    p = Path(run_dir) / FAILED
+    try:
+        return json.loads(p.read_text()) if p.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def clear_failure(run_dir: Path) -> None:
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Delete a run directory this command created and that holds no finished round."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ exit-output cache
+EXIT_TRACES = "exit_traces"  # exit_traces/round_NNNNNN/client_<id>_<split>.safetensors
+
+
+def exit_trace_path(run_dir: Path, round_: int, client_id: int, split: str) -> Path:
+    """Where a client model's per-sample exit outputs on ``split`` are cached for checkpoint ``round_``
+    (a resumed run that trains further writes a new round, so a stale cache is never read)."""
+    return Path(run_dir) / EXIT_TRACES / f"round_{int(round_):06d}" / f"client_{int(client_id)}_{split}.safetensors"
+
+
+def write_exit_trace(path: Path, logits: np.ndarray, labels: np.ndarray, exit_macs: np.ndarray) -> bool:
+    """Cache one trace (logits (N, m, C) float32, labels (N,), cascade MACs (m,)) atomically.
+    Returns False, writing nothing, where the run directory is read-only (the cache is optional)."""
+    from safetensors.numpy import save_file
+
+    tensors = {"logits": np.ascontiguousarray(logits, dtype=np.float32),
+               "labels": np.ascontiguousarray(labels, dtype=np.int64),
+               "exit_macs": np.ascontiguousarray(exit_macs, dtype=np.int64)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
+
+
+def read_exit_trace(path: Path) -> dict[str, np.ndarray] | None:
+    """A cached trace (logits, labels, exit_macs), or None if absent or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+    except (OSError, ValueError, SafetensorError):  # a truncated or foreign file: recompute
+        return None
+    return t if {"logits", "labels", "exit_macs"} <= set(t) else None

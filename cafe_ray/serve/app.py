@@ -19,18 +19,42 @@ has the model loaded already (the two must agree). Handle calls name the client 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures after Serve
 # rewrites them, and needs the annotations as objects, not strings.
 import asyncio
+import json
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cafe_ray.serve.config import ServeConfig
-from cafe_ray.serve.core import ClientMismatch, Job, RequestError, client_from_model_id
+from cafe_ray.serve.core import (
+    Answer,
+    ClientMismatch,
+    InvalidInput,
+    Job,
+    RequestError,
+    client_from_model_id,
+    decode_npy,
+)
+from cafe_ray.serve.http import (
+    JSON,
+    NPY,
+    BodyGuard,
+    InvalidBody,
+    check_media_type,
+    error_items,
+    validation_items,
+)
 from cafe_ray.serve.schemas import (
     ClientDetail,
     ClientsResponse,
+    ErrorResponse,
     Health,
     PoliciesResponse,
     PredictRequest,
@@ -40,13 +64,38 @@ from cafe_ray.serve.service import ModelService, learned_paths
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 DEPLOYMENT = "ClientModels"
+DEFAULT_MAX_BODY_BYTES = ServeConfig.model_fields["max_body_bytes"].default
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "The serve_multiplexed_model_id header names another client than the URL."},
-    404: {"description": "Unknown client id."},
-    413: {"description": "More samples than the server's max_batch."},
-    422: {"description": "Malformed JSON, wrong input shape or dtype, NaN/infinite values, unknown policy "
-                         "or a parameter out of range (the detail says which and what is accepted)."},
+    400: _err("The serve_multiplexed_model_id header names another client than the URL."),
+    404: _err("Unknown client id (or no such route)."),
+    413: _err("A body over the server's byte limit (checked before parsing) or more samples than its "
+              "max_batch; the message gives the limit."),
+    415: _err(f"Missing or unsupported Content-Type; send {JSON} or {NPY}."),
+    422: _err("Malformed JSON, a value of the wrong JSON type (no coercion), wrong input shape or dtype, "
+              "NaN/infinite values, unknown or empty policy, or a parameter out of range (the detail says "
+              "which and what is accepted)."),
+}
+_GET_ERRORS = {422: _ERRORS[422]}  # a GET answers 422 only for a malformed path parameter
+_CLIENT_ERRORS = {404: _ERRORS[404], 422: _ERRORS[422]}
+
+# Query parameters of an application/x-npy request (a JSON request puts them in the body).
+_NPY_QUERY = ("policy", "threshold", "max_entropy", "mac_budget", "return_probs")
+_PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        JSON: {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+        NPY: {"schema": {"type": "string", "format": "binary",
+                         "description": "numpy.save of a (batch, *input_shape) array (float32 for images, "
+                                        "int64 for text); the policy fields go in the query string."}},
+    }},
+    "parameters": [{"name": n, "in": "query", "required": False,
+                    "description": f"Only with an {NPY} body: the PredictRequest field {n}.",
+                    "schema": PredictRequest.model_json_schema()["properties"][n]} for n in _NPY_QUERY],
 }
 
 api = FastAPI(
@@ -54,13 +103,76 @@ api = FastAPI(
     version="1",
     description="Personalized early-exit models of a cafe-ray run: one model per client, each sample run "
                 "only as deep as its exit policy decides. Exits are numbered 1-based (`exit`) and 0-based "
-                "(`exit_index`); MACs count every stage and exit head a sample ran.",
+                "(`exit_index`); MACs count every stage and exit head a sample ran. Every 4xx answer is "
+                "`{\"detail\": [{\"loc\", \"msg\", \"type\"}]}`.",
+    openapi_url=None, docs_url=None, redoc_url=None,  # served by ClientModels (the schema has its example)
 )
+# Set by the replica from its ServeConfig before the first request (the middleware stack is built
+# lazily, on first use).
+_LIMITS: dict[str, int] = {"max_body_bytes": DEFAULT_MAX_BODY_BYTES}
+api.add_middleware(BodyGuard, limits=_LIMITS)
+
+
+def openapi_schema(app: FastAPI, example: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The API's schema, with PredictRequest (read by hand from the body, so FastAPI does not find
+    it) and ``example``, a request built from the served model's real input shape."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    req = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    comps.update(req.pop("$defs", {}))
+    if example:
+        req["examples"] = [example]
+        schema["paths"]["/v1/clients/{client_id}/predict"]["post"]["requestBody"]["content"][JSON]["example"] = example
+    comps["PredictRequest"] = req
+    return schema
+
+
+def _error_response(status: int, items: list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": items}, headers=headers)
 
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse(status_code=err.status_code, content={"detail": str(err)})
+    return _error_response(err.status_code, error_items(err))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    return _error_response(422, validation_items(err.errors()))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    loc = ["method"] if err.status_code == 405 else ["url"] if err.status_code == 404 else []
+    return _error_response(err.status_code, [{"loc": loc, "msg": str(err.detail), "type": f"http_{err.status_code}"}],
+                           headers=getattr(err, "headers", None))
+
+
+def parse_body(body: bytes, content_type: str | None, query: dict[str, str]) -> tuple[PredictRequest, bytes | None]:
+    """A predict body -> (request, raw .npy bytes or None). JSON is parsed strictly (no coercion);
+    an ``application/x-npy`` body takes its policy fields from the query string."""
+    if check_media_type(content_type) == NPY:
+        extra = sorted(set(query) - set(_NPY_QUERY))
+        if extra:
+            raise InvalidBody([{"loc": ["query", k], "msg": f"unknown query parameter; an {NPY} request takes "
+                                f"{', '.join(_NPY_QUERY)}", "type": "extra_forbidden"} for k in extra])
+        try:  # query values are strings by nature: parsed (not strict), still finite and in range
+            return PredictRequest.model_validate(query, strict=False), body
+        except ValidationError as err:
+            raise InvalidBody(validation_items(err.errors(), ("query",))) from None
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as err:
+        pos = getattr(err, "pos", None)
+        raise InvalidBody([{"loc": ["body"] if pos is None else ["body", pos],
+                            "msg": f"JSON decode error: {err}", "type": "json_invalid"}]) from None
+    if not isinstance(obj, dict):
+        raise InvalidBody([{"loc": ["body"], "msg": f"the body must be a JSON object (a dict with inputs, "
+                            f"policy, ...), got a JSON {type(obj).__name__}", "type": "model_type"}])
+    try:
+        return PredictRequest.model_validate(obj), None
+    except ValidationError as err:
+        raise InvalidBody(validation_items(err.errors(), ("body",))) from None
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -73,11 +185,13 @@ class ClientModels:
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.service = ModelService(cfg)
+        _LIMITS["max_body_bytes"] = cfg.max_body_bytes
+        self._schema: dict[str, Any] | None = None
 
         async def load(model_id: str) -> torch.nn.Module:  # client id -> personal model (cache miss)
             return await asyncio.to_thread(self.service.load_model, int(model_id))
 
-        async def run(jobs: list[Job]) -> list[PredictResponse | Exception]:
+        async def run(jobs: list[Job]) -> list[Answer | Exception]:
             models: dict[int, Any] = {}
             for cid in dict.fromkeys(j.client_id for j in jobs):
                 try:
@@ -98,33 +212,48 @@ class ClientModels:
         self._batched = serve.batch(max_batch_size=cfg.batch_max_requests,
                                     batch_wait_timeout_s=cfg.batch_wait_ms / 1000)(run)
 
-    async def _predict(self, client_id: int, req: PredictRequest) -> PredictResponse:
+    async def _predict(self, client_id: int, req: PredictRequest, x: torch.Tensor | None = None) -> Answer:
         svc = self.service
-        x, key = svc.validate(client_id, req)
+        x, key = svc.validate(client_id, req, x)
         policy = svc.cached_policy(client_id, key)
         if policy is None:  # first use of this (client, policy): may calibrate or load a file
             model = await self.get_model(str(client_id))
             policy = await asyncio.to_thread(svc.policy, client_id, key, model)
-        out = await self._batched(Job(client_id, x, key, policy, req.return_probs))
+        out = await self._batched(Job(client_id, x, key, policy, req.return_probs, svc.public_policy(policy)))
         if isinstance(out, Exception):
             raise out
         return out
 
     # ------------------------------------------------------------------ HTTP
-    @api.post("/v1/clients/{client_id}/predict", response_model=PredictResponse, responses=_ERRORS)
-    async def http_predict(self, client_id: int, body: PredictRequest, request: Request) -> PredictResponse:
-        """Predict a batch of samples with client `client_id`'s personal model."""
+    @api.post("/v1/clients/{client_id}/predict", response_model=PredictResponse, responses=_ERRORS,
+              openapi_extra=_PREDICT_BODY)
+    async def http_predict(self, client_id: int, request: Request) -> Response:
+        """Predict a batch of samples with client `client_id`'s personal model.
+
+        Body: JSON (`inputs` as nested lists or `inputs_b64`), or a `.npy` array with the policy
+        fields in the query string."""
         header = request.headers.get(MODEL_ID_HEADER)
         if header is not None and header != str(client_id):
             raise ClientMismatch(f"URL names client {client_id} but header {MODEL_ID_HEADER} is {header!r}")
-        return await self._predict(client_id, body)
+        req, npy = parse_body(await request.body(), request.headers.get("content-type"),
+                              dict(request.query_params))
+        x = None
+        if npy is not None:
+            self.service.check_client(client_id)
+            x = decode_npy(npy, self.service.spec, self.cfg.max_batch)
+        elif request.query_params:
+            raise InvalidInput(f"a {JSON} request takes no query parameters (got "
+                               f"{', '.join(sorted(request.query_params))}); put them in the body",
+                               loc=("query",))
+        out = await self._predict(client_id, req, x)
+        return Response(out.json_bytes(), media_type=JSON)
 
     @api.get("/v1/clients", response_model=ClientsResponse)
     async def http_clients(self) -> ClientsResponse:
         """Client ids and their simulated device profiles."""
         return self.service.clients()
 
-    @api.get("/v1/clients/{client_id}", response_model=ClientDetail, responses={404: _ERRORS[404]})
+    @api.get("/v1/clients/{client_id}", response_model=ClientDetail, responses=_CLIENT_ERRORS)
     async def http_client(self, client_id: int) -> ClientDetail:
         """Input shape, exits, MACs per exit and this client's per-exit test accuracy."""
         return self.service.client_detail(client_id)
@@ -138,6 +267,17 @@ class ClientModels:
     async def http_health(self) -> Health:
         return self.service.health()
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def http_openapi(self, request: Request) -> JSONResponse:
+        if self._schema is None:
+            self._schema = openapi_schema(request.app, self.service.example_request())
+        return JSONResponse(self._schema)
+
+    @api.get("/docs", include_in_schema=False)
+    async def http_docs(self, request: Request) -> HTMLResponse:
+        root = str(request.scope.get("root_path", "")).rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{api.title} - docs")
+
     # ------------------------------------------------------------------ handle
     async def predict(self, request: PredictRequest | dict[str, Any], client_id: int | None = None) -> PredictResponse:
         """Handle call: ``handle.options(multiplexed_model_id="3").predict.remote({"inputs": ...})``.
@@ -147,7 +287,7 @@ class ClientModels:
         """
         cid = client_from_model_id(client_id, serve.get_multiplexed_model_id())
         req = request if isinstance(request, PredictRequest) else PredictRequest.model_validate(request)
-        return await self._predict(cid, req)
+        return (await self._predict(cid, req)).response()
 
     async def clients(self) -> ClientsResponse:
         return self.service.clients()
@@ -168,14 +308,38 @@ def build_app(cfg: ServeConfig):  # noqa: ANN201 - a ray.serve Application
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.replica_cpus},
+        logging_config={"enable_access_log": cfg.access_log},
     ).bind(cfg)
 
 
-def start(cfg: ServeConfig, address: str | None = None):  # noqa: ANN201 - a DeploymentHandle
+class ProxyConflict(ValueError):
+    """Serve's HTTP proxy already runs on this cluster with other host/port than asked for."""
+
+
+def running_proxy() -> tuple[str, int]:
+    """(host, port) Serve's HTTP proxy on the connected cluster really listens on (Serve running)."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return str(http.host), int(http.port)
+
+
+def proxy_url(host: str, port: int, route_prefix: str = "/") -> str:
+    """The URL a client uses for a proxy bound on ``host`` (a wildcard bind is reached on loopback)."""
+    reach = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    reach = f"[{reach}]" if ":" in reach else reach
+    return f"http://{reach}:{port}{route_prefix.rstrip('/')}"
+
+
+def start(cfg: ServeConfig, address: str | None = None, *,
+          require: frozenset[str] | set[str] = frozenset({"host", "port"})):  # noqa: ANN201 - a DeploymentHandle
     """Check the run, start Ray (if needed) and Serve's HTTP proxy on ``cfg.host:cfg.port``, deploy.
 
-    Returns the deployment handle; the HTTP API is at ``cfg.url``. If Serve already runs on this
-    Ray cluster, its HTTP options stay as they are (Serve cannot change them while running).
+    Returns the deployment handle. Serve cannot change its HTTP options while it runs: if its
+    proxy already runs on this cluster with another host or port, a field named in ``require``
+    raises :class:`ProxyConflict` (before deploying anything) with how to use or restart it;
+    a field not in ``require`` follows the running proxy. :func:`running_proxy` says where it
+    really listens.
     """
     from cafe_ray.runs import RunArtifacts
     from cafe_ray.sim.engine import ensure_ray
@@ -183,5 +347,20 @@ def start(cfg: ServeConfig, address: str | None = None):  # noqa: ANN201 - a Dep
     RunArtifacts(cfg.run_dir)  # fail here, clearly, rather than in a replica that Serve retries
     learned_paths(cfg.learned)
     ensure_ray(address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                logging_config={"enable_access_log": cfg.access_log})
+    host, port = running_proxy()
+    differ = [f for f, want, got in (("host", cfg.host, host), ("port", cfg.port, port)) if want != got]
+    bad = [f for f in differ if f in require]
+    if bad:
+        asked = ", ".join(f"--{f} {getattr(cfg, f)}" for f in bad)
+        where = "" if address is None else f"address={address!r}"
+        raise ProxyConflict(
+            f"Serve's HTTP proxy on this Ray cluster already listens on {host}:{port} "
+            f"({proxy_url(host, port)}), and Ray Serve cannot change that while it runs, so {asked} would not "
+            f"take effect. Either use the running proxy: run again without {' / '.join(f'--{f}' for f in bad)} "
+            f"(or with {' '.join(f'--{f} {v}' for f, v in (('host', host), ('port', port)) if f in bad)}); "
+            f"or restart Serve with the new options, which stops every Serve application on the cluster: "
+            f"python -c \"import ray; from ray import serve; ray.init({where}); serve.shutdown()\" "
+            "and run this command again.")
     return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)

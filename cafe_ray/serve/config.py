@@ -19,6 +19,7 @@ class ServeConfig(BaseModel):
     replica_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved per replica (0: share with everything)
     threads: int = Field(1, ge=1)  # torch intra-op threads per replica
     max_batch: int = Field(256, ge=1)  # most samples in one predict request (more: HTTP 413)
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)  # request body limit, checked before parsing (HTTP 413)
     batch_max_requests: int = Field(16, ge=1)  # serve.batch: requests merged into one model call
     batch_wait_ms: float = Field(2.0, ge=0)  # serve.batch: wait this long for a batch to fill
     max_models_per_replica: int = Field(8, ge=1)  # serve.multiplexed LRU: client models kept per replica
@@ -28,6 +29,7 @@ class ServeConfig(BaseModel):
     default_max_entropy: float = Field(0.5, ge=0)  # max entropy (nats) of an entropy request that gives none
     learned: str | None = None  # learned policy: NAME.safetensors, a folder with policy.*, or a
     #                             `policy train --per-client` folder (client_<ID>/policy.*)
+    access_log: bool = True  # Serve's per-request access log lines (replica; proxy when Serve starts here)
     app_name: str = "cafe-ray"  # Serve application name
     route_prefix: str = "/"  # HTTP route prefix of the application
 

@@ -12,6 +12,7 @@ messages say what was wrong, the value, and what is accepted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from cafe_ray.inference.dynamic import Prediction, predict_batch
 from cafe_ray.inference.policies import ExitPolicy, available_policies
 from cafe_ray.models import EarlyExitNet, ExitCost
-from cafe_ray.serve.schemas import PredictRequest, PredictResponse, SamplePrediction
+from cafe_ray.serve.schemas import PredictRequest, PredictResponse
 
 PolicyKey = tuple[str, tuple[tuple[str, Any], ...]]  # (name, sorted params): equal keys batch together
 
@@ -38,29 +39,63 @@ _REQUEST_POLICY_FIELDS = ("threshold", "max_entropy", "mac_budget")
 
 # ---------------------------------------------------------------------------- errors
 class RequestError(ValueError):
-    """A request the server cannot answer; ``status_code`` is the HTTP status it maps to."""
+    """A request the server cannot answer; ``status_code`` is the HTTP status it maps to, ``loc``
+    where the problem is (as in FastAPI's validation errors) and ``kind`` its machine-readable type."""
 
     status_code = 422
+    loc: tuple[str | int, ...] = ("body",)
+    kind = "invalid_request"
+
+    def __init__(self, msg: str, loc: Sequence[str | int] | None = None) -> None:
+        super().__init__(msg)
+        if loc is not None:
+            self.loc = tuple(loc)
+
+    def error(self) -> dict[str, Any]:
+        """This error as one item of the API's error shape ``{"detail": [{loc, msg, type}]}``."""
+        return {"loc": list(self.loc), "msg": str(self), "type": self.kind}
 
 
 class InvalidInput(RequestError):
     status_code = 422
+    loc = ("body", "inputs")
+    kind = "invalid_input"
 
 
 class InvalidPolicy(RequestError):
     status_code = 422
+    loc = ("body", "policy")
+    kind = "invalid_policy"
 
 
 class UnknownClient(RequestError):
     status_code = 404
+    loc = ("path", "client_id")
+    kind = "unknown_client"
 
 
 class BatchTooLarge(RequestError):
     status_code = 413
+    loc = ("body", "inputs")
+    kind = "batch_too_large"
 
 
 class ClientMismatch(RequestError):
     status_code = 400
+    loc = ("header", "serve_multiplexed_model_id")
+    kind = "client_mismatch"
+
+
+class BodyTooLarge(RequestError):
+    status_code = 413
+    loc = ("body",)
+    kind = "body_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    status_code = 415
+    loc = ("header", "content-type")
+    kind = "unsupported_media_type"
 
 
 def client_from_model_id(client_id: int | None, model_id: str | None) -> int:
@@ -107,19 +142,31 @@ def parse_inputs(inputs: Sequence[Any], spec: InputSpec, max_batch: int) -> torc
     Strings, nulls and all-boolean inputs are rejected; JSON booleans mixed with numbers are
     read as 0/1 (as numpy does), not scanned for one by one.
     """
-    n = len(inputs)
-    if n == 0:
-        raise InvalidInput(f"inputs is empty; send 1 to {max_batch} samples of shape {spec.describe()}")
-    if n > max_batch:
-        raise BatchTooLarge(f"inputs has {n} samples; this server takes at most {max_batch} per request "
-                            "(split the batch, or start the server with a larger --max-batch)")
+    _check_count(len(inputs), spec, max_batch)
     try:
         arr = np.asarray(inputs)
     except (ValueError, TypeError) as err:
         raise InvalidInput(f"inputs must be nested lists of shape {spec.describe()}; they are ragged "
                            f"({err})") from None
+    return parse_array(arr, spec, max_batch)
+
+
+def _check_count(n: int, spec: InputSpec, max_batch: int) -> None:
+    if n == 0:
+        raise InvalidInput(f"inputs is empty; send 1 to {max_batch} samples of shape {spec.describe()}")
+    if n > max_batch:
+        raise BatchTooLarge(f"inputs has {n} samples; this server takes at most {max_batch} per request "
+                            "(split the batch, or start the server with a larger --max-batch)")
+
+
+def parse_array(arr: np.ndarray, spec: InputSpec, max_batch: int) -> torch.Tensor:
+    """A decoded array (nested lists, ``.npy`` body or base64) -> (B, *spec.shape) tensor, checked."""
+    if arr.ndim == 0:
+        raise InvalidInput(f"inputs must be an array of shape {spec.describe()}, got a scalar")
+    _check_count(arr.shape[0], spec, max_batch)
     if arr.dtype.kind not in "iuf":
-        what = {"b": "booleans", "U": "strings", "S": "bytes", "O": "nulls, objects or out-of-range numbers"}
+        what = {"b": "booleans", "U": "strings", "S": "bytes", "O": "nulls, objects or out-of-range numbers",
+                "c": "complex numbers"}
         raise InvalidInput(f"inputs must be numbers, got {what.get(arr.dtype.kind, arr.dtype.name)}; "
                            f"expected {spec.describe()}")
     if arr.shape[1:] != spec.shape:
@@ -132,15 +179,66 @@ def parse_inputs(inputs: Sequence[Any], spec: InputSpec, max_batch: int) -> torc
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or (spec.vocab_size is not None and hi >= spec.vocab_size):
             raise InvalidInput(f"token ids must lie in [0, {spec.vocab_size}), got values in [{lo}, {hi}]")
-        return torch.from_numpy(arr.astype(np.int64))
-    with np.errstate(over="ignore"):
-        out = arr.astype(np.float32)  # beyond float32 becomes inf, rejected below
-    bad = ~np.isfinite(out)
-    if bad.any():
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)  # beyond float32 becomes inf, rejected below
+    if arr.dtype.kind == "f" and not np.isfinite(out.sum(dtype=np.float64)):  # one pass when all is well
+        bad = ~np.isfinite(out)
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InvalidInput(f"inputs must be finite numbers (float32); {int(bad.sum())} value(s) are NaN, "
                            f"infinite or beyond float32, the first at index {list(where)}")
+    if not out.flags.writeable:  # np.frombuffer over request bytes: torch wants a writable array
+        out = out.copy()
     return torch.from_numpy(out)
+
+
+def decode_b64(data: str, spec: InputSpec, max_batch: int) -> torch.Tensor:
+    """``inputs_b64``: base64 of raw little-endian ``spec.dtype`` bytes, C order, batch first."""
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise InvalidInput(f"inputs_b64 is not valid base64 ({err})", loc=("body", "inputs_b64")) from None
+    dtype = np.dtype("<i8" if spec.is_text else "<f4")
+    per = int(np.prod(spec.shape)) * dtype.itemsize
+    if len(raw) == 0 or len(raw) % per:
+        raise InvalidInput(f"inputs_b64 holds {len(raw)} bytes, not a whole number of samples: one sample is "
+                           f"{per} bytes ({spec.dtype}, shape {spec.shape})", loc=("body", "inputs_b64"))
+    arr = np.frombuffer(raw, dtype=dtype).reshape(-1, *spec.shape)
+    try:
+        return parse_array(arr, spec, max_batch)
+    except InvalidInput as err:
+        raise InvalidInput(str(err), loc=("body", "inputs_b64")) from None
+
+
+def decode_npy(body: bytes, spec: InputSpec, max_batch: int) -> torch.Tensor:
+    """An ``application/x-npy`` body: one array as written by ``numpy.save`` (no pickled objects)."""
+    import io
+
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InvalidInput(f"the body is not a .npy array ({err}); send numpy.save(buf, x) of shape "
+                           f"{spec.describe()}", loc=("body",)) from None
+    if not isinstance(arr, np.ndarray):
+        raise InvalidInput("the body is not a single .npy array", loc=("body",))
+    try:
+        return parse_array(arr, spec, max_batch)
+    except RequestError as err:
+        err.loc = ("body",)
+        raise
+
+
+def request_inputs(req: PredictRequest, spec: InputSpec, max_batch: int) -> torch.Tensor:
+    """The samples of a JSON request: ``inputs`` (nested lists) or ``inputs_b64``, exactly one."""
+    if (req.inputs is None) == (req.inputs_b64 is None):
+        raise InvalidInput("give exactly one of inputs (nested lists) and inputs_b64 (base64 of raw "
+                           f"{spec.dtype} bytes); expected {spec.describe()}", loc=("body",))
+    if req.inputs_b64 is not None:
+        return decode_b64(req.inputs_b64, spec, max_batch)
+    return parse_inputs(req.inputs, spec, max_batch)
 
 
 # ---------------------------------------------------------------------------- policies
@@ -231,6 +329,7 @@ class Job:
     key: PolicyKey  # equal keys on one client run as one predict_batch call
     policy: ExitPolicy
     return_probs: bool = False
+    described: dict[str, Any] | None = None  # the policy as answers show it (default: policy.describe())
 
 
 def group_jobs(jobs: Sequence[Job]) -> list[list[int]]:
@@ -241,16 +340,41 @@ def group_jobs(jobs: Sequence[Job]) -> list[list[int]]:
     return list(groups.values())
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One request's answer, not yet encoded: the HTTP path writes JSON bytes straight from the
+    tensors (:meth:`json_bytes`, no per-sample model objects), a handle call gets :meth:`response`."""
+
+    client_id: int
+    policy: dict[str, Any]
+    pred: Prediction
+    num_exits: int
+    full_macs: int
+    return_probs: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.pred
+        labels, exits = p.labels.tolist(), p.exits.tolist()
+        conf, macs = p.confidence.tolist(), p.macs.tolist()
+        probs = p.probs.tolist() if self.return_probs else None
+        samples = [{"label": lab, "exit": e + 1, "exit_index": e, "confidence": c, "macs": m,
+                    "probs": None if probs is None else probs[i]}
+                   for i, (lab, e, c, m) in enumerate(zip(labels, exits, conf, macs, strict=True))]
+        return {"client_id": self.client_id, "policy": self.policy, "num_exits": self.num_exits,
+                "full_macs": self.full_macs, "mean_macs": float(np.mean(macs)), "predictions": samples}
+
+    def json_bytes(self) -> bytes:
+        """The :class:`PredictResponse` JSON, encoded directly (what HTTP sends)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+
+    def response(self) -> PredictResponse:
+        return PredictResponse.model_validate(self.to_dict())
+
+
 def answer(client_id: int, policy: ExitPolicy, pred: Prediction, cost: ExitCost,
            return_probs: bool) -> PredictResponse:
     """A :class:`Prediction` (one request's slice) as the API's response."""
-    labels, exits = pred.labels.tolist(), pred.exits.tolist()
-    conf, macs = pred.confidence.tolist(), pred.macs.tolist()
-    probs = pred.probs.tolist() if return_probs else [None] * len(labels)
-    samples = [SamplePrediction(label=lab, exit=e + 1, exit_index=e, confidence=c, macs=m, probs=p)
-               for lab, e, c, m, p in zip(labels, exits, conf, macs, probs, strict=True)]
-    return PredictResponse(client_id=client_id, policy=policy.describe(), num_exits=cost.num_exits,
-                           full_macs=int(cost.cascade[-1]), mean_macs=float(np.mean(macs)), predictions=samples)
+    return Answer(client_id, policy.describe(), pred, cost.num_exits, int(cost.cascade[-1]), return_probs).response()
 
 
 def _slice(pred: Prediction, a: int, b: int) -> Prediction:
@@ -269,7 +393,7 @@ def prepare_model(model: EarlyExitNet) -> EarlyExitNet:
     return model.eval()
 
 
-def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[PredictResponse]:
+def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[Answer]:
     """Jobs of one client and one policy key: one early-exit forward over all their samples."""
     x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
     if x.dim() == 4:  # (B, C, H, W) images: the layout prepare_model gave the model
@@ -278,21 +402,22 @@ def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[
     out, a = [], 0
     for j in jobs:
         b = a + j.x.shape[0]
-        out.append(answer(j.client_id, j.policy, _slice(pred, a, b), cost, j.return_probs))
+        out.append(Answer(j.client_id, j.described if j.described is not None else j.policy.describe(),
+                          _slice(pred, a, b), cost.num_exits, int(cost.cascade[-1]), j.return_probs))
         a = b
     return out
 
 
 def run_jobs(jobs: Sequence[Job], model: Callable[[int], EarlyExitNet] | Mapping[int, EarlyExitNet],
-             cost: ExitCost) -> list[PredictResponse | Exception]:
+             cost: ExitCost) -> list[Answer | Exception]:
     """Answer a batch of jobs, aligned with ``jobs``; a group that fails yields its exception for
     each of its jobs and leaves the other groups' answers intact."""
     get = model.__getitem__ if isinstance(model, Mapping) else model
-    out: list[PredictResponse | Exception] = [RuntimeError("unanswered")] * len(jobs)
+    out: list[Answer | Exception] = [RuntimeError("unanswered")] * len(jobs)
     for idx in group_jobs(jobs):
         group = [jobs[i] for i in idx]
         try:
-            answers: list[PredictResponse | Exception] = list(run_group(get(group[0].client_id), group, cost))
+            answers: list[Answer | Exception] = list(run_group(get(group[0].client_id), group, cost))
         except Exception as err:  # noqa: BLE001 - reported to each request of the group
             answers = [err] * len(group)
         for i, a in zip(idx, answers, strict=True):

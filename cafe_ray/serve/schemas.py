@@ -13,16 +13,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class PredictRequest(BaseModel):
-    """A batch of samples for one client's personal model, and how deep to run them."""
+    """A batch of samples for one client's personal model, and how deep to run them.
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
-        "examples": [{"inputs": [[[0.0, 0.5], [1.0, 0.25]]], "policy": "threshold", "threshold": 0.8}]})
+    Strict: JSON types are not coerced (``"0.7"`` is not a number, ``"yes"`` not a boolean),
+    unknown fields and non-finite numbers are rejected. The OpenAPI example is built by the
+    server from its model's real input shape.
+    """
 
-    inputs: list[Any] = Field(..., min_length=1, description=(
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    inputs: list[Any] | None = Field(None, min_length=1, description=(
         "Samples as nested lists of shape (batch, *input_shape): floats (C, H, W) for image datasets, "
         "integer token ids (L,) for text ones. GET /v1/clients/{client_id} gives input_shape. "
-        "At most the server's max_batch samples (more: 413)."))
-    policy: str | None = Field(None, description=(
+        "At most the server's max_batch samples (more: 413). Give exactly one of inputs and inputs_b64."))
+    inputs_b64: str | None = Field(None, min_length=1, description=(
+        "The samples as base64 of their raw little-endian bytes in input_dtype (float32 for images, int64 "
+        "for text token ids), C order, batch first: the batch size is the byte length over one sample's. "
+        "About 4x smaller and much faster to decode than nested lists."))
+    policy: str | None = Field(None, min_length=1, description=(
         "Exit policy: one of GET /v1/policies (full, threshold, entropy, budget, learned, ...). "
         "Default: the server's (threshold)."))
     threshold: float | None = Field(None, ge=0, le=1, description=(
@@ -35,6 +43,21 @@ class PredictRequest(BaseModel):
         "MACs per sample stay within it (default: the client's device profile inference_mac_budget). "
         "policy=learned: the budget the policy's budget_left feature sees."))
     return_probs: bool = Field(False, description="Also return the class probabilities at the exit taken.")
+
+
+class ErrorItem(BaseModel):
+    """One thing wrong with a request (the shape FastAPI uses for validation errors)."""
+
+    loc: list[str | int] = Field(description="Where: e.g. [\"body\", \"threshold\"], [\"path\", \"client_id\"], "
+                                             "[\"header\", \"content-type\"].")
+    msg: str = Field(description="What is wrong, the value, and what is accepted.")
+    type: str = Field(description="Machine-readable error kind, e.g. float_type, unknown_client, body_too_large.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx answer of this API: ``detail`` is always a list of errors."""
+
+    detail: list[ErrorItem]
 
 
 class SamplePrediction(BaseModel):
@@ -91,12 +114,13 @@ class PoliciesResponse(BaseModel):
     available: list[str]
     default: str
     defaults: dict[str, Any] = Field(description="Parameters used when a request gives none.")
-    learned: str | None = Field(description="The learned policy the server was started with, if any.")
+    learned: str | None = Field(description="The learned policy the server was started with, if any: its "
+                                            "name relative to the run directory (or its file name).")
 
 
 class Health(BaseModel):
     status: str
-    run_dir: str
+    run: str = Field(description="The run directory's name (never a server path).")
     algorithm: str
     dataset: str
     round: int

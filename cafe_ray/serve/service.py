@@ -14,11 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cafe_ray.inference.policies import ExitPolicy, available_policies, build_policy
 from cafe_ray.models import EarlyExitNet
 from cafe_ray.runs import RunArtifacts
 from cafe_ray.serve.config import ServeConfig
 from cafe_ray.serve.core import (
+    Answer,
     InputSpec,
     InvalidPolicy,
     Job,
@@ -26,10 +29,10 @@ from cafe_ray.serve.core import (
     PolicyDefaults,
     PolicyKey,
     UnknownClient,
-    parse_inputs,
     policy_names,
     policy_request,
     prepare_model,
+    request_inputs,
     run_jobs,
 )
 from cafe_ray.serve.schemas import (
@@ -126,17 +129,63 @@ class ModelService:
                                 defaults={"threshold": self.defaults.threshold,
                                           "max_entropy": self.defaults.max_entropy,
                                           "mac_budget": "the client's device profile inference_mac_budget"},
-                                learned=self.cfg.learned)
+                                learned=None if self.cfg.learned is None else self.display(self.cfg.learned))
 
     def health(self) -> Health:
-        return Health(status="ok", run_dir=str(self.run.run_dir), algorithm=self.run.cfg.algorithm.name,
+        return Health(status="ok", run=self.run.run_dir.name, algorithm=self.run.cfg.algorithm.name,
                       dataset=self.run.cfg.data.name, round=self.run.round, clients=len(self.client_ids))
 
+    def example_request(self) -> dict[str, Any]:
+        """A valid predict request for this run's model: one sample of the real input shape (zeros,
+        token id 0 for text), the default policy. The OpenAPI schema shows it."""
+        sample: Any = 0 if self.spec.is_text else 0.0
+        for n in reversed(self.spec.shape):
+            sample = [sample] * n
+        return {"inputs": [sample], "policy": "threshold", "threshold": self.defaults.threshold}
+
+    # ------------------------------------------------------------------ no server paths out
+    def display(self, path: str | Path) -> str:
+        """A server path as clients may see it: relative to the run directory if inside it, else its
+        name (answers never reveal the server's directory layout)."""
+        p = Path(path)
+        try:
+            rel = p.resolve().relative_to(self.run.run_dir.resolve()).as_posix()
+        except ValueError:
+            return p.name
+        return self.run.run_dir.name if rel == "." else rel
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the server's absolute paths (run directory, learned policy) cut to display names."""
+        roots = [(str(self.run.run_dir.resolve()), self.run.run_dir.name)]
+        if self.cfg.learned is not None:
+            roots.append((str(Path(self.cfg.learned).resolve().parent), ""))
+        for root, name in sorted(roots, key=lambda r: -len(r[0])):
+            text = text.replace(root + "/", (name + "/") if name else "").replace(root, name)
+        return text
+
+    def public_policy(self, policy: ExitPolicy) -> dict[str, Any]:
+        """``policy.describe()`` with any path made a display name (the learned policy names its file)."""
+        return self._public(policy.describe())
+
+    def _public(self, v: Any) -> Any:
+        """Every string that is an absolute path (e.g. a learned policy's provenance run_dir) made a
+        display name, recursively."""
+        if isinstance(v, dict):
+            return {k: self._public(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [self._public(x) for x in v]
+        if isinstance(v, Path) or (isinstance(v, str) and Path(v).is_absolute()):
+            return self.display(v)
+        return v
+
     # ------------------------------------------------------------------ requests
-    def validate(self, client_id: int, req: PredictRequest) -> tuple[Any, PolicyKey]:
-        """The cheap checks, before any model is loaded: client, batch size, inputs, policy."""
+    def validate(self, client_id: int, req: PredictRequest, x: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, PolicyKey]:
+        """The cheap checks, before any model is loaded: client, batch size, inputs, policy.
+        ``x``: inputs decoded already (an ``application/x-npy`` body), else the request's."""
         self.check_client(client_id)
-        x = parse_inputs(req.inputs, self.spec, self.cfg.max_batch)
+        if x is None:
+            x = request_inputs(req, self.spec, self.cfg.max_batch)
         budget = self.profile(client_id).get("inference_mac_budget")
         return x, policy_request(req, self.defaults, budget)
 
@@ -171,7 +220,7 @@ class ModelService:
                 return self._learned_policy(client_id, params.get("budget"))
             return build_policy(name, **params)
         except (ValueError, TypeError, FileNotFoundError) as err:
-            raise InvalidPolicy(f"policy {name!r}: {err}") from None
+            raise InvalidPolicy(self.scrub(f"policy {name!r}: {err}")) from None
 
     def _budget_policy(self, client_id: int, budget: float, model: EarlyExitNet) -> ExitPolicy:
         if "budget" not in available_policies():  # the registry has none: a per-sample cap
@@ -188,7 +237,7 @@ class ModelService:
                              "--learned PATH` (a policy written by `cafe-ray policy train`)")
         path = self.learned.get(client_id) if isinstance(self.learned, dict) else self.learned
         if path is None:
-            raise ValueError(f"the per-client learned policies ({self.cfg.learned}) have none for client "
+            raise ValueError(f"the per-client learned policies ({self.display(self.cfg.learned)}) have none for client "
                              f"{client_id}")
         fraction = None if budget is None else min(budget / self.cost.cascade[-1], 1.0)
         return build_policy("learned", path=path, budget=fraction)
@@ -196,10 +245,11 @@ class ModelService:
     def job(self, client_id: int, req: PredictRequest, model: EarlyExitNet,
             validated: tuple[Any, PolicyKey] | None = None) -> Job:
         x, key = validated or self.validate(client_id, req)
-        return Job(client_id, x, key, self.policy(client_id, key, model), req.return_probs)
+        pol = self.policy(client_id, key, model)
+        return Job(client_id, x, key, pol, req.return_probs, self.public_policy(pol))
 
     def run_jobs(self, jobs: Sequence[Job], models: Mapping[int, EarlyExitNet] | Callable[[int], EarlyExitNet],
-                 ) -> list[PredictResponse | Exception]:
+                 ) -> list[Answer | Exception]:
         return run_jobs(jobs, models, self.cost)
 
     def predict(self, client_id: int, req: PredictRequest | dict[str, Any]) -> PredictResponse:
@@ -210,4 +260,4 @@ class ModelService:
         (out,) = self.run_jobs([self.job(client_id, req, model, validated)], {client_id: model})
         if isinstance(out, Exception):
             raise out
-        return out
+        return out.response()

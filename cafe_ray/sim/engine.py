@@ -7,6 +7,8 @@ cluster and a cloud cluster differ only in the Ray address.
 
 from __future__ import annotations
 
+import contextlib
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +17,22 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from cafe_ray.config import ExperimentConfig, load_config
+from cafe_ray.config import ExperimentConfig
 from cafe_ray.runs import rundir
+from cafe_ray.sim.errors import (  # noqa: F401 - RunFailed, RunInterrupted: re-exported for callers
+    SIGNALS,
+    RunFailed,
+    RunInterrupted,
+    RunStopped,
+    Terminated,
+    describe,
+    one_line,
+    unwrap,
+)
 from cafe_ray.sim.executor import RayExecutor, SequentialExecutor
+from cafe_ray.sim.preflight import PreflightReport
 from cafe_ray.sim.simulation import Simulation
 
 
@@ -27,20 +41,36 @@ def _ray_factory(**kw: Any) -> RayExecutor:
 
 
 def _sequential_factory(*, cfg, dataset, splits, store_root, classes, client_class) -> SequentialExecutor:  # noqa: ANN001
-    return SequentialExecutor(cfg, dataset, splits, store_root)
+    return SequentialExecutor(cfg, dataset, splits, store_root, client_class)
 
 
 class Coordinator:
-    """Ray actor body: holds the Simulation; ``run`` and ``progress`` run concurrently."""
+    """Ray actor body: holds the Simulation; ``run`` and ``progress`` run concurrently.
+
+    The Simulation is built in ``run``, not in ``__init__``: an error while loading
+    the data or creating the pools then reaches the driver as the task's own
+    exception (``RayTaskError.cause``), not as an opaque "actor died" error.
+    Warnings raised here go to the run's warnings.jsonl, which the driver follows.
+    """
 
     def __init__(self, cfg_json: str, run_dir: str, resume: bool) -> None:
-        cfg = ExperimentConfig.model_validate_json(cfg_json)
-        self.sim = Simulation(cfg, run_dir, _ray_factory, resume=resume)
+        self.cfg = ExperimentConfig.model_validate_json(cfg_json)
+        self.run_dir, self.resume = run_dir, resume
+        self.sim: Simulation | None = None
+        rundir.capture_warnings(Path(run_dir), "coordinator")
 
     def run(self) -> dict[str, Any]:
+        import torch
+
+        # the coordinator (0 CPUs of its own) aggregates between rounds: one thread, so that
+        # it never takes the CPUs of the client actors on a compute-bound workload
+        torch.set_num_threads(1)
+        self.sim = Simulation(self.cfg, self.run_dir, _ray_factory, resume=self.resume)
         return self.sim.run()
 
     def progress(self) -> dict[str, Any]:
+        if self.sim is None:
+            return {"round": 0, "total": self.cfg.round.num_rounds, "status": "starting"}
         return dict(self.sim.progress.__dict__)
 
     def actor_info(self) -> list[dict]:
@@ -66,32 +96,80 @@ def run_here(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False
 def prepare_run(cfg: ExperimentConfig | None, resume_dir: str | Path | None) -> tuple[ExperimentConfig, Path, bool]:
     """Resolve (config, run dir, resume?) from either a config or a run directory."""
     if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; pass a run directory made by `cafe-ray simulate`")
-        return load_config(run_dir / "config.yaml"), run_dir, True
+        from cafe_ray.sim.preflight import resume_config
+
+        return resume_config(resume_dir), Path(resume_dir), True
     if cfg is None:
         raise ValueError("pass a config or a run directory to resume")
     return cfg, rundir.new_run_dir(cfg), False
 
 
-def ensure_ray(address: str | None) -> None:
+_LOCAL: dict[str, Any] = {}  # the local Ray this process started: session dir, watchdog
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Connect to ``address`` or start a local Ray; True when this call started a local one.
+
+    A local Ray gets a watchdog process (cafe_ray.sim.reaper) that removes every
+    process of its session if this process dies without ``ray.shutdown()`` (kill -9):
+    Ray's agents would otherwise outlive it. Exiting normally runs :func:`shutdown_ray`.
+    """
+    import atexit
+
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        return False
+    ray.init(include_dashboard=False, log_to_driver=False)
+    from cafe_ray.sim import reaper
+
+    if _LOCAL:  # an earlier local Ray was shut down by plain ray.shutdown(): sweep it now
+        shutdown_ray(keep_ray=True)
+    session = reaper.local_session_dir()
+    if session:
+        _LOCAL.update(session=session, watchdog=reaper.start_watchdog(session))
+        atexit.register(shutdown_ray)  # runs before Ray's own atexit hook (LIFO)
+    return True
+
+
+def shutdown_ray_if_started() -> None:
+    """Shut down the local Ray that :func:`ensure_ray` started in this process (else nothing)."""
+    if _LOCAL:
+        shutdown_ray()
+
+
+def shutdown_ray(keep_ray: bool = False) -> None:
+    """``ray.shutdown()``, then remove what is left of the local session this process started."""
+    import ray
+
+    if not keep_ray:
+        ray.shutdown()
+    session, watchdog = _LOCAL.pop("session", None), _LOCAL.pop("watchdog", None)
+    if session:
+        from cafe_ray.sim import reaper
+
+        reaper.kill_session(session)
+    if watchdog is not None:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def start(cfg: ExperimentConfig, run_dir: Path, resume: bool, address: str | None = None):  # noqa: ANN201
-    """Start the coordinator actor; returns (actor handle, run() future)."""
+    """Start the coordinator actor; returns (actor handle, run() future).
+
+    The coordinator runs on the driver's node: it needs no CPU, so Ray could otherwise
+    place it on any worker node, and losing that node (a reclaimed spot instance, an
+    autoscaler scale-down) would end the whole run instead of failing a few clients.
+    """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ensure_ray(address)
-    actor = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=4).remote(
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=4, scheduling_strategy=here).remote(
         cfg.model_dump_json(), str(run_dir.resolve()), resume)
     return actor, actor.run.remote()
 
@@ -103,23 +181,133 @@ def run_simulation(
     address: str | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    checked: PreflightReport | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) one simulation to its last round; returns (run dir, summary)."""
-    cfg, run_dir, resume = prepare_run(cfg, resume_dir)
+    """Run (or resume) one simulation to its last round; returns (run dir, summary).
+
+    :func:`cafe_ray.sim.preflight.preflight` runs first, before Ray starts and before the
+    run directory exists, unless the caller already ran it (``checked``). A run that stops raises :class:`RunFailed` (the
+    original error is its ``__cause__``) or :class:`RunInterrupted`; both say where it
+    stopped and the command that resumes it. A run that stops before its first round
+    leaves no run directory behind.
+    """
     console = console or Console()
+    report = checked
+    if report is None:
+        from cafe_ray.sim.preflight import preflight, resume_config
+
+        report = (preflight(cfg, address=address) if resume_dir is None
+                  else preflight(resume_config(resume_dir), address=address, run_dir=resume_dir))
+    cfg, run_dir, resume = prepare_run(cfg, resume_dir)
     console.print(f"[bold]cafe-ray[/] {cfg.algorithm.name} on {cfg.data.name}: "
                   f"{cfg.data.num_clients} clients, {cfg.round.num_rounds} rounds -> {run_dir}")
-    if cfg.executor == "sequential":
-        sim = Simulation(cfg, run_dir, _sequential_factory, resume=resume)
-        summary = _follow_local(sim, console, show_progress)
-    else:
-        import ray
+    shown: set[str] = set()
+    for w in report.warnings:
+        rundir.record_warning(run_dir, "preflight", w)
+    if resume:
+        _explain_resume(run_dir, cfg, console)
+        rundir.clear_failure(run_dir)
+    _show_warnings(run_dir, console, shown)
+    actor = fut = None
+    try:
+        if cfg.executor == "sequential":
+            restore = rundir.capture_warnings(run_dir, "driver", echo=False)
+            try:
+                sim = Simulation(cfg, run_dir, _sequential_factory, resume=resume)
+                summary = _follow_local(sim, console, show_progress, shown)
+            finally:
+                restore()
+        else:
+            import ray
 
-        actor, fut = start(cfg, run_dir, resume, address)
-        summary = _follow(actor, fut, cfg, console, show_progress)
-        ray.kill(actor)
+            from cafe_ray.sim import autoscale
+
+            ensure_ray(address)  # first ask the autoscaler for the pools' nodes, showing the wait here
+            autoscale.scale_for_config(cfg, lambda msg: console.print(f"[yellow]{msg}[/]"))
+            actor, fut = start(cfg, run_dir, resume, address)
+            summary = _follow(actor, fut, cfg, console, show_progress, run_dir, shown)
+            ray.kill(actor)
+    except BaseException as err:  # noqa: BLE001 - Ctrl-C and SIGTERM included: say where it stopped
+        _stop_coordinator(actor, fut)
+        raise _stopped(err, cfg, run_dir, created=not resume, address=address) from unwrap(err)
+    _show_warnings(run_dir, console, shown)
     print_summary(summary, console)
     return run_dir, summary
+
+
+def _stop_coordinator(actor, fut) -> None:  # noqa: ANN001
+    """Kill the coordinator (its client actors die with it) and wait until it has stopped writing."""
+    if actor is None:
+        return
+    try:
+        import ray
+
+        ray.kill(actor)
+        ray.wait([fut], timeout=10)
+    except Exception:  # noqa: BLE001 - Ray may be going down too (Ctrl-C reaches its processes)
+        pass
+
+
+def resume_command(run_dir: Path, address: str | None = None) -> str:
+    cmd = f"cafe-ray simulate --resume {shlex.quote(str(Path(run_dir).resolve()))}"
+    return f"{cmd} --address {shlex.quote(address)}" if address else cmd
+
+
+def _stopped(err: BaseException, cfg: ExperimentConfig, run_dir: Path, *, created: bool,
+             address: str | None) -> RunStopped:
+    """Record why the run stopped; remove the run directory when no round had finished."""
+    cause = unwrap(err)
+    interrupted = isinstance(err, KeyboardInterrupt)
+    if interrupted:
+        sigterm = isinstance(err, Terminated) or SIGNALS["sigterm"]
+        reason = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
+    else:
+        reason = describe(cause, cfg)
+    records = rundir.read_jsonl(run_dir / rundir.METRICS)
+    done = max((r.get("round", -1) for r in records), default=-1) + 1
+    ckpt = rundir.latest_checkpoint(run_dir)
+    ckpt_rounds = int(ckpt.name.split("_")[1]) + 1 if ckpt is not None else 0
+    cls = RunInterrupted if interrupted else RunFailed
+    if created and not rundir.has_progress(run_dir):
+        rundir.remove_run_dir(run_dir)
+        return cls(reason, run_dir=None, rounds_done=0, total=cfg.round.num_rounds, checkpoint_rounds=0,
+                   resume_cmd=None)
+    cmd = resume_command(run_dir, address)
+    with contextlib.suppress(OSError):  # the disk may be full: the message matters more than the file
+        rundir.write_failure(run_dir, {
+            "reason": reason, "error": f"{type(cause).__name__}: {one_line(cause)}"[:2000],
+            "rounds_done": done, "checkpoint_rounds": ckpt_rounds, "total": cfg.round.num_rounds,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "resume": cmd,
+        })
+    return cls(reason, run_dir=run_dir, rounds_done=done, total=cfg.round.num_rounds,
+               checkpoint_rounds=ckpt_rounds, resume_cmd=cmd)
+
+
+def _explain_resume(run_dir: Path, cfg: ExperimentConfig, console: Console) -> None:
+    """Say what ``--resume`` continues from, and why the last attempt stopped."""
+    ckpt = rundir.latest_checkpoint(run_dir)
+    failure = rundir.read_failure(run_dir)
+    why = f"; the last attempt stopped: {failure['reason']}" if failure.get("reason") else ""
+    if ckpt is None:
+        console.print(f"resuming {run_dir}: no checkpoint yet, starting from round 1{why}")
+    else:
+        n = int(ckpt.name.split("_")[1]) + 1
+        console.print(f"resuming {run_dir} from its checkpoint after round {n} of "
+                      f"{cfg.round.num_rounds}{why}")
+
+
+def _show_warnings(run_dir: Path, console: Console, shown: set[str]) -> None:
+    """Print warnings recorded by any process of this run that were not printed yet."""
+    try:
+        records = rundir.read_warnings(run_dir)
+    except OSError:
+        return
+    for r in records:
+        msg = r.get("message", "")
+        if msg and msg not in shown:
+            shown.add(msg)
+            src = r.get("source", "")
+            console.print(Text.assemble(("warning", "yellow"), f" ({src}): {msg}"), soft_wrap=True)
 
 
 def _bar(console: Console, total: int, show: bool) -> Progress:
@@ -128,6 +316,7 @@ def _bar(console: Console, total: int, show: bool) -> Progress:
         TextColumn("acc {task.fields[acc]}"), TextColumn("virtual {task.fields[vt]}"),
         TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
         console=console, disable=not show, transient=False,
+        refresh_per_second=2,  # progress moves per round: 10 redraws a second only cost CPU
     )
 
 
@@ -137,9 +326,11 @@ def _fields(p: dict[str, Any]) -> dict[str, Any]:
             "vt": f"{p.get('virtual_time_s', 0.0):.0f}s", "failed": p.get("failed_total", 0)}
 
 
-def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool) -> dict[str, Any]:  # noqa: ANN001
+def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool,  # noqa: ANN001
+            run_dir: Path | None = None, shown: set[str] | None = None) -> dict[str, Any]:
     import ray
 
+    shown = set() if shown is None else shown
     with _bar(console, cfg.round.num_rounds, show) as bar:
         task = bar.add_task("sim", total=cfg.round.num_rounds, acc="-", vt="0s", failed=0)
         while True:
@@ -149,16 +340,20 @@ def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool) -> 
                 bar.update(task, completed=p["round"], **_fields(p))
             except Exception:  # noqa: BLE001 - progress is best effort
                 pass
+            if run_dir is not None:
+                _show_warnings(run_dir, console, shown)
             if done:
                 return ray.get(fut)
 
 
-def _follow_local(sim: Simulation, console: Console, show: bool) -> dict[str, Any]:
+def _follow_local(sim: Simulation, console: Console, show: bool, shown: set[str] | None = None) -> dict[str, Any]:
+    shown = set() if shown is None else shown
     with _bar(console, sim.cfg.round.num_rounds, show) as bar:
         task = bar.add_task("sim", total=sim.cfg.round.num_rounds, acc="-", vt="0s", failed=0)
 
         def on_round(_: dict[str, Any]) -> None:
             bar.update(task, completed=sim.progress.round, **_fields(sim.progress.__dict__))
+            _show_warnings(sim.run_dir, console, shown)
 
         return sim.run(on_round)
 

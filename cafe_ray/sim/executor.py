@@ -4,26 +4,38 @@ The round loop (cafe_ray.sim.simulation) says *what* runs; an executor decides
 *how*. Same seeds, same results on both (a test checks it).
 
 Ray: one bounded pool of client actors per resource class, each actor running
-many virtual clients in turn with that class's Ray resources. The dataset goes
-to the object store once; an identical payload is put once per round. An actor
-that dies mid-round is restarted by Ray; the jobs it held count as failed.
+many virtual clients in turn with that class's Ray resources. One actor call
+trains a chunk of clients (``engine.chunk_clients``, adaptive by default; a
+batched cohort under ``engine.vectorize``) and returns their uploads as numpy
+arrays. Actors start before the data is loaded; the dataset goes to the object
+store once and travels with each call by reference; an identical payload is
+put once per round. An actor that dies mid-round is restarted by Ray; the jobs
+it held count as failed.
 
 Inside a placement group that captures child tasks (a Ray Tune trial), the pools
 are fitted to that group's bundles, not to the whole cluster, so concurrent
-trials never oversubscribe the machine.
+trials never oversubscribe the machine. Elsewhere the pools first ask the
+cluster's autoscaler for their nodes (cafe_ray.sim.autoscale), and grow at a later
+round when nodes join after they were built.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+
+import numpy as np
+import torch
 
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.data.base import ArrayDataset, ClientSplit
+from cafe_ray.sim import autoscale
 from cafe_ray.sim.profiles import ResourceClass, check_fits
 from cafe_ray.sim.runner import ClientRunner, EvalJob, EvalResult, FitJob, FitResult
 
@@ -37,6 +49,14 @@ class Executor(ABC):
     def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
         """Results in job order."""
 
+    @abstractmethod
+    def attach(self, dataset: ArrayDataset, splits: Sequence[ClientSplit]) -> tuple[ArrayDataset, Sequence[ClientSplit]]:
+        """Hand the workers the data (they may already be starting); returns the copy to keep.
+
+        The caller keeps the returned objects and drops its own, so the coordinator
+        holds one copy of the dataset (Ray: zero-copy views of the object store's).
+        """
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -44,12 +64,29 @@ class Executor(ABC):
 class SequentialExecutor(Executor):
     """Runs every client in this process, one after the other: for debugging."""
 
-    def __init__(self, cfg: ExperimentConfig, dataset: ArrayDataset, splits: list[ClientSplit], store_root: str) -> None:
-        self.runner = ClientRunner(cfg, dataset, splits, store_root,
+    def __init__(self, cfg: ExperimentConfig, dataset: ArrayDataset | None, splits: Sequence[ClientSplit] | None,
+                 store_root: str, client_class: Mapping[int, str] | None = None) -> None:
+        self.cfg, self.store_root = cfg, store_root
+        self.client_class = client_class  # cohorts (engine.vectorize) never mix resource classes
+        self.runner: ClientRunner | None = None
+        if dataset is not None and splits is not None:
+            self.attach(dataset, splits)
+
+    def attach(self, dataset: ArrayDataset, splits: Sequence[ClientSplit]) -> tuple[ArrayDataset, Sequence[ClientSplit]]:
+        self.runner = ClientRunner(self.cfg, dataset, splits, self.store_root,
                                    worker_info={"pid": os.getpid(), "executor": "sequential"})
+        return dataset, splits
 
     def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
-        return [self.runner.fit(j) for j in jobs]
+        if not self.cfg.engine.vectorize:
+            return [self.runner.fit(j) for j in jobs]  # type: ignore[union-attr]
+        from cafe_ray.sim.cohort import cohort_size, split_cohorts
+
+        results: list = [None] * len(jobs)
+        for chunk in split_cohorts(jobs, cohort_size(self.cfg.engine.chunk_clients), self.client_class):
+            for i, r in zip(chunk, self.runner.fit_many([jobs[i] for i in chunk]), strict=True):  # type: ignore[union-attr]
+                results[i] = r
+        return results
 
     def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
         return [self.runner.evaluate(j) for j in jobs]
@@ -80,44 +117,106 @@ def fit_capacity() -> tuple[dict[str, float], str]:
     return total, "placement group"
 
 
-class _ClientActor:
-    """Ray actor body: a ClientRunner plus where it runs (for reporting)."""
+def pack_result(r: FitResult) -> FitResult:
+    """The upload's torch tensors as numpy arrays: Ray ships those out of band, zero-copy."""
+    if r.output is None:
+        return r
+    up = r.output.upload
+    arrays = {k: v.detach().numpy() for k, v in up.tensors.items()}
+    return replace(r, output=replace(r.output, upload=replace(up, tensors=arrays)))
 
-    def __init__(self, cfg_json: str, dataset: ArrayDataset, splits: list[ClientSplit],
-                 store_root: str, class_name: str) -> None:
+
+def unpack_result(r: FitResult) -> FitResult:
+    """Inverse of :func:`pack_result` on the coordinator (no copy: the arrays stay read-only views)."""
+    if r.output is None:
+        return r
+    up = r.output.upload
+    with warnings.catch_warnings():  # the object store's buffers are read-only; nobody writes them
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in up.tensors.items()}
+    return replace(r, output=replace(r.output, upload=replace(up, tensors=tensors)))
+
+
+def _warm_optimizer() -> None:
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).zero_grad()
+
+
+class _ClientActor:
+    """Ray actor body: a ClientRunner plus where it runs (for reporting).
+
+    Created before the data exists (the process boots while the coordinator loads
+    it); every call carries the data's object refs, un-resolved, and the first one
+    that finds no runner (also after a restart) builds it from them.
+    """
+
+    def __init__(self, cfg_json: str, store_root: str, class_name: str) -> None:
         import ray
+        import torch
 
         from cafe_ray.config import ExperimentConfig
 
+        torch.set_num_threads(1)  # once, not per job: deterministic and no oversubscription
+        # the first torch.optim optimizer imports torch._dynamo (~1-3 s): do it now, while
+        # the coordinator is still loading the data, not in round 0
+        threading.Thread(target=_warm_optimizer, daemon=True).start()
         ctx = ray.get_runtime_context()
-        info = {
+        self.worker_info = {
             "pid": os.getpid(), "host": socket.gethostname(), "node_id": ctx.get_node_id(),
             "resource_class": class_name, "resources": dict(ctx.get_assigned_resources()),
             "executor": "ray",
         }
-        cfg = ExperimentConfig.model_validate_json(cfg_json)
-        self.runner = ClientRunner(cfg, dataset, splits, store_root, worker_info=info)
+        self.cfg = ExperimentConfig.model_validate_json(cfg_json)
+        self.store_root = store_root
+        from pathlib import Path
 
-    def fit(self, job: FitJob, payload) -> FitResult:  # noqa: ANN001 - resolved ObjectRef
-        return self.runner.fit(replace(job, payload=payload))
+        from cafe_ray.runs import rundir
 
-    def evaluate(self, job: EvalJob, payload) -> EvalResult:  # noqa: ANN001
-        return self.runner.evaluate(replace(job, payload=payload))
+        # warnings reach the driver through <run dir>/warnings.jsonl (the store lies in the run dir)
+        rundir.capture_warnings(Path(store_root).parent, f"client actor {class_name}")
+        self.runner: ClientRunner | None = None
+
+    def attach(self, data_refs: list) -> bool:
+        if self.runner is None:
+            import ray
+
+            dataset, splits = ray.get(data_refs)
+            self.runner = ClientRunner(self.cfg, dataset, splits, self.store_root, worker_info=self.worker_info)
+        return True
+
+    def fit_chunk(self, data_refs: list, jobs: list[FitJob], pidx: list[int], *payloads) -> list[FitResult]:  # noqa: ANN002
+        """Train a chunk of virtual clients (one batched cohort under engine.vectorize); uploads
+        come back as numpy arrays."""
+        self.attach(data_refs)
+        full = [replace(j, payload=payloads[k]) for j, k in zip(jobs, pidx, strict=True)]
+        return [pack_result(r) for r in self.runner.fit_many(full)]  # type: ignore[union-attr]
+
+    def evaluate_chunk(self, data_refs: list, jobs: list[EvalJob], pidx: list[int], *payloads) -> list[EvalResult]:  # noqa: ANN002
+        self.attach(data_refs)
+        return [self.runner.evaluate(replace(j, payload=payloads[k]))  # type: ignore[union-attr]
+                for j, k in zip(jobs, pidx, strict=True)]
 
     def info(self) -> dict:
-        return self.runner.worker_info
+        return self.worker_info
 
 
 class RayExecutor(Executor):
-    def __init__(self, cfg: ExperimentConfig, dataset: ArrayDataset, splits: list[ClientSplit],
-                 store_root: str, classes: Sequence[ResourceClass], client_class: dict[int, str],
+    def __init__(self, cfg: ExperimentConfig, dataset: ArrayDataset | None, splits: Sequence[ClientSplit] | None,
+                 store_root: str, classes: Sequence[ResourceClass], client_class: Mapping[int, str],
                  in_flight_per_actor: int = 2) -> None:
         import ray
 
         self.ray = ray
         self.client_class = client_class
         self.depth = in_flight_per_actor
+        self.chunk_clients = cfg.engine.chunk_clients
+        self.vectorize = cfg.engine.vectorize
+        self._data_refs: list | None = None  # [dataset ref, splits ref], set by attach()
         self.capacity, self.capacity_source = fit_capacity()
+        self.wanted = list(classes)  # pools at full size; check_fits may shrink them
+        self.notes: list[str] = []  # autoscaling / shrinking messages (also on stderr)
+        self._scaled = self.capacity_source == "cluster"  # not inside a Tune trial's placement group
+        if self._scaled:  # ask the autoscaler for the nodes the pools need first (autoscale.py)
+            self.capacity = autoscale.scale_for(self.wanted, cfg.profiles.autoscale_timeout_s, self._note)
         try:
             self.classes = check_fits(classes, self.capacity)
         except ValueError as err:
@@ -125,55 +224,113 @@ class RayExecutor(Executor):
                 raise
             raise ValueError(f"{err} (here 'the cluster' is the placement group this process runs in, "
                              "e.g. a Tune trial's, which cafe_ray.studies.sweep sizes from the resolved catalog)") from None
-        ds_ref = ray.put(dataset)  # once: zero-copy numpy in every actor on this node
-        splits_ref = ray.put(splits)
-        actor_cls = ray.remote(_ClientActor)
-        cfg_json = cfg.model_dump_json()
+        note = autoscale.shrink_note(self.wanted, self.classes)
+        if note:
+            self._note(note)
+        # what a new actor needs (pools also grow mid-run, see _grow); the data travels with
+        # each call (attach), so actors start before it is loaded
+        self._actor_args = (cfg.model_dump_json(), store_root)
+        self._actor_cls = ray.remote(_ClientActor)
+        self._actor_node: dict[tuple[str, int], str | None] = {}  # (class, index) -> node it last ran on
         self.pools: dict[str, list] = {}
         # pinned pools (custom resources, GPUs) are requested first, so that unpinned
         # actors do not take the CPUs of the only nodes a pinned class can use
         for c in sorted(self.classes, key=lambda c: not (c.resources or c.num_gpus)):
-            self.pools[c.name] = [
-                actor_cls.options(max_restarts=-1, max_task_retries=0, **c.ray_options()).remote(
-                    cfg_json, ds_ref, splits_ref, store_root, c.name
-                )
-                for _ in range(c.actors or 1)
-            ]
+            self.pools[c.name] = [self._new_actor(c) for _ in range(c.actors or 1)]
         self.restarts_seen = 0  # actors seen back after dying
         self._down: set[tuple[str, int]] = set()  # (class, actor index) known dead
+        self._probes: dict[tuple[str, int], object] = {}  # down actor -> pending info() call
+        if dataset is not None and splits is not None:
+            self.attach(dataset, splits)
+
+    def attach(self, dataset: ArrayDataset, splits: Sequence[ClientSplit]) -> tuple[ArrayDataset, Sequence[ClientSplit]]:
+        """Put the data once (zero-copy numpy in every actor on this node); actors load it now.
+
+        Returns the object store's views, so the caller can drop its own copy.
+        """
+        self._data_refs = [self.ray.put(dataset), self.ray.put(splits)]
+        for pool in self.pools.values():
+            for a in pool:
+                a.attach.remote(self._data_refs)  # ordered before any chunk on that actor
+        return tuple(self.ray.get(self._data_refs))  # type: ignore[return-value]
+
+    def _new_actor(self, c: ResourceClass):  # noqa: ANN202 - an actor handle
+        actor = self._actor_cls.options(max_restarts=-1, max_task_retries=0, **c.ray_options()).remote(
+            *self._actor_args, c.name)
+        if self._data_refs is not None:  # a pool grown mid-run: load the data as attach() did
+            actor.attach.remote(self._data_refs)
+        return actor
+
+    def _note(self, msg: str) -> None:
+        import sys
+
+        self.notes.append(msg)
+        print(f"cafe-ray: {msg}", file=sys.stderr, flush=True)
+
+    def _grow(self) -> None:
+        """Add actors to pools that were shrunk, as far as the cluster's free resources allow
+        (nodes the standing autoscaler request brought up after the pools were built)."""
+        if all(len(self.pools.get(c.name, [])) >= (c.actors or 1) for c in self.wanted):
+            return
+        current = {name: len(pool) for name, pool in self.pools.items()}
+        add = autoscale.grow_plan(current, self.wanted, dict(self.ray.available_resources()))
+        for c in self.wanted:
+            for _ in range(add.get(c.name, 0)):
+                self.pools.setdefault(c.name, []).append(self._new_actor(c))
+        if add:
+            self._note("nodes joined; pools grown: " + ", ".join(
+                f"{name} {current.get(name, 0)} -> {len(self.pools[name])}" for name in sorted(add)))
 
     def actor_info(self) -> list[dict]:
         return self.ray.get([a.info.remote() for pool in self.pools.values() for a in pool])
 
-    def _payload_refs(self, jobs: Sequence) -> list:
-        cache: dict[int, object] = {}
-        refs = []
-        for j in jobs:
-            key = id(j.payload)
-            if key not in cache:
-                cache[key] = self.ray.put(j.payload)
-            refs.append(cache[key])
-        return refs
+    def _chunk_size(self, n_jobs: int, n_actors: int, method: str) -> int:
+        """Clients per Ray task: engine.chunk_clients, else ~2 chunks per actor, 1..64.
+
+        Training cohorts (engine.vectorize) have a fixed size instead, never one that
+        depends on the number of actors: a batched cohort's float rounding depends on
+        its members, so the same cohorts must form on every executor.
+        """
+        if method == "fit" and self.vectorize:
+            from cafe_ray.sim.cohort import cohort_size
+
+            return cohort_size(self.chunk_clients)
+        if self.chunk_clients:
+            return self.chunk_clients
+        return max(1, min(64, -(-n_jobs // (2 * max(1, n_actors)))))
 
     def _dispatch(self, jobs: Sequence, method: str) -> list:
-        """Feed each pool's live actors at most ``depth`` jobs at a time; collect in job order.
+        """Feed each pool's live actors at most ``depth`` chunks at a time; collect in job order.
 
-        A job whose actor dies fails (fit) or is queued again (evaluation, which has no
-        side effects); the dead actor gets no more work until Ray has restarted it and
-        it answers, so one crash costs the jobs it held, not the rest of the round.
+        A chunk is a run of one class's jobs trained by one actor call. A chunk whose
+        actor dies fails (fit) or is queued again (evaluation, which has no side
+        effects); the dead actor gets no more work until Ray has restarted it and it
+        answers, so one crash costs the jobs it held, not the rest of the round.
         """
         ray = self.ray
-        payload_refs = self._payload_refs(jobs)
-        queues: dict[str, deque[int]] = {name: deque() for name in self.pools}
+        if self._data_refs is None:
+            raise RuntimeError("RayExecutor: attach(dataset, splits) must run before the first round")
+        by_class: dict[str, list[int]] = {name: [] for name in self.pools}
         for i, j in enumerate(jobs):
             cls = self.client_class.get(j.client_id)
-            if cls not in queues:
+            if cls not in by_class:
                 raise KeyError(f"client {j.client_id} has resource class {cls!r} with no actor pool")
-            queues[cls].append(i)
+            by_class[cls].append(i)
+        queues: dict[str, deque[list[int]]] = {}
+        for name, idx in by_class.items():
+            c = self._chunk_size(len(idx), len(self.pools[name]), method)
+            queues[name] = deque(idx[s:s + c] for s in range(0, len(idx), c))
         results: list = [None] * len(jobs)
-        attempts = [0] * len(jobs)
-        in_flight: dict = {}  # ref -> (job index, class, actor index)
+        attempts: dict[int, int] = {}  # first job index of a chunk -> tries
+        in_flight: dict = {}  # ref -> (job indices, class, actor index)
         load = {name: [0] * len(pool) for name, pool in self.pools.items()}
+        put_cache: dict[int, object] = {}  # id(payload) -> ref: an identical payload is put once
+
+        def payload_ref(payload: object) -> object:
+            key = id(payload)
+            if key not in put_cache:
+                put_cache[key] = ray.put(payload)
+            return put_cache[key]
 
         def feed(name: str) -> None:
             pool, q = self.pools[name], queues[name]
@@ -185,12 +342,19 @@ class RayExecutor(Executor):
                 a = min(alive, key=lambda k: load[name][k])
                 if load[name][a] >= self.depth:
                     return
-                i = q.popleft()
-                job = replace(jobs[i], payload=None)
-                ref = getattr(pool[a], method).remote(job, payload_refs[i])
-                in_flight[ref] = (i, name, a)
+                chunk = q.popleft()
+                refs: list = []
+                pidx: list[int] = []
+                for i in chunk:
+                    r = payload_ref(jobs[i].payload)
+                    if r not in refs:
+                        refs.append(r)
+                    pidx.append(refs.index(r))
+                light = [replace(jobs[i], payload=None) for i in chunk]
+                ref = getattr(pool[a], f"{method}_chunk").remote(self._data_refs, light, pidx, *refs)
+                in_flight[ref] = (chunk, name, a)
                 load[name][a] += 1
-                attempts[i] += 1
+                attempts[chunk[0]] = attempts.get(chunk[0], 0) + 1
 
         self._revive_all()
         for name in self.pools:
@@ -198,23 +362,35 @@ class RayExecutor(Executor):
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
-                i, name, a = in_flight.pop(ref)
+                chunk, name, a = in_flight.pop(ref)
                 load[name][a] -= 1
                 try:
-                    results[i] = ray.get(ref)
+                    out = ray.get(ref)
+                    for i, r in zip(chunk, out, strict=True):
+                        results[i] = unpack_result(r) if isinstance(r, FitResult) else r
+                    worker = getattr(out[0], "worker", None) if out else None
+                    if worker:
+                        self._actor_node[(name, a)] = worker.get("node_id")
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                     self._down.add((name, a))
-                    if isinstance(jobs[i], FitJob):
-                        results[i] = FitResult(jobs[i].client_id, jobs[i].round, None,
-                                               error=f"worker died: {type(err).__name__}")
-                    elif attempts[i] < 3:
-                        queues[name].append(i)
+                    if isinstance(jobs[chunk[0]], FitJob):  # node: where this actor last answered from
+                        for i in chunk:
+                            results[i] = FitResult(jobs[i].client_id, jobs[i].round, None,
+                                                   error=f"worker died: {type(err).__name__}",
+                                                   worker={"node_id": self._actor_node.get((name, a))})
+                    elif attempts[chunk[0]] < 3:
+                        queues[name].append(chunk)
                     else:
-                        raise RuntimeError(f"evaluation of client {jobs[i].client_id} lost its worker "
-                                           f"three times: {err}") from None
+                        raise RuntimeError(f"evaluation of clients {[jobs[i].client_id for i in chunk]} lost "
+                                           f"its worker three times: {err}") from None
                 except ray.exceptions.RayTaskError as err:
                     raise err.as_instanceof_cause() from None
-                feed(name)
+                if self._down:  # a restarted actor rejoins mid-round, not only at the next dispatch
+                    self._revive_all()
+                    for other in self.pools:
+                        feed(other)
+                else:
+                    feed(name)
         return results
 
     def _revive(self, name: str, timeout_s: float = 300.0) -> None:
@@ -226,7 +402,7 @@ class RayExecutor(Executor):
             actor = self.pools[name][key[1]]
             while True:
                 try:
-                    self.ray.get(actor.info.remote(), timeout=30)
+                    self._actor_node[key] = self.ray.get(actor.info.remote(), timeout=30).get("node_id")
                     break
                 except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError,
                         self.ray.exceptions.GetTimeoutError):
@@ -235,13 +411,40 @@ class RayExecutor(Executor):
                                            f"{timeout_s:.0f}s after dying") from None
                     time.sleep(0.5)
             self._down.discard(key)
+            self._probes.pop(key, None)
             self.restarts_seen += 1
 
     def _revive_all(self) -> None:
+        """Before a dispatch: a pool with no live actor waits for Ray to restart one; a pool that
+        still has live actors only checks, without waiting, whether its dead ones are back, so a
+        node lost for good (a reclaimed spot instance) does not stall every later round."""
         for name in sorted({n for n, _ in self._down}):
-            self._revive(name)
+            down = sorted(k for k in self._down if k[0] == name)
+            if len(down) >= len(self.pools[name]):
+                self._revive(name)
+                continue
+            for key in down:
+                probe = self._probes.get(key)
+                if probe is None:
+                    self._probes[key] = self.pools[name][key[1]].info.remote()
+                    continue
+                ready, _ = self.ray.wait([probe], timeout=0)
+                if not ready:
+                    continue
+                del self._probes[key]
+                try:
+                    self._actor_node[key] = self.ray.get(probe).get("node_id")
+                except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
+                    # still down (a call made while Ray restarts it fails): probe again now, so the
+                    # answer is there at the next check (dispatch or a finished chunk)
+                    self._probes[key] = self.pools[name][key[1]].info.remote()
+                    continue
+                self._down.discard(key)
+                self.restarts_seen += 1
 
     def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
+        if self._scaled:
+            self._grow()
         return self._dispatch(jobs, "fit")
 
     def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
@@ -252,3 +455,5 @@ class RayExecutor(Executor):
             for a in pool:
                 self.ray.kill(a)
         self.pools = {}
+        if self._scaled:
+            autoscale.release()  # idle nodes may go after the cluster's idle_timeout_minutes

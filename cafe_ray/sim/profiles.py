@@ -9,7 +9,7 @@ clients of different classes really run with different Ray resources.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -63,7 +63,7 @@ class DeviceProfile:
     def comm_seconds(self, bytes_down: int, bytes_up: int) -> float:
         return bytes_down * 8 / (self.downlink_mbps * 1e6) + bytes_up * 8 / (self.uplink_mbps * 1e6)
 
-    def is_online(self, virtual_time: float, rng: np.random.Generator) -> bool:
+    def is_online(self, virtual_time: float, rng: np.random.Generator | None = None) -> bool:
         """A trace decides when there is one; else a seeded coin with p = availability."""
         if self.active:
             t = virtual_time % self.trace_period if self.trace_period else virtual_time
@@ -72,6 +72,8 @@ class DeviceProfile:
                 if start <= t < end:
                     return True
             return False
+        if rng is None:
+            raise ValueError(f"profile {self.name!r}: availability={self.availability} needs a random draw; pass rng")
         return bool(rng.random() < self.availability)
 
 
@@ -198,10 +200,10 @@ def resolve_catalog(cfg: ProfilesConfig) -> Catalog:
     return replace(cat, classes=tuple(classes))
 
 
-def assign_profiles(catalog: Catalog, num_clients: int, seed: int) -> list[DeviceProfile]:
-    """Client i's profile: exact tier counts by proportion, shuffled by a seeded RNG."""
+def assign_tiers(catalog: Catalog, num_clients: int, seed: int) -> np.ndarray:
+    """Client i's tier index: exact tier counts by proportion, shuffled by a seeded RNG."""
     if len(catalog.tiers) > 1 and all(p.name.startswith("trace_") for p, _ in catalog.tiers):
-        return [catalog.tiers[i % len(catalog.tiers)][0] for i in range(num_clients)]
+        return np.arange(num_clients, dtype=np.int64) % len(catalog.tiers)
     fracs = np.array([f for _, f in catalog.tiers], dtype=float)
     fracs = fracs / fracs.sum()
     counts = np.floor(fracs * num_clients).astype(int)
@@ -209,7 +211,62 @@ def assign_profiles(catalog: Catalog, num_clients: int, seed: int) -> list[Devic
         counts[i] += 1
     tiers = np.repeat(np.arange(len(catalog.tiers)), counts)
     np.random.default_rng([seed, 0x9E3779B9]).shuffle(tiers)
-    return [catalog.tiers[t][0] for t in tiers]
+    return tiers.astype(np.int64)
+
+
+def assign_profiles(catalog: Catalog, num_clients: int, seed: int) -> list[DeviceProfile]:
+    """Client i's profile as a list (small N; the engine uses :class:`ProfileTable`)."""
+    return [catalog.tiers[t][0] for t in assign_tiers(catalog, num_clients, seed)]
+
+
+class ProfileTable(Sequence[DeviceProfile]):
+    """Every registered client's profile as (tiers, tier index per client).
+
+    ``table[i]`` is client i's :class:`DeviceProfile`; a million clients cost one
+    int array, and :meth:`online` decides who is online for all of them in numpy.
+    """
+
+    def __init__(self, catalog: Catalog, num_clients: int, seed: int) -> None:
+        self.tiers: tuple[DeviceProfile, ...] = tuple(p for p, _ in catalog.tiers)
+        self.tier_of = assign_tiers(catalog, num_clients, seed)
+
+    def __len__(self) -> int:
+        return len(self.tier_of)
+
+    def __getitem__(self, i: int) -> DeviceProfile:  # type: ignore[override]
+        return self.tiers[self.tier_of[i]]
+
+    def __iter__(self) -> Iterator[DeviceProfile]:
+        return (self.tiers[t] for t in self.tier_of)
+
+    def online(self, virtual_time: float, seed: int, round_: int) -> np.ndarray | None:
+        """Sorted ids of the clients online in round ``round_``; None means every client.
+
+        Trace tiers decide by the virtual clock (once per tier), the others by a
+        counter-based coin keyed by (seed, round, client), drawn for all clients at
+        once and only when some tier is neither always nor never online.
+        """
+        from cafe_ray.sim import seeds
+
+        p_on = np.array([_trace_online(p, virtual_time) if p.active else p.availability
+                         for p in self.tiers], dtype=np.float64)
+        if (p_on >= 1.0).all():
+            return None
+        p_client = p_on[self.tier_of]
+        if np.isin(p_on, (0.0, 1.0)).all():
+            return np.flatnonzero(p_client >= 1.0)
+        ids = np.arange(len(self.tier_of), dtype=np.int64)
+        return np.flatnonzero(seeds.uniforms(seed, round_, seeds.AVAIL, ids) < p_client)
+
+    def to_json(self) -> dict:
+        """profiles.json: the tiers once and one tier index per client (not one object each)."""
+        return {"tiers": [{**p.__dict__, "active": list(p.active), "inactive": list(p.inactive)}
+                          for p in self.tiers],
+                "client_tier": self.tier_of.tolist()}
+
+
+def _trace_online(p: DeviceProfile, virtual_time: float) -> float:
+    return 1.0 if p.is_online(virtual_time) else 0.0
 
 
 def check_fits(classes: Sequence[ResourceClass], available: dict[str, float]) -> list[ResourceClass]:
@@ -250,3 +307,22 @@ def check_fits(classes: Sequence[ResourceClass], available: dict[str, float]) ->
         biggest = max(shrinkable, key=lambda c: (pools[c.name], c.name))
         pools[biggest.name] -= 1
     return [replace(c, actors=pools[c.name]) for c in classes]
+
+
+class ClientClasses(Mapping[int, str]):
+    """client id -> resource class name, read from a :class:`ProfileTable` (no per-client dict)."""
+
+    def __init__(self, table: ProfileTable) -> None:
+        self.names = tuple(p.resource_class for p in table.tiers)
+        self.tier_of = table.tier_of
+
+    def __getitem__(self, client_id: int) -> str:
+        if not 0 <= client_id < len(self.tier_of):
+            raise KeyError(client_id)
+        return self.names[self.tier_of[client_id]]
+
+    def __len__(self) -> int:
+        return len(self.tier_of)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.tier_of)))

@@ -18,7 +18,7 @@ import torch
 from cafe_ray.algorithms import ClientContext, ClientData, ClientOutput, Message, build_algorithm
 from cafe_ray.algorithms.training import exit_accuracies
 from cafe_ray.config import ExperimentConfig
-from cafe_ray.data.base import ArrayDataset, ClientSplit
+from cafe_ray.data.base import ArrayDataset, ClientSplit, ClientSplits
 from cafe_ray.models import EarlyExitNet, build_model
 from cafe_ray.sim.store import ClientStateStore
 
@@ -60,12 +60,18 @@ class EvalJob:
 @dataclass(frozen=True)
 class EvalResult:
     client_id: int
-    correct: tuple[int, ...]  # per exit
+    correct: tuple[int, ...]  # per exit, on the client's test split
     num_test: int
+    val_correct: tuple[int, ...] = ()  # per exit, on its validation split (empty without one)
+    num_val: int = 0
 
     @property
     def accuracies(self) -> list[float]:
         return [c / self.num_test if self.num_test else float("nan") for c in self.correct]
+
+    @property
+    def val_accuracies(self) -> list[float]:
+        return [c / self.num_val for c in self.val_correct] if self.num_val else []
 
 
 def make_model(cfg: ExperimentConfig, ds: ArrayDataset) -> EarlyExitNet:
@@ -103,7 +109,8 @@ class ClientRunner:
     ) -> None:
         self.cfg = cfg
         self.ds = dataset
-        self.splits = splits if isinstance(splits, dict) else {s.client_id: s for s in splits}
+        # ClientSplits is indexed by client id already (and may hold a million clients)
+        self.splits = splits if isinstance(splits, dict | ClientSplits) else {s.client_id: s for s in splits}
         self.store = ClientStateStore(store_root)
         self.algorithm = build_algorithm(cfg)
         self.model = make_model(cfg, dataset)
@@ -112,11 +119,14 @@ class ClientRunner:
 
     def _data(self, client_id: int) -> ClientData:
         s = self.splits[client_id]
+        has_val = len(s.val_idx) > 0
         return ClientData(
             x_train=torch.from_numpy(np.ascontiguousarray(self.ds.x_train[s.train_idx])),
             y_train=torch.from_numpy(np.ascontiguousarray(self.ds.y_train[s.train_idx])),
             x_test=torch.from_numpy(np.ascontiguousarray(self.ds.x_test[s.test_idx])),
             y_test=torch.from_numpy(np.ascontiguousarray(self.ds.y_test[s.test_idx])),
+            x_val=torch.from_numpy(np.ascontiguousarray(self.ds.x_train[s.val_idx])) if has_val else None,
+            y_val=torch.from_numpy(np.ascontiguousarray(self.ds.y_train[s.val_idx])) if has_val else None,
         )
 
     def _reset(self) -> None:
@@ -152,6 +162,63 @@ class ClientRunner:
             wall_s=time.perf_counter() - t0, worker=self.worker_info,
         )
 
+    @property
+    def vectorizes(self) -> bool:
+        """engine.vectorize is on, the algorithm supports it and the model allows it."""
+        from cafe_ray.sim.cohort import can_vectorize
+
+        return (self.cfg.engine.vectorize and self.algorithm.supports_vectorize()
+                and can_vectorize(self.model) is None)
+
+    def fit_many(self, jobs: list[FitJob]) -> list[FitResult]:
+        """Train several clients: one batched cohort when :attr:`vectorizes`, else one by one."""
+        if len(jobs) < 2 or not self.vectorizes:
+            return [self.fit(j) for j in jobs]
+        from cafe_ray.sim.cohort import cohort_sgd
+
+        t0 = time.perf_counter()
+        stage = "load"
+        ids = [j.client_id for j in jobs]
+        try:
+            with _Threads():
+                starts, datas, ctxs, personals = [], [], [], []
+                for j in jobs:
+                    if j.payload is None:
+                        raise ClientJobError(f"client {j.client_id} round {j.round}: fit job has no payload")
+                    self._reset()
+                    data = self._data(j.client_id)
+                    personal = self.store.load(j.client_id)
+                    ctx = ClientContext(j.client_id, j.round, j.num_rounds, j.seed, j.max_depth, j.width_factor)
+                    self.algorithm.client_start(self.model, j.payload, personal, data, ctx)
+                    starts.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+                    datas.append(data)
+                    ctxs.append(ctx)
+                    personals.append(personal)
+                stage = "cohort local SGD"
+                trained = cohort_sgd(self.model, starts, datas, ctxs, self.cfg.train)
+                stage = "client_finish"
+                outs = []
+                for j, data, ctx, personal, (params, loss, seen) in zip(
+                        jobs, datas, ctxs, personals, trained, strict=True):
+                    with torch.no_grad():  # every parameter is overwritten and there are no buffers
+                        for n, p in self.model.named_parameters():
+                            p.copy_(params[n])
+                    out = self.algorithm.client_finish(self.model, j.payload, personal, data, ctx, loss, seen)
+                    if out.personal is not None:
+                        self.store.stage(j.client_id, j.round, out.personal)
+                    outs.append(out)
+        except ClientJobError:
+            raise
+        except Exception as err:
+            raise ClientJobError(
+                f"clients {ids} round {jobs[0].round} failed in {stage} (vectorized cohort, "
+                f"{self.cfg.algorithm.name}): {type(err).__name__}: {err}; engine.vectorize=false runs them one by one"
+            ) from err
+        wall = (time.perf_counter() - t0) / len(jobs)
+        return [FitResult(client_id=j.client_id, round=j.round, output=replace(o, personal=None), wall_s=wall,
+                          worker={**self.worker_info, "cohort": len(jobs)})
+                for j, o in zip(jobs, outs, strict=True)]
+
     def evaluate(self, job: EvalJob) -> EvalResult:
         """Per-exit accuracy of the model this client would run, on its own test split."""
         if job.payload is None:
@@ -164,9 +231,13 @@ class ClientRunner:
                 ctx = ClientContext(job.client_id, job.round, job.num_rounds, job.seed)
                 self.algorithm.load_for_eval(self.model, job.payload, personal, data, ctx)
                 accs = exit_accuracies(self.model, data.x_test, data.y_test)
+                val_accs = (exit_accuracies(self.model, data.x_val, data.y_val)
+                            if data.x_val is not None else [])
         except Exception as err:
             raise ClientJobError(
                 f"client {job.client_id} round {job.round} failed in evaluate: {type(err).__name__}: {err}"
             ) from err
         n = int(data.y_test.shape[0])
-        return EvalResult(job.client_id, tuple(int(round(a * n)) for a in accs), n)
+        nv = int(data.y_val.shape[0]) if data.y_val is not None else 0
+        return EvalResult(job.client_id, tuple(int(round(a * n)) for a in accs), n,
+                          tuple(int(round(a * nv)) for a in val_accs), nv)

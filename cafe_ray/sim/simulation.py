@@ -7,10 +7,8 @@ their interface.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,12 @@ import torch
 from cafe_ray.algorithms import ClientResult, RoundContext, ServerState, build_algorithm
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.data import load_dataset, partition_clients
+from cafe_ray.data.base import ClientSplits
 from cafe_ray.models import exit_macs
 from cafe_ray.runs import rundir
 from cafe_ray.sim import seeds
 from cafe_ray.sim.executor import Executor
-from cafe_ray.sim.profiles import Catalog, DeviceProfile, assign_profiles, resolve_catalog
+from cafe_ray.sim.profiles import Catalog, ClientClasses, ProfileTable, resolve_catalog
 from cafe_ray.sim.runner import EvalJob, EvalResult, FitJob, make_model
 from cafe_ray.sim.store import ClientStateStore
 
@@ -43,6 +42,45 @@ class Progress:
     message: str = ""
 
 
+def sample_participants(profiles: ProfileTable, cfg: ExperimentConfig, t: int, virtual_time: float) -> list[int]:
+    """Round t's participants, sorted: O(participants) Python work at any number of registered clients.
+
+    Who is online is decided for all clients at once in numpy (see
+    :meth:`ProfileTable.online`); the draw among them is numpy's ``choice`` without
+    replacement, which for k << N touches k entries (Floyd's algorithm).
+    """
+    online = profiles.online(virtual_time, cfg.seed, t)
+    n_online = len(profiles) if online is None else len(online)
+    if n_online == 0:
+        return []
+    k = min(n_online, max(cfg.round.min_clients, math.ceil(cfg.round.fraction * n_online)))
+    rng = seeds.rng(cfg.seed, t, -1, seeds.SAMPLE)
+    chosen = rng.choice(n_online, size=k, replace=False)
+    if online is not None:
+        chosen = online[chosen]
+    return np.sort(chosen).tolist()
+
+
+AUTO_EVAL_ALL_UP_TO = 1000  # round.eval_clients=auto: all clients up to this many, else a sample of this many
+
+
+def eval_clients(cfg: ExperimentConfig, t: int, participants: list[int]) -> tuple[str, Sequence[int]]:
+    """(resolved round.eval_clients, sorted client ids) for an evaluation in round t."""
+    n = cfg.data.num_clients
+    choice = cfg.round.eval_clients
+    if choice == "auto":
+        choice = "all" if n <= AUTO_EVAL_ALL_UP_TO else f"sample:{AUTO_EVAL_ALL_UP_TO}"
+    if choice == "participants":
+        return choice, participants
+    if choice.startswith("sample:"):
+        k = int(choice.split(":", 1)[1])
+        if k < n:
+            picked = seeds.rng(cfg.seed, t, -1, seeds.EVAL).choice(n, size=k, replace=False)
+            return choice, np.sort(picked).tolist()
+        choice = "all"
+    return choice, range(n)
+
+
 class Simulation:
     """One experiment in one run directory; ``run()`` goes to the last round."""
 
@@ -51,16 +89,31 @@ class Simulation:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = Progress(total=cfg.round.num_rounds)
-        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
-        self.splits = partition_clients(self.dataset, cfg.data, seed=cfg.seed)
         self.catalog: Catalog = resolve_catalog(cfg.profiles)
-        self.profiles: list[DeviceProfile] = assign_profiles(self.catalog, cfg.data.num_clients, cfg.seed)
+        self.profiles = ProfileTable(self.catalog, cfg.data.num_clients, cfg.seed)
+        self.store = ClientStateStore(self.run_dir / "store")
+        # the executor starts its workers first (Ray: actor processes boot while the data
+        # loads below) and gets the data when it is ready
+        self.executor = executor_factory(
+            cfg=cfg, dataset=None, splits=None, store_root=str(self.store.root),
+            classes=self.catalog.classes, client_class=ClientClasses(self.profiles),
+        )
+        try:
+            dataset = load_dataset(cfg.data, seed=cfg.seed)
+            splits = partition_clients(dataset, cfg.data, seed=cfg.seed)
+            if not isinstance(splits, ClientSplits):
+                splits = ClientSplits.from_list(splits)
+            # keep the executor's copy (Ray: zero-copy views of the object store), not a second one
+            self.dataset, self.splits = self.executor.attach(dataset, splits)
+        except BaseException:
+            self.executor.shutdown()  # the workers already started: do not leave them behind
+            raise
+        del dataset, splits
         self.algorithm = build_algorithm(cfg)
         model = make_model(cfg, self.dataset)
         self.num_exits = model.num_exits
         self.cost = exit_macs(model, self.dataset.input_shape,
                               torch.int64 if self.dataset.is_text else torch.float32)
-        self.store = ClientStateStore(self.run_dir / "store")
         self.state: ServerState = self.algorithm.init_server_state(model)
         self.start_round = 0
         self.virtual_time = 0.0
@@ -70,14 +123,7 @@ class Simulation:
             self._restore()
         else:
             rundir.save_splits(self.run_dir / rundir.SPLITS, self.splits)
-            rundir.write_profiles(self.run_dir, {
-                str(i): {**p.__dict__, "active": list(p.active), "inactive": list(p.inactive)}
-                for i, p in enumerate(self.profiles)})
-        client_class = {i: p.resource_class for i, p in enumerate(self.profiles)}
-        self.executor = executor_factory(
-            cfg=cfg, dataset=self.dataset, splits=self.splits, store_root=str(self.store.root),
-            classes=self.catalog.classes, client_class=client_class,
-        )
+            rundir.write_profiles(self.run_dir, self.profiles.to_json())
 
     # ------------------------------------------------------------------ loop
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -108,14 +154,7 @@ class Simulation:
             self.executor.shutdown()
 
     def _sample(self, t: int) -> list[int]:
-        cfg = self.cfg
-        online = [i for i, p in enumerate(self.profiles)
-                  if p.is_online(self.virtual_time, seeds.rng(cfg.seed, t, i, seeds.AVAIL))]
-        if not online:
-            return []
-        k = min(len(online), max(cfg.round.min_clients, math.ceil(cfg.round.fraction * len(online))))
-        chosen = seeds.rng(cfg.seed, t, -1, seeds.SAMPLE).choice(online, size=k, replace=False)
-        return sorted(int(c) for c in chosen)
+        return sample_participants(self.profiles, self.cfg, t, self.virtual_time)
 
     def _train_macs(self, depth: int) -> int:
         return self.cost.train_macs(max(1, min(depth, self.num_exits)))
@@ -146,13 +185,16 @@ class Simulation:
             b_down = payloads[i].nbytes
             down += b_down
             if i in crashed:
-                rec.update(status="failed", reason="simulated failure (profile failure_prob)", bytes_down=b_down)
+                # drawn before dispatch: the client never ran on any node
+                rec.update(status="failed", reason="simulated failure (profile failure_prob)", bytes_down=b_down,
+                           node_id=None, node_id_reason="not dispatched: the failure is drawn before the round runs")
                 failed += 1
                 client_recs.append(rec)
                 continue
             res = results[i]
             if res.output is None:
-                rec.update(status="failed", reason=res.error, bytes_down=b_down)
+                rec.update(status="failed", reason=res.error, bytes_down=b_down,
+                           node_id=(res.worker or {}).get("node_id"))  # where its worker died (None: unknown)
                 failed += 1
                 client_recs.append(rec)
                 continue
@@ -189,6 +231,8 @@ class Simulation:
             "train_loss": float(np.mean(train_losses)) if train_losses else None,
             "round_virtual_s": round_v, "virtual_time_s": self.virtual_time,
             "bytes_down": down, "bytes_up": up, "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up,
+            # local compute: forward/backward sample passes of every client that trained (ClientOutput)
+            "samples_processed": int(sum(int(r.get("samples", 0)) for r in client_recs)),
         }
         if (t + 1) % cfg.round.eval_every == 0 or t == T - 1:
             rec.update(self._evaluate(t, participants))
@@ -198,7 +242,7 @@ class Simulation:
 
     def _evaluate(self, t: int, participants: list[int]) -> dict[str, Any]:
         cfg = self.cfg
-        who = participants if cfg.round.eval_clients == "participants" else range(cfg.data.num_clients)
+        scope, who = eval_clients(cfg, t, participants)
         payload = self.algorithm.eval_payload(self.state)
         jobs = [EvalJob(i, t, cfg.round.num_rounds, seeds.derive_seed(cfg.seed, t, i, seeds.TRAIN), payload)
                 for i in who]
@@ -210,34 +254,38 @@ class Simulation:
         acc_exit = [sum(r.correct[k] for r in results) / n for k in range(self.num_exits)]
         per_client = [float(np.mean(r.accuracies)) for r in results]
         rundir.append_jsonl(self.run_dir / rundir.EVAL, [
-            {"round": t, "client": r.client_id, "num_test": r.num_test, "acc_exit": r.accuracies}
+            {"round": t, "client": r.client_id, "num_test": r.num_test, "acc_exit": r.accuracies,
+             **({"num_val": r.num_val, "val_acc_exit": r.val_accuracies} if r.num_val else {})}
             for r in results])
-        return {
+        out = {
             "acc_exit": acc_exit,
             "acc_avg_exit": float(np.mean(acc_exit)),
             "acc_worst_client": float(min(per_client)),
             "acc_worst_client_last_exit": float(min(r.accuracies[-1] for r in results)),
             "eval_clients": len(results),
+            "eval_scope": scope,
         }
+        with_val = [r for r in results if r.num_val]
+        if with_val:  # the validation split: what sweeps, studies and calibration read
+            nv = sum(r.num_val for r in with_val)
+            val_exit = [sum(r.val_correct[k] for r in with_val) / nv for k in range(self.num_exits)]
+            out.update(val_acc_exit=val_exit, val_acc_avg_exit=float(np.mean(val_exit)),
+                       val_acc_worst_client=float(min(np.mean(r.val_accuracies) for r in with_val)))
+        return out
 
     # ------------------------------------------------------- checkpoint/resume
     def _checkpoint(self, t: int) -> None:
-        """Atomic: written to a temp folder, then renamed; a crash never leaves half of one."""
+        """Atomic (rundir.atomic_checkpoint): a crash or full disk never leaves half of one."""
         root = self.run_dir / "checkpoints"
-        final = root / f"round_{t:06d}"
-        tmp = root / f".tmp_round_{t:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state.tensors.items()}
-        self.store.snapshot(tmp / "store")
-        rundir.write_checkpoint_files(tmp, tensors, {
-            "round": t, "meta": self.state.meta, "virtual_time_s": self.virtual_time,
-            "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up, "seed": self.cfg.seed,
-            "failed_total": self.progress.failed_total,
-            "rng": "stateless: every draw derives from (seed, round, client, stream)",
-        })
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with rundir.atomic_checkpoint(root, t) as tmp:
+            self.store.snapshot(tmp / "store")
+            rundir.write_checkpoint_files(tmp, tensors, {
+                "round": t, "meta": self.state.meta, "virtual_time_s": self.virtual_time,
+                "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up, "seed": self.cfg.seed,
+                "failed_total": self.progress.failed_total,
+                "rng": "stateless: every draw derives from (seed, round, client, stream)",
+            })
         rundir.prune_checkpoints(root, self.cfg.checkpoint.keep)
         rundir.write_parquet(rundir.read_jsonl(self.run_dir / rundir.METRICS), self.run_dir / "metrics.parquet")
 
@@ -272,6 +320,8 @@ class Simulation:
             "rounds": len(records), "num_clients": self.cfg.data.num_clients,
             "acc_exit": last_eval.get("acc_exit"), "acc_avg_exit": last_eval.get("acc_avg_exit"),
             "acc_worst_client": last_eval.get("acc_worst_client"),
+            **{k: last_eval[k] for k in ("val_acc_exit", "val_acc_avg_exit", "val_acc_worst_client")
+               if k in last_eval},
             "virtual_time_s": self.virtual_time, "cum_bytes_down": self.cum_down, "cum_bytes_up": self.cum_up,
             "failed_total": sum(r.get("failed", 0) for r in records),
             "dropped_late_total": sum(r.get("dropped_late", 0) for r in records),

@@ -29,7 +29,10 @@ for ``cafe-ray simulate``), ``best.json``, ``sweep.json`` (what was asked), one
 simulation run directory per trial in ``runs/<trial_id>``, and Tune's experiment in
 ``tune/``. An interrupted sweep continues with ``resume=True`` (``Tuner.restore``):
 finished trials are kept, unfinished ones restart, and a trial whose run directory
-has a simulation checkpoint resumes from it.
+has a simulation checkpoint resumes from it after reporting again every evaluation the
+checkpoint holds. ASHA's rungs are rebuilt from the finished trials' reported results
+(``cafe_ray.studies.asha``), so early stopping decides as without the interruption.
+``check_sweep`` validates config, space and OUT before Ray starts.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from cafe_ray.config import (
     dump_config,
 )
 
-METRIC = "acc_avg_exit"
+METRIC = "acc_avg_exit"  # what every evaluated round reports (test split)
+VAL_METRIC = "val_acc_avg_exit"  # what trials are ranked and stopped by when a validation split exists
 MODE = "max"
 TIME_ATTR = "round"
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -187,7 +191,7 @@ def tune_metrics(rec: dict[str, Any]) -> dict[str, Any]:
     """What a trial reports for one evaluated round (scalars only; ``round`` = rounds done)."""
     out: dict[str, Any] = {TIME_ATTR: int(rec["round"]) + 1}
     for k in ("acc_avg_exit", "acc_worst_client", "acc_worst_client_last_exit", "train_loss",
-              "virtual_time_s", "failed", "completed"):
+              "virtual_time_s", "failed", "completed", "val_acc_avg_exit", "val_acc_worst_client"):
         if rec.get(k) is not None:
             out[k] = rec[k]
     for k, a in enumerate(rec.get("acc_exit") or []):
@@ -225,6 +229,13 @@ def _trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     last = cfg.round.num_rounds - 1
+    if resume:
+        # Tune may never have received the evaluations this run checkpointed (interrupted
+        # between a checkpoint and its report), and a restored sweep's ASHA has no rungs for
+        # unfinished trials: report every checkpointed evaluation again, in order, so that
+        # early stopping sees exactly what an uninterrupted trial would have reported
+        for rec in checkpointed_evaluations(run_dir, last):
+            tune.report(tune_metrics(rec))
 
     def on_round(rec: dict[str, Any]) -> None:
         # the last round is reported after the run has written its summary: Tune may
@@ -238,6 +249,18 @@ def _trial(params: dict[str, Any], *, spec: dict[str, Any]) -> None:
         tune.report(tune_metrics(final[-1]))
 
 
+def checkpointed_evaluations(run_dir: Path, last: int) -> list[dict[str, Any]]:
+    """Evaluated rounds before ``last`` that the run directory's latest checkpoint covers."""
+    from cafe_ray.runs import rundir
+
+    ckpt = rundir.latest_checkpoint(run_dir)
+    if ckpt is None:
+        return []
+    done = int(ckpt.name.rsplit("_", 1)[1])  # checkpoints/round_000002: rounds 0..2 are in it
+    return [r for r in rundir.read_jsonl(run_dir / rundir.METRICS)
+            if r.get(METRIC) is not None and r["round"] <= done and r["round"] < last]
+
+
 # ------------------------------------------------------------------ the sweep
 @dataclass
 class SweepResult:
@@ -248,11 +271,140 @@ class SweepResult:
     params: list[str] = field(default_factory=list)  # swept keys (table columns)
 
 
+def selection_metric(base: dict[str, Any]) -> str:
+    """Rank and stop trials on validation when the config carves one (data.val_fraction > 0).
+
+    Without a validation split the test split is all there is, and the sweep says so.
+    """
+    return VAL_METRIC if build_config(base).data.val_fraction > 0 else METRIC
+
+
 def max_rounds(base: dict[str, Any], space: dict[str, Any]) -> int:
     rounds = [build_config(base).round.num_rounds]
     if "round.num_rounds" in space:
         rounds += [int(v) for v in candidate_values(space["round.num_rounds"])]
     return max(rounds)
+
+
+def check_sweep(base: dict[str, Any], space: dict[str, Any], out: str | Path, *, samples: int = 1,
+                resume: bool = False, grace_period: int | None = None, reduction_factor: float = 2.0,
+                coordinator_cpus: float = 0.0) -> dict[str, Any]:
+    """Everything a sweep can get wrong before Ray starts; returns the sweep's spec.
+
+    Checks the space and every candidate value against the config, the ASHA settings, and
+    OUT: a new sweep needs an OUT without one, ``resume`` needs the same config and space
+    as the sweep saved there (whose own spec, ASHA settings included, is then returned).
+    """
+    out = Path(out).resolve()
+    space = check_space(space)
+    cfg0 = build_config(base, "sweep base config")
+    validate_against(base, space)
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    if reduction_factor <= 1:
+        raise ConfigError(f"--reduction-factor must be > 1 (ASHA keeps 1/factor of the trials per rung), "
+                          f"got {reduction_factor}")
+    if grace_period is not None and grace_period < 1:
+        raise ConfigError(f"--grace-period must be >= 1 round, got {grace_period}")
+    exp_path = out / "tune"
+    spec_path = out / "sweep.json"
+    if resume:
+        if not spec_path.is_file() or not (exp_path / "tuner.pkl").is_file():
+            raise ConfigError(f"--resume: no sweep to continue in {out} (no sweep.json / tune experiment there)")
+        saved = json.loads(spec_path.read_text())
+        if saved["base"] != json.loads(json.dumps(base)) or saved["space"] != json.loads(json.dumps(space)):
+            raise ConfigError(f"--resume: the config or space differ from the sweep saved in {spec_path}; "
+                              "resume with the same CONFIG, --set and --space, or choose a new --out")
+        return saved
+    if exp_path.exists():
+        raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
+    t_max = max_rounds(base, space)
+    return {"base": base, "space": space, "samples": samples, "out": str(out), "cwd": os.getcwd(),
+            "coordinator_cpus": coordinator_cpus,
+            "scheduler": {"metric": selection_metric(base), "mode": MODE, "max_t": t_max,
+                          "grace_period": grace_period or min(cfg0.round.eval_every, t_max),
+                          "reduction_factor": reduction_factor}}
+
+
+def check_placeable(spec: dict[str, Any]) -> None:
+    """Fail fast, naming the class, when a trial's placement group could never be scheduled.
+
+    A bundle (one client actor) must fit on one node; without an autoscaler the nodes that
+    are up are all there will be (with one, the autoscaler decides, and Tune reports what
+    stays pending).
+    """
+    import ray
+
+    from cafe_ray.sim.autoscale import actor_bundle, autoscaler_state
+    from cafe_ray.sim.profiles import resolve_catalog
+
+    if autoscaler_state().present:
+        return
+    nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+    seen: set[str] = set()
+    variants = [{}] + [{k: v} for k, sp in spec["space"].items() for v in candidate_values(sp)]
+    for params in variants:
+        cfg = trial_config(spec["base"], params)
+        if cfg.executor == "sequential":
+            continue
+        for c in resolve_catalog(cfg.profiles).classes:
+            need = actor_bundle(c)
+            if c.name in seen or any(all(n.get(r, 0.0) + 1e-9 >= v for r, v in need.items()) for n in nodes):
+                continue
+            seen.add(c.name)
+            where = ", ".join(f"{k}={v}" for k, v in params.items()) or "the base config"
+            raise ConfigError(
+                f"sweep: one client actor of class {c.name!r} ({where}) needs {need}, but no node of this "
+                f"cluster has that much and no autoscaler can add one; lower profiles.classes.{c.name}.* "
+                "(num_cpus, num_gpus, resources) or run on a cluster whose nodes advertise it")
+
+
+def make_scheduler(spec: dict[str, Any]):  # noqa: ANN201 - a ResumableASHA (imports ray.tune)
+    """The sweep's ASHA from its spec (a sweep saved before the spec kept it: the defaults)."""
+    from cafe_ray.studies.asha import ResumableASHA
+
+    base, space = spec["base"], spec["space"]
+    t_max = max_rounds(base, space)
+    sched = spec.get("scheduler") or {
+        "metric": selection_metric(base), "mode": MODE, "max_t": t_max,
+        "grace_period": min(build_config(base).round.eval_every, t_max), "reduction_factor": 2.0}
+    return ResumableASHA(time_attr=TIME_ATTR, metric=sched["metric"], mode=sched["mode"], max_t=sched["max_t"],
+                         grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
+
+
+def reported_histories(exp_path: Path, metric: str) -> tuple[dict[str, list[tuple[float, float]]], list[str]]:
+    """What each finished trial reported to Tune, in order, and the ids of the unfinished ones."""
+    from ray import tune
+
+    analysis = tune.ExperimentAnalysis(str(exp_path))
+    frames = analysis.trial_dataframes
+    finished: dict[str, list[tuple[float, float]]] = {}
+    pending: list[str] = []
+    for trial in analysis.trials:
+        if trial.status not in ("TERMINATED", "ERROR"):
+            pending.append(trial.trial_id)
+            continue
+        df = frames.get(trial.trial_id)
+        if df is None or TIME_ATTR not in df or metric not in df:
+            finished[trial.trial_id] = []
+            continue
+        rows = df[[TIME_ATTR, metric]].dropna()
+        finished[trial.trial_id] = [(float(t), float(v)) for t, v in rows.itertuples(index=False)]
+    return finished, pending
+
+
+def _set_restored_scheduler(tuner: Any, scheduler: Any) -> None:
+    """Give a restored Tuner the rebuilt scheduler (Tune would reuse the pickled, empty one)."""
+    inner = getattr(tuner, "_local_tuner", None)
+    cfg = getattr(inner, "_tune_config", None)
+    if cfg is None or not hasattr(cfg, "scheduler"):
+        raise RuntimeError("cannot hand the rebuilt ASHA rungs to this Ray version's restored Tuner "
+                           "(Tuner._local_tuner._tune_config is gone); pin ray as constraints.txt does")
+    if getattr(cfg, "metric", None) or getattr(cfg, "mode", None):
+        # a sweep saved before the scheduler carried metric and mode
+        scheduler._metric = scheduler._mode = None
+        scheduler._metric_op = None
+    cfg.scheduler = scheduler
 
 
 def run_sweep(
@@ -276,50 +428,31 @@ def run_sweep(
     evaluation round) and ``reduction_factor``. ``callbacks`` are Tune callbacks.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     out = Path(out).resolve()
-    space = check_space(space)
-    build_config(base, "sweep base config")
-    validate_against(base, space)
-    if samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    spec = check_sweep(base, space, out, samples=samples, resume=resume, grace_period=grace_period,
+                       reduction_factor=reduction_factor, coordinator_cpus=coordinator_cpus)
     exp_path = out / "tune"
-    spec_path = out / "sweep.json"
-    spec = {"base": base, "space": space, "samples": samples, "out": str(out), "cwd": os.getcwd(),
-            "coordinator_cpus": coordinator_cpus}
-    if resume:
-        if not spec_path.is_file() or not tune.Tuner.can_restore(str(exp_path)):
-            raise ConfigError(f"--resume: no sweep to continue in {out} (no sweep.json / tune experiment there)")
-        saved = json.loads(spec_path.read_text())
-        if saved["base"] != json.loads(json.dumps(base)) or saved["space"] != json.loads(json.dumps(space)):
-            raise ConfigError(f"--resume: the config or space differ from the sweep saved in {spec_path}; "
-                              "resume with the same CONFIG, --set and --space, or choose a new --out")
-        spec = saved
-    elif exp_path.exists():
-        raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
-
     trainable = tune.with_resources(
         tune.with_parameters(_trial, spec=spec),
         resources=functools.partial(_trial_resources, base=spec["base"],
                                     coordinator_cpus=float(spec["coordinator_cpus"])),
     )
+    check_placeable(spec)
+    scheduler = make_scheduler(spec)
     if resume:
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
+        finished, pending = reported_histories(exp_path, scheduler.metric)
+        scheduler.replay(finished, pending)  # the rungs as they were (Tune restores none)
+        _set_restored_scheduler(tuner, scheduler)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        spec_path.write_text(json.dumps(spec, indent=1))
-        cfg0 = build_config(base)
-        t_max = max_rounds(base, space)
-        grace = grace_period or min(cfg0.round.eval_every, t_max)
+        (out / "sweep.json").write_text(json.dumps(spec, indent=1))
         tuner = tune.Tuner(
             trainable,
-            param_space=to_tune(space),
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode=MODE, num_samples=samples,
-                max_concurrent_trials=max_concurrent_trials,
-                scheduler=ASHAScheduler(time_attr=TIME_ATTR, max_t=t_max, grace_period=grace,
-                                        reduction_factor=reduction_factor),
+            param_space=to_tune(spec["space"]),
+            tune_config=tune.TuneConfig(  # metric and mode live in the scheduler (see make_scheduler)
+                num_samples=samples, max_concurrent_trials=max_concurrent_trials, scheduler=scheduler,
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=verbose,
                                       callbacks=list(callbacks),
@@ -353,7 +486,7 @@ def collect_results(out: str | Path) -> SweepResult:
             status = "completed" if done >= rounds_total else "stopped (ASHA)"
         row: dict[str, Any] = {"trial_id": trial.trial_id, "status": status, **params,
                                "rounds": done, "rounds_total": rounds_total}
-        for k in ("acc_avg_exit", "acc_worst_client", "acc_worst_client_last_exit"):
+        for k in ("acc_avg_exit", "acc_worst_client", "acc_worst_client_last_exit", "val_acc_avg_exit"):
             row[k] = last.get(k)
         for k in sorted((k for k in last if k.startswith("acc_exit_")), key=lambda s: int(s.rsplit("_", 1)[1])):
             row[k] = last[k]
@@ -361,14 +494,15 @@ def collect_results(out: str | Path) -> SweepResult:
         row["run_dir"] = str(out / "runs" / trial.trial_id)
         row["error"] = _error_text(trial) if status == "error" else ""
         rows.append(row)
-    rows.sort(key=_rank_key)
-    best = next((r for r in rows if r["acc_avg_exit"] is not None), None)
+    metric = selection_metric(spec["base"])
+    rows.sort(key=lambda r: _rank_key(r, metric))
+    best = next((r for r in rows if r[metric] is not None), None)
     paths = write_results(rows, best, spec, out)
     return SweepResult(rows, best, paths, interrupted, keys)
 
 
-def _rank_key(r: dict[str, Any]) -> tuple:
-    acc = r["acc_avg_exit"]
+def _rank_key(r: dict[str, Any], metric: str = METRIC) -> tuple:
+    acc = r[metric]
     return (r["status"] != "completed", acc is None, -(acc or 0.0), r["trial_id"])
 
 
@@ -396,14 +530,17 @@ def markdown_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     if not rows:
         return "(no trials)\n"
     exits = sorted({k for r in rows for k in r if k.startswith("acc_exit_")}, key=lambda s: int(s.rsplit("_", 1)[1]))
-    cols = ["trial_id", "status", *keys, "rounds", *exits, "acc_avg_exit", "acc_worst_client"]
-    head = ["trial", "status", *keys, "rounds", *[f"exit {k.rsplit('_', 1)[1]} %" for k in exits],
-            "avg exit %", "worst client %"]
+    val = any(r.get(VAL_METRIC) is not None for r in rows)
+    cols = ["trial_id", "status", *keys, "rounds", *([VAL_METRIC] if val else []), *exits, "acc_avg_exit",
+            "acc_worst_client"]
+    head = ["trial", "status", *keys, "rounds", *(["val avg exit %"] if val else []),
+            *[f"exit {k.rsplit('_', 1)[1]} %" for k in exits], "avg exit %", "worst client %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows):
         cells = [_fmt(r.get(c), c) for c in cols]
-        if i == 0 and r.get("acc_avg_exit") is not None:
-            cells[cols.index("acc_avg_exit")] = f"**{cells[cols.index('acc_avg_exit')]}**"
+        key = VAL_METRIC if val else "acc_avg_exit"
+        if i == 0 and r.get(key) is not None:
+            cells[cols.index(key)] = f"**{cells[cols.index(key)]}**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -417,8 +554,12 @@ def write_results(rows: list[dict[str, Any]], best: dict[str, Any] | None, spec:
     paths = {"results_md": out / "results.md", "results_csv": out / "results.csv",
              "results_parquet": out / "results.parquet", "best_config": out / "best_config.yaml",
              "best_json": out / "best.json"}
-    title = (f"# Sweep: {spec['base'].get('name', 'experiment')} ({len(rows)} trials; metric {METRIC}, "
-             f"mode {MODE}, ASHA on {TIME_ATTR})\n\n")
+    metric = selection_metric(spec["base"])
+    note = ("ranked on the validation split; test columns are for reading, not choosing"
+            if metric == VAL_METRIC else
+            "no validation split (data.val_fraction = 0): ranked on the test split")
+    title = (f"# Sweep: {spec['base'].get('name', 'experiment')} ({len(rows)} trials; metric {metric}, "
+             f"mode {MODE}, ASHA on {TIME_ATTR}; {note})\n\n")
     paths["results_md"].write_text(title + markdown_table(rows, keys))
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with paths["results_csv"].open("w", newline="") as f:
@@ -440,7 +581,7 @@ def write_results(rows: list[dict[str, Any]], best: dict[str, Any] | None, spec:
         base = spec["base"]
         cfg = trial_config(base, params, name=f"{base.get('name', 'experiment')}-best")
         header = (f"# Best trial {best['trial_id']} of the sweep in {out}\n"
-                  f"# {METRIC} = {best['acc_avg_exit']:.4f} after {best['rounds']} rounds ({best['status']});\n"
+                  f"# {metric} = {best[metric]:.4f} after {best['rounds']} rounds ({best['status']});\n"
                   f"# swept values: {json.dumps(params)}\n"
                   f"# run it: cafe-ray simulate {paths['best_config']}\n")
         paths["best_config"].write_text(header + dump_config(cfg))

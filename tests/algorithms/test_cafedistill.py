@@ -27,7 +27,8 @@ from tests.conftest import make_tiny_een
 
 
 def cafe(train: dict | None = None, **hp: object) -> CafeDistill:
-    return CafeDistill(make_cfg("cafedistill", train=train, cafedistill=hp))
+    """CAFEDistill on the specification's preset (the new options: test_cafedistill_options.py)."""
+    return CafeDistill(make_cfg("cafedistill", train=train, cafedistill={"preset": "spec", **hp}))
 
 
 def one_round(alg: CafeDistill, model: EarlyExitNet, t: int = 0, T: int = 10, clients: int = 3):

@@ -55,6 +55,28 @@ def test_attention_rescales_neighbours_that_sum_above_one() -> None:
     xi, self_w = attention_row(np.array([0.0, 0.0, 0.0]), alpha_k=1.0, sigma=1.0)  # 3 x 1.0
     np.testing.assert_allclose(xi, [1 / 3] * 3)
     assert self_w == 0.0
+    xi, self_w = attention_row(np.array([0.0, 0.0, 0.0]), alpha_k=1.0, sigma=1.0, min_self_weight=0.4)
+    np.testing.assert_allclose(xi, [0.2] * 3)
+    assert self_w == pytest.approx(0.4)
+    xi, self_w = attention_row(np.array([50.0, 50.0]), alpha_k=1.0, sigma=1.0, min_self_weight=0.4)
+    assert self_w > 0.99  # the floor only binds when the neighbours would crowd the own model out
+
+
+def test_default_own_weight_stays_positive_where_it_used_to_degenerate(tiny_een: EarlyExitNet) -> None:
+    """20 clients, close models, default sigma: the old rule gave xi_ii = 0 to everyone."""
+    data = make_clients(20, n_train=16)
+    alg = amp()  # the defaults
+    assert alg.cfg.algorithm.fedamp.min_self_weight > 0
+    state = alg.init_server_state(tiny_een)
+    parts = tuple(range(20))
+    for t in range(2):
+        payloads = alg.server_payloads(state, round_ctx(t, 2, parts))
+        assert min(p.meta["xi_self"] for p in payloads.values()) >= alg.cfg.algorithm.fedamp.min_self_weight - 1e-12
+        results = [ClientResult(c, alg.client_update(copy.deepcopy(tiny_een), payloads[c], None, data[c],
+                                                     client_ctx(c, t, 2))) for c in parts]
+        state = alg.aggregate(state, results, round_ctx(t, 2, parts))
+    old = FedAMPEE(make_cfg("fedamp_ee", fedamp={"min_self_weight": 0.0}))
+    assert max(p.meta["xi_self"] for p in old.server_payloads(state, round_ctx(2, 3, parts)).values()) == 0.0
 
 
 def test_attention_rejects_non_positive_hyperparameters() -> None:

@@ -162,3 +162,40 @@ def test_dirichlet_random_settings_always_valid() -> None:
             parts = dirichlet_partition(y, c, alpha, ms, np.random.default_rng(trial))
         _assert_disjoint_cover(parts, n)
         assert min(len(p) for p in parts) >= max(1, min(ms, n // c))
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "shards"])
+def test_val_split_disjoint_stratified_deterministic(kind: str) -> None:
+    ds = _dataset()
+    cfg = DataConfig(num_clients=8, partition=PartitionConfig(kind=kind, alpha=0.3), val_fraction=0.2)
+    splits = partition_clients(ds, cfg, seed=3)
+    again = partition_clients(ds, cfg, seed=3)
+    no_val = partition_clients(ds, DataConfig(num_clients=8, partition=PartitionConfig(kind=kind, alpha=0.3)), seed=3)
+    for s, s2, s0 in zip(splits, again, no_val, strict=True):
+        assert np.array_equal(s.val_idx, s2.val_idx) and np.array_equal(s.train_idx, s2.train_idx)
+        # carved from the client's own training data: train + val is the old train set
+        assert not np.intersect1d(s.train_idx, s.val_idx).size
+        assert np.array_equal(np.sort(np.concatenate([s.train_idx, s.val_idx])), np.sort(s0.train_idx))
+        # test indices point into the test array and are the same as without a val split
+        assert np.array_equal(s.test_idx, s0.test_idx)
+        n = len(s0.train_idx)
+        assert len(s.val_idx) == min(max(1, round(0.2 * n)), n - 1)
+        # stratified: val holds only the client's own labels, in proportion
+        y = ds.y_train
+        own = set(np.unique(y[s0.train_idx]).tolist())
+        assert set(np.unique(y[s.val_idx]).tolist()) <= own
+        counts = np.bincount(y[s0.train_idx], minlength=10)
+        vcounts = np.bincount(y[s.val_idx], minlength=10)
+        assert np.all(np.abs(vcounts - counts * len(s.val_idx) / n) <= 1.0 + 1e-9)
+    assert any(not np.array_equal(a.val_idx, b.val_idx)
+               for a, b in zip(splits, partition_clients(ds, cfg, seed=4), strict=True))
+
+
+def test_val_split_keeps_one_training_sample() -> None:
+    from cafe_ray.data.partition import _val_split
+
+    idx = np.array([5, 9], dtype=np.int64)
+    train, val = _val_split(idx, np.array([1, 1]), 0.9, np.random.default_rng(0))
+    assert len(train) == 1 and len(val) == 1
+    train, val = _val_split(idx[:1], np.array([1]), 0.5, np.random.default_rng(0))
+    assert list(train) == [5] and len(val) == 0

@@ -55,16 +55,17 @@ HAND_LOGITS = torch.tensor([
 HAND_LABELS = torch.tensor([0, 2, 2])
 
 
-_RUNS: dict[str, Path] = {}
+_RUNS: dict[tuple[str, ...], Path] = {}
 
 
-def tiny_run(tmp_root: Path, algorithm: str) -> Path:
-    """One tiny trained run per algorithm per session (sequential executor: no Ray, ~4 s)."""
-    if algorithm not in _RUNS:
+def tiny_run(tmp_root: Path, algorithm: str, *sets: str) -> Path:
+    """One tiny trained run per (algorithm, overrides) per session (sequential executor: no Ray, ~4 s)."""
+    key = (algorithm, *sets)
+    if key not in _RUNS:
         from cafe_ray.sim.engine import run_simulation
         from tests.sim.conftest import tiny_cfg
 
-        cfg = tiny_cfg(tmp_root / algorithm, f"algorithm.name={algorithm}", "round.num_rounds=3",
-                       executor="sequential")
-        _RUNS[algorithm], _ = run_simulation(cfg, show_progress=False)
-    return _RUNS[algorithm]
+        cfg = tiny_cfg(tmp_root / "-".join(key).replace("=", "_"), f"algorithm.name={algorithm}",
+                       "round.num_rounds=3", *sets, executor="sequential")
+        _RUNS[key], _ = run_simulation(cfg, show_progress=False)
+    return _RUNS[key]

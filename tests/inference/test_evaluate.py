@@ -135,3 +135,38 @@ def test_exit_counts_sum_to_n():
     r = evaluate_policy(sliced_een(3, 3), x, y, Threshold(0.7), HAND_COST)
     assert sum(r.exit_counts) == 40
     assert r.mean_macs == pytest.approx(np.dot(r.exit_counts, [110, 330, 660]) / 40)
+
+
+def test_val_calibrated_threshold_is_chosen_on_validation_and_read_on_test(tmp_path_factory):
+    from cafe_ray.runs import RunArtifacts
+    from tests.inference.helpers import tiny_run
+
+    rd = tiny_run(tmp_path_factory.getbasetemp() / "inference-runs", "fedper_ee", "data.val_fraction=0.3")
+    art = RunArtifacts(rd)
+    ev = evaluate_run(art, split="test", steps=5, calibrate_on="val")
+    val = evaluate_run(art, split="val", steps=5)
+    c = ev.savings["calibrated_1pt"]
+    assert c.threshold == val.savings["within_1pt"].threshold  # chosen on validation...
+    on_test = next(p.result for p in ev.points if p.threshold == c.threshold)
+    assert c.accuracy == on_test.accuracy and c.mean_macs == on_test.mean_macs  # ...read on test
+    assert c.delta_accuracy == pytest.approx(on_test.accuracy - ev.full.accuracy)
+
+
+def test_calibrated_saving_reads_the_calibration_threshold():
+    from cafe_ray.inference.evaluate import calibrated_saving
+
+    def pt(t, acc, macs):
+        return CurvePoint(t, PolicyResult(acc, macs, 100, (0,)))
+
+    calib = [pt(0.2, 0.70, 200.0), pt(0.4, 0.80, 400.0), pt(None, 0.805, 1000.0)]
+    test = [pt(0.2, 0.60, 210.0), pt(0.4, 0.74, 420.0), pt(None, 0.80, 1000.0)]
+    s = calibrated_saving(calib, test, full_macs=1000)
+    assert s.threshold == 0.4 and s.accuracy == 0.74 and s.delta_accuracy == pytest.approx(-0.06)
+    assert s.reduction == pytest.approx(0.58)
+
+
+def test_calibration_refused_when_val_overlaps_test(run_dir):
+    with pytest.raises(ValueError, match="overlap"):
+        evaluate_run(run_dir, split="test", steps=3, calibrate_on="val")
+    ev = evaluate_run(run_dir, split="holdout", steps=3, calibrate_on="val")  # halves of test: disjoint
+    assert "calibrated_1pt" in ev.savings

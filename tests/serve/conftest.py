@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cafe_ray.runs import RunArtifacts
@@ -20,6 +22,40 @@ def serve_run_dir(tmp_path_factory) -> Path:
                    executor="sequential")
     run_dir, _ = run_simulation(cfg, show_progress=False)
     return Path(run_dir)
+
+
+MAX_BATCH = 8
+MAX_BODY = 64 * 1024  # bytes: a small body cap, so the tests can cross it cheaply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def served(ray_session, serve_run_dir):
+    """The app on this session's Ray (Serve's proxy on a free port); 2 models per replica so 6
+    clients exercise the LRU. Session-wide: Serve starts once for every HTTP test."""
+    from ray import serve
+
+    from cafe_ray.serve.app import start
+
+    cfg = ServeConfig(run_dir=str(serve_run_dir), port=free_port(), replica_cpus=0, max_batch=MAX_BATCH,
+                      max_models_per_replica=2, batch_wait_ms=5, app_name="cafe-ray-test",
+                      max_body_bytes=MAX_BODY)
+    handle = start(cfg)
+    try:
+        yield cfg, handle
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def http(served):
+    with httpx.Client(base_url=served[0].url, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,37 +12,7 @@ import torch
 from cafe_ray.inference import FullDepth, Threshold, predict_batch
 from cafe_ray.serve.core import InvalidInput, RequestError, UnknownClient
 from cafe_ray.serve.schemas import PredictResponse
-
-MAX_BATCH = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def served(ray_session, serve_run_dir):
-    """The app on this session's Ray; 2 models per replica so 6 clients exercise the LRU."""
-    from ray import serve
-
-    from cafe_ray.serve.app import start
-    from cafe_ray.serve.config import ServeConfig
-
-    cfg = ServeConfig(run_dir=str(serve_run_dir), port=_free_port(), replica_cpus=0, max_batch=MAX_BATCH,
-                      max_models_per_replica=2, batch_wait_ms=5, app_name="cafe-ray-test")
-    handle = start(cfg)
-    try:
-        yield cfg, handle
-    finally:
-        serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def http(served):
-    with httpx.Client(base_url=served[0].url, timeout=60) as c:
-        yield c
+from tests.serve.conftest import MAX_BATCH
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +132,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(http, name, kwargs, s
 def test_unknown_client_is_404(http):
     for path in ("/v1/clients/99", "/v1/clients/99/predict"):
         r = http.post(path, json={"inputs": GOOD}) if path.endswith("predict") else http.get(path)
-        assert r.status_code == 404 and "unknown client 99" in r.json()["detail"]
+        assert r.status_code == 404 and "unknown client 99" in r.json()["detail"][0]["msg"]
     assert http.get("/v1/clients/abc").status_code == 422
 
 

@@ -30,3 +30,27 @@ def test_latency_cut_and_report():
     assert b.latency_cut == pytest.approx(0.75) and b.accuracy_delta_pts == pytest.approx(-100)
     assert "mean latency cut by the threshold policy: 75.0%" in markdown(b)
     assert b.to_json()["threshold_policy"]["mean_macs"] == 10
+
+
+def test_workload_bodies_in_every_format_carry_the_same_samples():
+    import base64
+    import io
+    import json
+
+    from cafe_ray.bench.serve import Workload, query_string
+
+    rng = np.random.default_rng(0)
+    w = Workload(np.array([3, 4, 3]), rng.random((3, 2, 1, 2, 2), dtype=np.float32), np.zeros((3, 2), int))
+    npy = [np.load(io.BytesIO(b)) for b in w.bodies({"policy": "full"}, fmt="npy")]
+    b64 = [json.loads(b) for b in w.bodies({"policy": "full"}, fmt="b64")]
+    js = [json.loads(b) for b in w.bodies({"policy": "full"})]
+    for i in range(3):
+        np.testing.assert_array_equal(npy[i], w.x[i])
+        raw = np.frombuffer(base64.b64decode(b64[i]["inputs_b64"]), "<f4").reshape(w.x[i].shape)
+        np.testing.assert_array_equal(raw, w.x[i])
+        np.testing.assert_allclose(js[i]["inputs"], w.x[i], atol=1e-5)
+        assert b64[i]["policy"] == js[i]["policy"] == "full"
+    rep = w.repeated()
+    np.testing.assert_array_equal(rep.x[2], w.x[0])  # client 3's requests all carry its first body
+    assert query_string({"policy": "threshold", "threshold": 0.6, "return_probs": False}) == \
+        "?policy=threshold&threshold=0.6&return_probs=false"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -162,7 +163,9 @@ def test_run_jobs_equals_one_predict_batch_per_request():
     t = ("threshold", (("threshold", 0.3),))
     jobs = [_job(1, 3, seed=1), _job(2, 2, seed=2), _job(1, 1, Threshold(0.3), t, seed=3), _job(1, 4, seed=4)]
     out = run_jobs(jobs, models, cost)
-    for j, got in zip(jobs, out, strict=True):
+    for j, ans in zip(jobs, out, strict=True):
+        got = ans.response()
+        assert json.loads(ans.json_bytes()) == got.model_dump()  # HTTP's bytes say what the model says
         want = answer(j.client_id, j.policy, predict_batch(models[j.client_id], j.x, j.policy, cost), cost, False)
         assert [(p.label, p.exit, p.macs) for p in got.predictions] == \
             [(p.label, p.exit, p.macs) for p in want.predictions]
@@ -181,7 +184,7 @@ def test_run_jobs_isolates_a_failing_group():
         return model
 
     out = run_jobs([_job(9, 1), _job(1, 2)], get, cost)
-    assert isinstance(out[0], RuntimeError) and len(out[1].predictions) == 2
+    assert isinstance(out[0], RuntimeError) and len(out[1].response().predictions) == 2
 
 
 def test_answer_numbers_exits_both_ways_and_counts_macs():
@@ -208,7 +211,8 @@ def test_prepare_model_keeps_the_answers():
     fast.load_state_dict(model.state_dict())
     assert fast.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not any(p.requires_grad for p in fast.parameters())
-    (got,) = run_jobs([Job(0, x, ("threshold", (("threshold", 0.12),)), Threshold(0.12), True)], {0: fast}, cost)
+    (ans,) = run_jobs([Job(0, x, ("threshold", (("threshold", 0.12),)), Threshold(0.12), True)], {0: fast}, cost)
+    got = ans.response()
     assert [p.label for p in got.predictions] == want.labels.tolist()
     assert torch.tensor([p.probs for p in got.predictions]) == pytest.approx(want.probs, abs=1e-5)
 

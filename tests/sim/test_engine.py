@@ -58,8 +58,10 @@ def test_resume_after_killed_coordinator_equals_uninterrupted(tmp_path, ray_sess
 
 def test_killed_client_actor_does_not_stop_the_run(tmp_path, ray_session):
     ray = ray_session
+    # one actor: with no live actor left in its pool, the executor must wait for Ray's restart
+    # (a pool that still has live actors carries on without it: tests/cluster/ covers node loss)
     cfg = tiny_cfg(tmp_path, "round.num_rounds=5", "round.fraction=1.0", "train.local_epochs=3",
-                   "round.eval_every=5")
+                   "round.eval_every=5", "profiles.actors_per_class=1")
     from cafe_ray.sim.engine import prepare_run
 
     cfg, run_dir, _ = prepare_run(cfg, None)
@@ -100,3 +102,42 @@ def test_resource_classes_get_their_ray_resources(tmp_path):
     assert by_class["edge_gpu"] == {(("CPU", 1.0),)}
     pids = {c: {r["pid"] for r in recs if r["resource_class"] == c} for c in by_class}
     assert not (pids["phone"] & pids["single_board"])
+
+
+def test_error_inside_the_coordinator_is_unwrapped_the_same_on_both_executors(tmp_path):
+    """With an address the data is the cluster's to check, so a missing dataset fails inside
+    the coordinator (Ray) or in-process (sequential): the same one-line reason either way,
+    the original exception as the cause, and no run directory left behind."""
+    from cafe_ray.data.base import DatasetNotFoundError
+    from cafe_ray.sim.errors import RunFailed
+
+    reasons = {}
+    for ex in ("ray", "sequential"):
+        cfg = tiny_cfg(tmp_path / ex, "data.name=cifar10", f"data.root={tmp_path / 'no-data'}", executor=ex)
+        with pytest.raises(RunFailed) as info:
+            _run(cfg, address="auto")
+        assert isinstance(info.value.__cause__, DatasetNotFoundError)
+        assert info.value.run_dir is None and not any((tmp_path / ex / "runs").iterdir())
+        reasons[ex] = info.value.reason
+    assert reasons["ray"] == reasons["sequential"]
+    assert reasons["ray"].startswith("data.name=cifar10: CIFAR-10 not found")
+    assert "Traceback" not in reasons["ray"]
+
+
+def test_coordinator_warnings_reach_the_terminal_and_the_run_dir(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from cafe_ray.sim.preflight import PreflightReport
+
+    cfg = tiny_cfg(tmp_path, "data.num_clients=200", "round.num_rounds=1", "round.fraction=0.02",
+                   "round.eval_clients=participants")
+    out = io.StringIO()
+    # an empty preflight report: the warning can only come from the coordinator actor
+    run_dir, _ = run_simulation(cfg, show_progress=False, console=Console(file=out, width=400),
+                                checked=PreflightReport())
+    (rec,) = rundir.read_warnings(run_dir)
+    assert rec["source"] == "coordinator"
+    assert "min_size=20 is infeasible for 1438 samples over 200 clients" in rec["message"]
+    assert f"warning (coordinator): {rec['message']}" in out.getvalue()

@@ -92,3 +92,20 @@ def test_same_seed_same_metrics_different_seed_differs(tmp_path):
     rc, _ = _run(c)
     ma, mb, mc = (comparable(rundir.read_jsonl(r / "metrics.jsonl")) for r in (ra, rb, rc))
     assert ma == mb and ma != mc
+
+
+def test_validation_split_metrics_and_splits_file(tmp_path):
+    cfg = tiny_cfg(tmp_path, "executor=sequential", "round.num_rounds=2", "round.fraction=1.0",
+                   "data.val_fraction=0.2")
+    run_dir, s = _run(cfg)
+    assert 0.0 <= s["val_acc_avg_exit"] <= 1.0 and len(s["val_acc_exit"]) == len(s["acc_exit"])
+    splits = rundir.load_splits(run_dir / "splits.npz")
+    assert all(len(sp.val_idx) > 0 and not set(sp.val_idx) & set(sp.train_idx) for sp in splits)
+    recs = [r for r in rundir.read_jsonl(run_dir / "eval.jsonl") if r["round"] == 1]
+    assert all(r["num_val"] > 0 and len(r["val_acc_exit"]) == len(r["acc_exit"]) for r in recs)
+    from cafe_ray.runs import RunArtifacts
+
+    art = RunArtifacts(run_dir)
+    x_val, y_val = art.client_data(0, "val")
+    x_hold, y_hold = art.client_data(0, "holdout")
+    assert len(y_val) == len(splits[0].val_idx) and len(y_hold) == len(splits[0].test_idx)

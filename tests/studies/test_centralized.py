@@ -50,7 +50,7 @@ def test_evaluation_is_test_size_weighted_per_exit_with_worst_client():
 
 
 def test_centralized_upper_bound_with_two_ray_train_workers(tmp_path, ray_session):
-    from cafe_ray.studies.compare import Variant, _row, markdown_table
+    from cafe_ray.studies.compare import Variant, aggregate, markdown_table, run_row
 
     cfg = tiny_cfg(tmp_path, "round.eval_every=1")
     out, s = run_centralized(cfg, epochs=2, workers=2, use_gpu=False, out=tmp_path / "central")
@@ -73,6 +73,7 @@ def test_centralized_upper_bound_with_two_ray_train_workers(tmp_path, ray_sessio
     model = make_model(cfg, load_dataset(cfg.data, seed=cfg.seed))
     model.load_state_dict(weights)  # the saved model is the experiment's architecture
     # the folder is an upper-bound row of a comparison table
-    row = _row({}, Variant("centralized", {}, "upper_bound"), Path(out))
+    row = run_row({}, Variant("centralized", {}, "upper_bound"), 0, Path(out))
     assert row["acc_avg_exit"] == s["acc_avg_exit"] and row["curve"][-1] == (2, s["acc_avg_exit"])
-    assert "| centralized |" in markdown_table([row])
+    assert len(row["per_client"]) == cfg.data.num_clients  # pairs with simulations client by client
+    assert "| centralized |" in markdown_table(aggregate([row]))

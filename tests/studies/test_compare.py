@@ -1,21 +1,26 @@
-"""A tiny study through the real comparison runner: table, parquet, plots, resume."""
+"""Comparison studies through the real runner: seeds, validation, paired tests, tuning, resume."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from cafe_ray.config import ConfigError
-from cafe_ray.studies.compare import load_study, run_study
+from cafe_ray.studies.compare import aggregate, load_study, paired_comparison, run_study
 
 
-def _study(tmp_path):
-    base = {"executor": "sequential", "data": {"name": "digits", "num_clients": 4},
+def _study(tmp_path, **extra):
+    base = {"executor": "sequential", "data": {"name": "digits", "num_clients": 4, "val_fraction": 0.2},
             "model": {"name": "cnn_small", "width": 8}, "round": {"num_rounds": 2, "eval_every": 1},
             "profiles": {"catalog": "uniform"}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     study = {"base": "base.yaml", "grid": {"data.partition.alpha": [0.3, 1.0]},
              "variants": [{"label": "CAFEDistill", "set": {"algorithm.name": "cafedistill"}},
-                          {"label": "FedPer-EE", "group": "baseline", "set": {"algorithm.name": "fedper_ee"}}]}
+                          {"label": "FedPer-EE", "group": "baseline", "set": {"algorithm.name": "fedper_ee"}}],
+             **extra}
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(study))
     return p
@@ -27,21 +32,131 @@ def test_study_runs_writes_outputs_and_resumes(tmp_path):
     rows = run_study(p, out)
     assert len(rows) == 4 and {r["setting"] for r in rows} == {"alpha=0.3", "alpha=1.0"}
     md = (out / "results.md").read_text()
-    assert "| CAFEDistill |" in md and "**alpha=0.3**" in md
+    assert "| CAFEDistill |" in md and "**alpha=0.3**" in md and "test split" in md
+    # the reference is the only baseline, chosen on validation; CAFEDistill is paired against it
+    caf = next(r for r in rows if r["label"] == "CAFEDistill" and r["setting"] == "alpha=0.3")
+    assert caf["reference"] == "FedPer-EE" and caf["paired"]["n"] == 4  # 4 clients x 1 seed
+    assert caf["val_acc_avg_exit"] is not None and caf["samples_per_client_round"] > 0
+    assert "vs FedPer-EE" in md and "(reference)" in md
     assert pq.read_table(out / "results.parquet").num_rows == 4
+    assert pq.read_table(out / "runs.parquet").num_rows == 4
     assert (out / "comparison_alpha=0.3.png").read_bytes()[:4] == b"\x89PNG"
     # a second call runs nothing new: the same run directories come back
     again = run_study(p, out)
-    assert [r["run_dir"] for r in again] == [r["run_dir"] for r in rows]
+    assert [r["run_dirs"] for r in again] == [r["run_dirs"] for r in rows]
     # --only limits what runs, not what the table shows
     only = run_study(p, out, only=["FedPer-EE"])
     assert len(only) == 4 and pq.read_table(out / "results.parquet").num_rows == 4
 
 
-def test_bad_variant_fails_before_running(tmp_path):
+def test_seeds_give_mean_std_and_pairs_over_clients_and_seeds(tmp_path):
+    p = _study(tmp_path, seeds=[0, 1], grid={"data.partition.alpha": [0.5]})
+    rows = run_study(p, tmp_path / "out")
+    caf = next(r for r in rows if r["label"] == "CAFEDistill")
+    assert caf["seeds"] == [0, 1] and len(caf["run_dirs"]) == 2
+    assert caf["paired"]["n"] == 8  # 4 clients x 2 seeds
+    assert caf["acc_avg_exit_std"] is not None
+    runs = pq.read_table(tmp_path / "out" / "runs.parquet").to_pylist()
+    seed_accs = sorted(r["acc_avg_exit"] for r in runs if r["label"] == "CAFEDistill")
+    assert caf["acc_avg_exit"] == pytest.approx(np.mean(seed_accs))
+    assert caf["acc_avg_exit_std"] == pytest.approx(np.std(seed_accs, ddof=1))
+    assert "± " in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_paired_comparison_on_a_crafted_example():
+    from scipy.stats import wilcoxon
+
+    b = {(s, c): 0.5 for s in range(2) for c in range(10)}
+    a = {k: v + (0.1 if k[1] < 8 else -0.05) for k, v in b.items()}
+    r = paired_comparison(a, b)
+    assert (r["n"], r["wins"], r["losses"], r["ties"]) == (20, 16, 4, 0)
+    assert r["mean_diff"] == pytest.approx((16 * 0.1 - 4 * 0.05) / 20)
+    d = [a[k] - b[k] for k in sorted(a)]
+    assert r["p_value"] == pytest.approx(wilcoxon(d).pvalue) and r["p_value"] < 0.01
+    tie = paired_comparison(b, dict(b))
+    assert tie["ties"] == 20 and tie["p_value"] == 1.0
+    # only common (seed, client) keys are paired
+    assert paired_comparison({(0, 1): 1.0}, {(1, 1): 0.0})["n"] == 0
+
+
+def test_best_baseline_is_chosen_on_validation_not_test():
+    def run(label, val, test):
+        return {"setting": "s", "label": label, "group": "baseline", "seed": 0, "algorithm": label,
+                "acc_exit": [test], "acc_avg_exit": test, "acc_worst_client": test, "val_acc_avg_exit": val,
+                "cum_bytes": 0, "samples_per_client_round": 1.0, "wall_time_s": 1.0, "tuned": {},
+                "run_dir": label, "curve": [], "per_client": {0: test}}
+
+    rows = aggregate([run("A", val=0.9, test=0.5), run("B", val=0.8, test=0.99)])
+    assert {r["reference"] for r in rows} == {"A"}  # B is better on test, A on validation
+
+
+def test_bad_studies_fail_before_running(tmp_path):
     p = _study(tmp_path)
     raw = yaml.safe_load(p.read_text())
     raw["variants"].append({"label": "typo", "set": {"algorithm.cafedistill.lamda": 1}})
     p.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"lamda: unknown key"):
         load_study(p)
+    with pytest.raises(ConfigError, match=r"seeds must be"):
+        load_study(_study(tmp_path, seeds=[0, 0]))
+    with pytest.raises(ConfigError, match=r"reference='Nope' is not a variant"):
+        load_study(_study(tmp_path, reference="Nope"))
+    with pytest.raises(ConfigError, match=r"use 'choice'"):
+        load_study(_study(tmp_path, tuning={"trials": 2, "space": {"train.lr": {"grid": [0.01, 0.1]}}}))
+    p = _study(tmp_path, tuning={"trials": 2, "space": {"train.lr": {"choice": [0.01, 0.1]}}})
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["data"]["val_fraction"] = 0.0
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError, match=r"data.val_fraction"):
+        load_study(p)
+
+
+def test_equal_budget_tuning_on_validation(tmp_path, ray_session):
+    p = _study(tmp_path, grid={"data.partition.alpha": [0.5]},
+               tuning={"trials": 2, "space": {"train.lr": {"choice": [0.01, 0.05]}}})
+    raw = yaml.safe_load(p.read_text())
+    raw["variants"][0]["tune"] = {"algorithm.cafedistill.lam": {"choice": [0.0, 0.5]}}
+    p.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    rows = run_study(p, out)
+    for r in rows:
+        tdir = out / "tuning" / "alpha=0.5" / r["label"]
+        best = json.loads((tdir / "best.json").read_text())
+        trials = pq.read_table(tdir / "results.parquet").to_pylist()
+        assert len(trials) == 2  # the same trial budget for every variant
+        # the chosen values are the best validation trial's and are what the seed runs used
+        top = max((t for t in trials if t["val_acc_avg_exit"] is not None), key=lambda t: t["val_acc_avg_exit"])
+        assert best["trial_id"] == top["trial_id"] and r["tuned"] == best["params"]
+        cfg = yaml.safe_load((Path(r["run_dirs"][0]) / "config.yaml").read_text())
+        assert cfg["train"]["lr"] == r["tuned"]["train.lr"]
+    assert set(rows[0]["tuned"]) == {"train.lr", "algorithm.cafedistill.lam"}
+    assert "Tuned on validation" in (out / "results.md").read_text()
+
+
+def test_named_grid_axis_expands_bundles(tmp_path):
+    from cafe_ray.studies.compare import config_for, setting_name, settings
+
+    p = _study(tmp_path, grid={"fleet": {"small": {"data.num_clients": 4},
+                                         "partial": {"data.num_clients": 6, "round.fraction": 0.5}},
+                               "data.partition.alpha": [0.3]})
+    study = load_study(p)
+    names = [setting_name(s) for s in settings(study)]
+    assert sorted(names) == ["alpha=0.3,fleet=partial", "alpha=0.3,fleet=small"]  # YAML key order
+    partial = next(s for s in settings(study) if s["fleet"] == "partial")
+    cfg = config_for(study, partial, study.variants[0], tmp_path, 0)
+    assert cfg.data.num_clients == 6 and cfg.round.fraction == 0.5 and cfg.data.partition.alpha == 0.3
+    with pytest.raises(ConfigError, match=r"grid.fleet: a named axis"):
+        load_study(_study(tmp_path, grid={"fleet": {"small": 3}}))
+
+
+def test_a_changed_config_is_rerun_not_reused(tmp_path):
+    p = _study(tmp_path, grid={"data.partition.alpha": [0.5]})
+    out = tmp_path / "out"
+    first = {r["label"]: r for r in run_study(p, out, only=["FedPer-EE"])}
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["round"]["num_rounds"] = 1  # e.g. a default changed since the run
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    again = {r["label"]: r for r in run_study(p, out, only=["FedPer-EE"])}
+    assert again["FedPer-EE"]["run_dirs"] != first["FedPer-EE"]["run_dirs"]
+    runs = pq.read_table(out / "runs.parquet").to_pylist()
+    assert [len(json.loads(r["curve"])) for r in runs] == [1]  # the 1-round run, not the stale 2-round one

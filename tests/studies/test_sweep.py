@@ -23,7 +23,7 @@ from cafe_ray.studies.sweep import (
     validate_against,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base(tmp_path: Path, **top) -> dict:
@@ -192,3 +192,89 @@ def test_cli_sweep_and_centralized_reject_bad_input_before_starting_ray(tmp_path
     assert r.exit_code == 2 and "bare list is ambiguous" in r.output
     r = runner.invoke(app, ["centralized", str(cfg), "--set", "train.lr=-1"])
     assert r.exit_code == 2 and "train.lr" in r.output
+
+
+# ------------------------------------------------------- exact resume (ASHA)
+_STOP_AT = {"left": 1}  # module state: the restored sweep must not be interrupted again
+
+
+class _InterruptAtThirdTrialsFirstReport(Callback):
+    """Ctrl+C (Tune's SIGUSR1) as soon as the third trial reports its first evaluation."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+        if _STOP_AT["left"] > 0 and trials.index(trial) == 2:
+            _STOP_AT["left"] -= 1
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class _StopAfterCheckpoint(Exception):
+    pass
+
+
+def _outcome(res) -> dict:  # noqa: ANN001 - SweepResult
+    return {r["train.lr"]: (r["status"], r["rounds"], round(r["acc_avg_exit"], 6)) for r in res.rows}
+
+
+def test_resumed_sweep_stops_the_same_trials_as_an_uninterrupted_one(tmp_path, ray_session):
+    """A trial interrupted between a checkpoint and its report is re-reported, and ASHA's rungs are
+    rebuilt from the finished trials: early stopping decides exactly as without the interruption."""
+    from cafe_ray.sim.engine import run_here
+    from cafe_ray.studies.sweep import checkpointed_evaluations, reported_histories
+
+    base = _base(tmp_path, round={"num_rounds": 4, "fraction": 1.0, "eval_every": 1},
+                 checkpoint={"every": 1, "keep": 4})
+    space = {"train.lr": {"grid": [0.05, 0.0005, 0.2]}}  # the third: stopped at round 2
+    kw = {"grace_period": 1, "reduction_factor": 2.0, "max_concurrent_trials": 1, "verbose": 0}
+    full = run_sweep(base, space, tmp_path / "full", **kw)
+    assert not full.interrupted
+    assert any(r["status"] == "stopped (ASHA)" for r in full.rows), _outcome(full)
+
+    out = tmp_path / "cut"
+    first = run_sweep(base, space, out, callbacks=[_InterruptAtThirdTrialsFirstReport()], **kw)
+    assert first.interrupted
+    finished, pending = reported_histories(out / "tune", "acc_avg_exit")
+    assert len(finished) == 2 and pending, (finished, pending)
+    # the third trial: Tune has its first report; its run goes one round further, checkpoints
+    # it, and stops before reporting it (as a Ctrl+C between the two would)
+    cut = next(r for r in first.rows if r["status"] == "unfinished" and Path(r["run_dir"]).is_dir())
+    run_dir = Path(cut["run_dir"])
+    cfg = load_config(run_dir / "config.yaml")
+    reported = cut["rounds"]
+    done_before = len(checkpointed_evaluations(run_dir, cfg.round.num_rounds - 1))
+
+    def stop(rec: dict) -> None:
+        if rec["round"] + 1 > max(reported, done_before):
+            raise _StopAfterCheckpoint
+
+    with pytest.raises(_StopAfterCheckpoint):
+        run_here(cfg, run_dir, resume=done_before > 0, on_round=stop)
+    unreported = [r["round"] + 1 for r in checkpointed_evaluations(run_dir, cfg.round.num_rounds - 1)]
+    assert max(unreported) > reported  # checkpointed, never reported to Tune
+
+    resumed = run_sweep(base, space, out, resume=True, **kw)
+    assert not resumed.interrupted
+    assert _outcome(resumed) == _outcome(full)
+
+
+def test_a_class_no_node_can_host_fails_fast_naming_it(tmp_path, ray_session):
+    base = _base(tmp_path)
+    space = {"profiles.classes": {"grid": [{"default": {"resources": {"no_such_device": 1}}}]}}
+    with pytest.raises(ConfigError, match=r"class 'default' .*no_such_device.* no autoscaler"):
+        run_sweep(base, space, tmp_path / "s", verbose=0)
+    assert not (tmp_path / "s" / "tune").exists()  # refused before Tune started
+
+
+def test_cli_sweep_checks_resume_and_asha_settings_before_ray(tmp_path):
+    from typer.testing import CliRunner
+
+    from cafe_ray.cli import app
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_base(tmp_path)))
+    space = tmp_path / "s.yaml"
+    space.write_text("train.lr: {grid: [0.01, 0.1]}\n")
+    r = CliRunner().invoke(app, ["sweep", str(cfg), "--space", str(space), "--out", str(tmp_path / "none"),
+                                 "--resume"])
+    assert r.exit_code == 2 and "no sweep to continue" in r.output
+    r = CliRunner().invoke(app, ["sweep", str(cfg), "--space", str(space), "--reduction-factor", "1"])
+    assert r.exit_code == 2 and "--reduction-factor must be > 1" in r.output

@@ -11,8 +11,9 @@ One round t:
   and one aggregated teacher head hbar_i per participant;
 - client (:meth:`CafeDistill.client_update`): global backbone + personal exit
   heads, local SGD on L_i (CE of the teacher exit and of the selected students,
-  plus lambda * tau^2 * KL to the detached teacher logits); heads of exits outside
-  S_i are left out of the optimizer and do not move at all;
+  plus lambda_t * tau^2 * KL to the detached teacher logits); heads of exits
+  outside S_i are frozen (``unselected: frozen``, out of the optimizer) or
+  trained by CE on detached features (``ce_detached``);
 - server (:meth:`CafeDistill.aggregate`): sample-weighted mean of the backbones;
   every uploaded last-exit head h_i is stored for the next teacher weights.
 
@@ -20,10 +21,22 @@ Server state (``ServerState.tensors``, namespaced):
 - ``global/<backbone key>``: the shared backbone;
 - ``init_head/weight|bias``: the last head of the deterministic initial model;
 - ``heads/<cid>/weight|bias``: client cid's latest uploaded last-exit head h_cid;
-- ``upd/<cid>/<key>`` and ``aggupd/<key>`` (``update_cosine`` only): the client's
-  latest backbone update and the previous round's aggregated update, for the
-  parameters of stages 0..m-2 (the tier-2 exit is at most m-2, so deeper stages
-  are never compared);
+- ``upd/<cid>/<key>`` and ``aggupd/<key>`` (``update_cosine`` only, the spec's
+  proxy): the client's latest backbone update and the previous round's
+  aggregated update, for the parameters of stages 0..m-2 (the tier-2 exit is at
+  most m-2, so deeper stages are never compared);
+- ``meta["conflict"][cid]`` (``update_sketch``): m-1 floats per client, the
+  leave-one-out cosine of its last update to the other participants' aggregate
+  of that round, per exit prefix, computed on count sketches (selection.py);
+- ``meta["visits"][cid]``: completed rounds per client (``schedule_clock: client``).
+
+Options beyond the specification (each a field of ``algorithm.cafedistill``;
+``preset: spec`` restores the specification's behaviour): the KD weight
+lambda_t (:meth:`CafeDistill.kd_weights`: warm-up on R(t) or from a round, and
+no KD while no trained teacher head exists), ``center_heads`` (D_ij on h - h_init),
+``own_head: live`` (the server sends sum_{j!=i} w_ij h_j and w_ii, the client adds
+w_ii times its current head), ``schedule_clock`` (:meth:`CafeDistill.clocks`) and,
+in loss.py, ``kd_backbone``, ``kd_gate``, ``kd_target`` and ``unselected``.
 - ``selhead/<cid>/<e>`` (``head_cosine`` only): client cid's latest flattened
   head of exit e.
 
@@ -65,12 +78,14 @@ from cafe_ray.algorithms.base import (
     register,
     with_global,
 )
-from cafe_ray.algorithms.cafedistill.loss import KDStats, make_loss_fn
-from cafe_ray.algorithms.cafedistill.schedule import schedule_t, tier1_depth
+from cafe_ray.algorithms.cafedistill.loss import KDOptions, KDStats, label_prior, make_loss_fn
+from cafe_ray.algorithms.cafedistill.schedule import progress, schedule_t, tier1_depth
 from cafe_ray.algorithms.cafedistill.selection import (
+    CountSketch,
     StudentPlan,
     head_cosine_scores,
     keys_feeding_exit,
+    loo_sketch_scores,
     plan_students,
     select_students,
     tier_exits,
@@ -154,35 +169,101 @@ class CafeDistill(Algorithm):
         ]
         tensors = {INIT_W: head.weight.detach().clone(), INIT_B: head.bias.detach().clone()}
         backbone = {k: sd[k].detach().clone() for k in model.backbone_keys()}
-        return with_global(
-            ServerState(tensors=tensors, meta={"num_exits": m, "update_keys": update_keys}), backbone
-        )
+        meta = {"num_exits": m, "update_keys": update_keys, "visits": {}, "conflict": {}}
+        return with_global(ServerState(tensors=tensors, meta=meta), backbone)
 
     def plan(self, state: ServerState, ctx: RoundContext) -> StudentPlan:
-        """Round ctx.round's R(t), B_t, d, tier exits and r (t = ctx.round + 1)."""
+        """Round ctx.round's R(t), B_t, d, tier exits and r (t = ctx.round + 1), global clock."""
         sel = self.hp.selection
+        t, T = self._ramped(schedule_t(ctx.round), ctx.num_rounds)
         return plan_students(
-            schedule_t(ctx.round), ctx.num_rounds, int(state.meta["num_exits"]),
-            len(ctx.participants), schedule=sel.schedule, order=sel.order,
+            t, T, int(state.meta["num_exits"]), len(ctx.participants), schedule=sel.schedule, order=sel.order,
         )
 
+    def _ramped(self, t: int, T: int) -> tuple[int, int]:
+        """(t, T) with T stretched to 2 * ramp * T, so that R = min(t / (ramp * T), 1); exact integers."""
+        ramp = self.hp.selection.ramp
+        if ramp == 0.5:
+            return t, T
+        return t * 1000, max(1, T * max(1, round(2000 * ramp)))
+
+    def clocks(self, state: ServerState, ctx: RoundContext) -> dict[int, tuple[int, int]]:
+        """(t, T) of R(t) = min(2t/T, 1) for every participant, on ``selection.schedule_clock``.
+
+        global: (round + 1, T). client: R_i = min(2 v_i / V, 1) with v_i the
+        client's 1-based visit (completed rounds + 1) and V = T * n_t / n its
+        expected visits, written exactly as (v_i * n, T * n_t). Under full
+        participation (n_t = n) both clocks agree. ``selection.ramp`` rho != 0.5
+        stretches T to 2 rho T (R = min(t / (rho T), 1)), kept integer by
+        scaling both by 1000 (rho has at most three decimals of effect).
+        """
+        sel = self.hp.selection
+        T = ctx.num_rounds
+        if sel.schedule_clock == "global":
+            t = schedule_t(ctx.round)
+            clocks = {cid: (t, T) for cid in ctx.participants}
+        else:
+            n = max(self.cfg.data.num_clients, len(ctx.participants), 1)
+            n_t = max(len(ctx.participants), 1)
+            visits: dict[str, int] = state.meta.get("visits", {})
+            clocks = {cid: ((int(visits.get(str(cid), 0)) + 1) * n, T * n_t) for cid in ctx.participants}
+        return {cid: self._ramped(t, T_) for cid, (t, T_) in clocks.items()}
+
     def students(self, state: ServerState, ctx: RoundContext) -> dict[int, tuple[int, ...]]:
-        """S_i for every participant (two-tier, seeded by ctx.seed)."""
-        plan = self.plan(state, ctx)
-        scores = self._conflict_scores(state, plan, ctx.participants)
+        """S_i for every participant (two-tier, seeded by ctx.seed).
+
+        Participants on the same clock value share one plan, and tier 2 competes
+        among them (with the global clock: one group, the spec's selection).
+        """
+        sel = self.hp.selection
+        m = int(state.meta["num_exits"])
+        clocks = self.clocks(state, ctx)
         rng = np.random.default_rng([ctx.seed % 2**63, _SELECTION_STREAM])
-        return select_students(plan, ctx.participants, scores, rng)
+        out: dict[int, tuple[int, ...]] = {}
+        for clock in sorted(set(clocks.values())):
+            group = tuple(c for c in ctx.participants if clocks[c] == clock)
+            plan = plan_students(clock[0], clock[1], m, len(group), schedule=sel.schedule, order=sel.order)
+            scores = self._conflict_scores(state, plan, group)
+            out.update(select_students(plan, group, scores, rng))
+        return out
+
+    def kd_weights(self, state: ServerState, ctx: RoundContext) -> dict[int, float]:
+        """lambda_t per participant: lambda after the warm-up, 0 without a trained teacher."""
+        hp = self.hp
+        pool = set(_stored_head_ids(state))
+        if hp.teachers == "participants":
+            pool &= set(ctx.participants)
+        if hp.kd_needs_trained_teacher and not pool:
+            return {cid: 0.0 for cid in ctx.participants}
+        if hp.kd_warmup == "round":
+            lam = hp.lam if ctx.round >= hp.kd_start_round else 0.0
+            return {cid: lam for cid in ctx.participants}
+        if hp.kd_warmup == "progress" and hp.selection.schedule == "progressive":
+            return {cid: hp.lam * progress(t, T) for cid, (t, T) in self.clocks(state, ctx).items()}
+        return {cid: hp.lam for cid in ctx.participants}
 
     def teacher_heads(
         self, state: ServerState, participants: Sequence[int]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """hbar_i = sum_j w_ij h_j (weight, bias) for every participant i.
+        """hbar_i = sum_j w_ij h_j (weight, bias) for every participant i, own head as stored."""
+        return {cid: (w, b) for cid, (w, b, _) in self.teacher_messages(state, participants, live=False).items()}
+
+    def teacher_messages(
+        self, state: ServerState, participants: Sequence[int], live: bool | None = None
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+        """(head weight, head bias, w_ii) sent to every participant i.
 
         Pool of j: every stored head (``teachers: all_seen``) or the participants'
-        (``participants``). A participant without a stored head has no D_i; with
-        D_i constant the QP's minimiser is the uniform w, so it gets the pool's
-        mean head; with an empty pool (round 0) the initial last head.
+        (``participants``). Teacher weights come from D_ij on the heads, centred on
+        the initial head under ``center_heads``. A participant without a stored
+        head has no D_i; with D_i constant the QP's minimiser is the uniform w, so
+        it gets the pool's mean head; with an empty pool (round 0) the initial
+        last head. ``own_head: live`` (or ``live=True``): the head is
+        sum_{j != i} w_ij h_j and the client adds w_ii times its current head
+        (w_ii = 0 where the client has no stored head); otherwise w_ii = 0 is
+        returned and the head is the full hbar_i.
         """
+        live = self.hp.own_head == "live" if live is None else live
         init_w, init_b = state.tensors[INIT_W], state.tensors[INIT_B]
         C, D = init_w.shape
         stored = _stored_head_ids(state)
@@ -190,33 +271,42 @@ class CafeDistill(Algorithm):
             have = set(stored)
             stored = [c for c in sorted(participants) if c in have]
         if not stored:
-            return {cid: (init_w, init_b) for cid in participants}
+            return {cid: (init_w, init_b, 0.0) for cid in participants}
         H = np.stack(
             [pack_head(state.tensors[_head_key(j, "weight")], state.tensors[_head_key(j, "bias")]) for j in stored]
         )  # (n_pool, C*D + C)
         pos = {cid: i for i, cid in enumerate(stored)}
         rows = [cid for cid in participants if cid in pos]
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         if rows:
-            W = teacher_weights(H, self.hp.mu, rows=[pos[c] for c in rows])  # (len(rows), n_pool)
-            for cid, hbar in zip(rows, aggregate_heads(W, H), strict=True):
-                out[cid] = unpack_head(hbar, C, D)
+            center = pack_head(init_w, init_b) if self.hp.center_heads else None
+            idx = [pos[c] for c in rows]
+            W = teacher_weights(H, self.hp.mu, rows=idx, center=center)  # (len(rows), n_pool)
+            own = np.zeros(len(rows))
+            if live:
+                own = W[np.arange(len(rows)), idx].copy()
+                W[np.arange(len(rows)), idx] = 0.0  # the client adds w_ii * its live head
+            for cid, hbar, w_ii in zip(rows, aggregate_heads(W, H), own, strict=True):
+                out[cid] = (*unpack_head(hbar, C, D), float(w_ii))
         newcomers = [cid for cid in participants if cid not in pos]
         if newcomers:
             uniform = unpack_head(H.mean(axis=0), C, D)
-            out.update({cid: uniform for cid in newcomers})
+            out.update({cid: (*uniform, 0.0) for cid in newcomers})
         return out
 
     def server_payloads(self, state: ServerState, ctx: RoundContext) -> dict[int, Message]:
         """Per participant: the global backbone, hbar_i (one head) and S_i."""
         students = self.students(state, ctx)
-        teachers = self.teacher_heads(state, ctx.participants)
+        teachers = self.teacher_messages(state, ctx.participants)
+        lams = self.kd_weights(state, ctx)
         backbone = global_params(state)
         select_exit = self._next_select_exit(ctx, int(state.meta["num_exits"]))
         out: dict[int, Message] = {}
         for cid in ctx.participants:
-            w, b = teachers[cid]
-            meta: dict[str, Any] = {"students": list(students[cid])}
+            w, b, own = teachers[cid]
+            meta: dict[str, Any] = {"students": list(students[cid]), "lam": lams[cid]}
+            if own:
+                meta["own_weight"] = own
             if select_exit is not None:
                 meta["select_exit"] = select_exit
             out[cid] = Message(tensors={**backbone, TEACHER_W: w, TEACHER_B: b}, meta=meta)
@@ -253,7 +343,42 @@ class CafeDistill(Algorithm):
         if similarity == "update_cosine":
             for k in update_keys:
                 tensors[AGGUPD_NS + k] = (new[k] - old[k]).detach()
-        return with_global(ServerState(tensors=tensors, meta=dict(state.meta)), new)
+        meta = dict(state.meta)
+        visits = dict(meta.get("visits", {}))
+        for r in results:
+            visits[str(r.client_id)] = int(visits.get(str(r.client_id), 0)) + 1
+        meta["visits"] = visits
+        if similarity == "update_sketch":
+            conflict = dict(meta.get("conflict", {}))
+            conflict.update({str(c): v for c, v in self._sketch_scores(old, results, update_keys).items()})
+            meta["conflict"] = conflict
+        return with_global(ServerState(tensors=tensors, meta=meta), new)
+
+    def _sketch(self, stage: int, length: int) -> CountSketch:
+        """The count sketch of stage ``stage``'s update (regenerated from the seed, cached)."""
+        cache: dict[tuple[int, int], CountSketch] = self.__dict__.setdefault("_sketches", {})
+        key = (stage, length)
+        if key not in cache:
+            cache[key] = CountSketch(length, self.hp.selection.sketch_dim, self.cfg.seed * 1_000_003 + 7919 * stage + 1)
+        return cache[key]
+
+    def _sketch_scores(
+        self, old: Params, results: Sequence[ClientResult], update_keys: Sequence[str]
+    ) -> dict[int, list[float]]:
+        """update_sketch: per participant, m-1 leave-one-out cosines (one per exit prefix)."""
+        m_1 = max((stage_of_key(k) or 0) for k in update_keys) + 1 if update_keys else 0
+        by_stage = [sorted(k for k in update_keys if stage_of_key(k) == s) for s in range(m_1)]
+        sketches: dict[int, list[torch.Tensor]] = {}
+        weights: dict[int, float] = {}
+        for r in results:
+            up = r.output.upload.tensors
+            sk = []
+            for s, keys in enumerate(by_stage):
+                vec = torch.cat([(up[k] - old[k]).reshape(-1).to(torch.float64) for k in keys]) if keys else torch.zeros(1, dtype=torch.float64)
+                sk.append(self._sketch(s, vec.numel())(vec))
+            sketches[r.client_id] = sk
+            weights[r.client_id] = float(r.output.num_samples)
+        return loo_sketch_scores(sketches, weights)
 
     def _conflict_scores(
         self, state: ServerState, plan: StudentPlan, participants: Sequence[int]
@@ -263,6 +388,13 @@ class CafeDistill(Algorithm):
         similarity = self.hp.selection.similarity
         if e is None or similarity == "random":
             return {}
+        if similarity == "update_sketch":
+            conflict: dict[str, list[float]] = state.meta.get("conflict", {})
+            return {
+                cid: float(conflict[str(cid)][e])
+                for cid in participants
+                if str(cid) in conflict and e < len(conflict[str(cid)])
+            }
         if similarity == "update_cosine":
             keys = keys_feeding_exit(state.meta["update_keys"], e)
             if not keys or AGGUPD_NS + keys[0] not in state.tensors:
@@ -278,14 +410,18 @@ class CafeDistill(Algorithm):
         return head_cosine_scores(participants, heads)
 
     def _next_select_exit(self, ctx: RoundContext, m: int) -> int | None:
-        """head_cosine: the exit round t+1's tier 2 competes for (uploaded this round)."""
+        """head_cosine: the exit round t+1's tier 2 competes for (uploaded this round).
+
+        Predicted on the global clock (with the ramp); under ``schedule_clock: client``
+        a client's tier-2 exit may differ, and a head the server lacks scores 0.
+        """
         sel = self.hp.selection
         if sel.similarity != "head_cosine" or sel.schedule == "all":
             return None
         nxt = ctx.round + 1
         if nxt >= ctx.num_rounds:
             return None
-        _, e = tier_exits(tier1_depth(schedule_t(nxt), ctx.num_rounds, m), m, sel.order)
+        _, e = tier_exits(tier1_depth(*self._ramped(schedule_t(nxt), ctx.num_rounds), m), m, sel.order)
         return e
 
     # ----------------------------------------------------------------- client
@@ -302,13 +438,21 @@ class CafeDistill(Algorithm):
         if personal:
             load_params(model, personal)
 
-        # Exits outside S_i (other than the teacher) are out of the optimizer, so
-        # neither momentum nor weight decay can move them.
-        frozen = set(range(m - 1)) - set(students)
+        # unselected = frozen: exits outside S_i (other than the teacher) are out of
+        # the optimizer, so neither momentum nor weight decay can move them.
+        # ce_detached: they train on CE over detached features (loss.py).
+        hp = self.hp
+        frozen = set(range(m - 1)) - set(students) if hp.unselected == "frozen" else set()
         trainable = [p for n, p in model.named_parameters() if exit_of_key(n) not in frozen]
         stats = KDStats()
+        opts = KDOptions(
+            lam=float(payload.meta.get("lam", hp.lam)), tau=hp.tau, backbone=hp.kd_backbone,
+            backbone_scale=hp.kd_backbone_scale, gate=hp.kd_gate, target=hp.kd_target, unselected=hp.unselected,
+        )
+        prior = label_prior(data.y_train, model.num_classes) if hp.kd_target != "full" else None
         loss_fn = make_loss_fn(
-            payload.tensors[TEACHER_W], payload.tensors[TEACHER_B], students, self.hp.lam, self.hp.tau, stats
+            payload.tensors[TEACHER_W], payload.tensors[TEACHER_B], students, opts, stats=stats,
+            prior=prior, own_weight=float(payload.meta.get("own_weight", 0.0)),
         )
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=trainable)
 
@@ -327,7 +471,8 @@ class CafeDistill(Algorithm):
             num_samples=data.num_train,
             samples_processed=seen,
             trained_depth=m,
-            metrics={"train_loss": loss, "kd_loss": stats.mean, "num_students": float(len(students))},
+            metrics={"train_loss": loss, "kd_loss": stats.mean, "num_students": float(len(students)),
+                     "kd_lam": opts.lam, "kd_kept": stats.kept_fraction},
         )
 
     # ------------------------------------------------------------- evaluation

@@ -1,12 +1,29 @@
-"""The local objective of CAFEDistill (arXiv:2601.10015), step 8.
+"""The local objective of CAFEDistill (arXiv:2601.10015), step 8, and its named options.
 
     L_i = CE(y, z_m) + sum_{k in S_i} [ CE(y, z_k)
-          + lambda * tau^2 * KL( softmax(zbar/tau) || softmax(z_k/tau) ) ]
+          + lambda_t * tau^2 * KL( softmax(zbar/tau) || softmax(z_k/tau) ) ]
+          (+ sum_{k not in S_i, k < m} CE(y, E_k(stopgrad(h_k)))   when unselected = ce_detached)
 
 with zbar = phi(x)^T hbar_i from the client's *current* backbone feature. The
 teacher path is detached: hbar_i is frozen and zbar carries no gradient, so
-distillation moves the students (their heads and the stages feeding them) and
-never the teacher head nor, through zbar, the deeper backbone.
+distillation never moves the teacher head nor, through zbar, the deeper backbone.
+
+Options (``algorithm.cafedistill.*``, see :class:`KDOptions`):
+- ``kd_backbone``: the KD gradient reaches the stages feeding student k fully,
+  not at all (``detach``: the KD term sees E_k(stopgrad(h_k)); CE still trains
+  the backbone), or scaled by s (``scaled``: E_k(h_k) with the backward through
+  h_k multiplied by s; the forward value is bit-identical);
+- ``kd_gate``: per-sample mask of the KD term (teacher right, or teacher more
+  confident in the label than the student); masked samples add 0 and the batch
+  mean still divides by the batch size;
+- ``kd_target``: KL over the client's own classes only (both distributions
+  renormalised there), or the teacher's logits shifted by the client's log label
+  prior;
+- ``unselected``: heads outside S_i frozen, or trained by CE on detached features.
+
+With lambda_t = 0, every student selected and no option active, L_i is
+computed with the same operations in the same order as FedPer-EE's sum of
+per-exit CE, so the two are bit-identical (tested).
 """
 
 from __future__ import annotations
@@ -18,7 +35,38 @@ import torch
 import torch.nn.functional as F
 
 from cafe_ray.algorithms.training import LossFn
-from cafe_ray.models.base import EarlyExitNet
+from cafe_ray.models.base import EarlyExitNet, LastExitHead
+
+KD_BACKBONE = ("full", "detach", "scaled")
+KD_GATES = ("none", "teacher_correct", "teacher_confident")
+KD_TARGETS = ("full", "own_classes", "prior_corrected")
+UNSELECTED = ("frozen", "ce_detached")
+PRIOR_FLOOR = 1e-4  # prior_corrected: a class the client never saw gets log(1e-4), not -inf
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """The per-client, per-round knobs of L_i (lam is lambda_t, after any warm-up)."""
+
+    lam: float
+    tau: float
+    backbone: str = "full"
+    backbone_scale: float = 1.0
+    gate: str = "none"
+    target: str = "full"
+    unselected: str = "frozen"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("kd_backbone", self.backbone, KD_BACKBONE),
+            ("kd_gate", self.gate, KD_GATES),
+            ("kd_target", self.target, KD_TARGETS),
+            ("unselected", self.unselected, UNSELECTED),
+        ):
+            if value not in allowed:
+                raise ValueError(f"algorithm.cafedistill.{name}: {value!r} is not one of {allowed}")
+        if self.lam < 0 or self.tau <= 0:
+            raise ValueError(f"algorithm.cafedistill: need lam >= 0 and tau > 0, got lam={self.lam}, tau={self.tau}")
 
 
 @torch.no_grad()
@@ -27,10 +75,88 @@ def teacher_logits(phi: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     return F.linear(phi.detach(), weight.detach(), bias.detach())
 
 
+def scale_grad(h: torch.Tensor, s: float) -> torch.Tensor:
+    """h in the forward pass (bit for bit); its gradient times s in the backward pass."""
+    d = h.detach()
+    return d + s * (h - d)
+
+
+def kd_per_sample(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(teacher/tau) || softmax(student/tau)) per sample (B,); teacher detached."""
+    log_p_t = F.log_softmax(teacher.detach() / tau, dim=1)
+    log_p_s = F.log_softmax(student / tau, dim=1)
+    return tau * tau * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+
+
 def kd_term(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
     """tau^2 * KL(softmax(teacher/tau) || softmax(student/tau)), batch mean; teacher detached."""
     p_teacher = F.softmax(teacher.detach() / tau, dim=1)
     return tau * tau * F.kl_div(F.log_softmax(student / tau, dim=1), p_teacher, reduction="batchmean")
+
+
+def gate_mask(gate: str, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) float mask of the samples KD may use.
+
+    teacher_correct: argmax zbar == y. teacher_confident: softmax(zbar)[y] >
+    softmax(z_k)[y] (temperature 1: the models' own confidences).
+    """
+    if gate == "none":
+        return torch.ones_like(y, dtype=student.dtype)
+    with torch.no_grad():
+        if gate == "teacher_correct":
+            return (teacher.argmax(dim=1) == y).to(student.dtype)
+        if gate == "teacher_confident":
+            p_t = F.softmax(teacher, dim=1).gather(1, y[:, None])[:, 0]
+            p_s = F.softmax(student.detach(), dim=1).gather(1, y[:, None])[:, 0]
+            return (p_t > p_s).to(student.dtype)
+    raise ValueError(f"algorithm.cafedistill.kd_gate: {gate!r} is not one of {KD_GATES}")
+
+
+def label_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The client's label distribution (C,) from its training labels."""
+    counts = torch.bincount(y, minlength=num_classes).to(torch.float32)
+    return counts / counts.sum().clamp_min(1.0)
+
+
+def target_views(
+    target: str, student: torch.Tensor, teacher: torch.Tensor, prior: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) logits the KL compares under ``kd_target``.
+
+    own_classes: the columns of the classes with prior > 0 (softmax renormalises
+    there); prior_corrected: teacher + log(max(prior, PRIOR_FLOOR)).
+    """
+    if target == "full":
+        return student, teacher
+    if prior is None:
+        raise ValueError(f"kd_target={target!r} needs the client's label prior")
+    if target == "own_classes":
+        own = torch.nonzero(prior > 0)[:, 0]
+        return student[:, own], teacher[:, own]
+    if target == "prior_corrected":
+        return student, teacher + prior.clamp_min(PRIOR_FLOOR).log()[None, :]
+    raise ValueError(f"algorithm.cafedistill.kd_target: {target!r} is not one of {KD_TARGETS}")
+
+
+def forward_stages(model: EarlyExitNet, x: torch.Tensor, detached_exits: frozenset[int] = frozenset()) -> tuple[
+    list[torch.Tensor], list[torch.Tensor], torch.Tensor
+]:
+    """(exit logits, stage outputs h_k, phi(x)); heads in ``detached_exits`` read stopgrad(h_k)."""
+    logits: list[torch.Tensor] = []
+    hs: list[torch.Tensor] = []
+    h = x
+    m = model.num_exits
+    phi = x
+    for k, (stage, head) in enumerate(zip(model.stages, model.exits, strict=True)):
+        h = stage(h)
+        hs.append(h)
+        if k == m - 1:
+            last: LastExitHead = head  # type: ignore[assignment]
+            phi = last.phi(h)
+            logits.append(last.linear(phi))
+        else:
+            logits.append(head(h.detach() if k in detached_exits else h))
+    return logits, hs, phi
 
 
 def cafedistill_loss(
@@ -41,52 +167,97 @@ def cafedistill_loss(
     lam: float,
     tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_i, the undivided KD part sum_k tau^2 KL) for one batch.
+    """(L_i, the undivided KD part sum_k tau^2 KL) for one batch, the spec's plain form.
 
     logits: every exit's (B, C) logits, the teacher last; students: S_i (0-based).
     """
-    total = F.cross_entropy(logits[-1], y)
+    m = len(logits)
+    ces = [F.cross_entropy(logits[k], y) for k in sorted({*students, m - 1})]
+    total = sum(ces)
     kd = logits[-1].new_zeros(())
-    for k in students:
-        total = total + F.cross_entropy(logits[k], y)
-        if lam > 0:
+    if lam > 0:
+        for k in students:
             kd = kd + kd_term(logits[k], zbar, tau)
-    return total + lam * kd, kd.detach()
+        total = total + lam * kd
+    return total, kd.detach()  # type: ignore[return-value]
 
 
 @dataclass
 class KDStats:
-    """Running sample-weighted mean of the KD term (a client metric)."""
+    """Running sample-weighted means of the KD term and of the gate's kept fraction."""
 
     total: float = 0.0
     samples: int = 0
+    kept: float = 0.0
+    gated: int = 0
 
-    def add(self, kd: torch.Tensor, n: int) -> None:
+    def add(self, kd: torch.Tensor, n: int, kept: float | None = None, gated: int = 0) -> None:
         self.total += float(kd) * n
         self.samples += n
+        if kept is not None:
+            self.kept += kept
+            self.gated += gated
 
     @property
     def mean(self) -> float:
         return self.total / self.samples if self.samples else 0.0
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.gated if self.gated else 1.0
 
 
 def make_loss_fn(
     teacher_weight: torch.Tensor,
     teacher_bias: torch.Tensor,
     students: Sequence[int],
-    lam: float,
-    tau: float,
+    lam: float | KDOptions,
+    tau: float | None = None,
     stats: KDStats | None = None,
+    *,
+    prior: torch.Tensor | None = None,
+    own_weight: float = 0.0,
 ) -> LossFn:
-    """L_i as a ``local_sgd`` loss; records the KD term into ``stats``."""
-    students = tuple(students)
+    """L_i as a ``local_sgd`` loss; records the KD term (and the gate's kept fraction) into ``stats``.
+
+    ``lam`` is either lambda_t (with ``tau``: the spec's plain form) or a
+    :class:`KDOptions`. ``own_weight`` > 0 (own_head = live) adds w_ii times the
+    client's *current* last head (detached) to the received teacher head, which
+    then holds only sum_{j != i} w_ij h_j.
+    """
+    opts = lam if isinstance(lam, KDOptions) else KDOptions(lam=float(lam), tau=float(tau if tau is not None else 1.0))
+    students = tuple(sorted(students))
 
     def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits, phi = model.forward_with_features(x)
-        zbar = teacher_logits(phi, teacher_weight, teacher_bias)
-        total, kd = cafedistill_loss(logits, zbar, y, students, lam, tau)
-        if stats is not None:
+        m = model.num_exits
+        unselected = frozenset(range(m - 1)) - set(students) if opts.unselected == "ce_detached" else frozenset()
+        logits, hs, phi = forward_stages(model, x, unselected)
+        trained = sorted({*students, m - 1, *unselected})
+        total = sum(F.cross_entropy(logits[k], y) for k in trained)
+        kd = logits[-1].new_zeros(())
+        if opts.lam > 0 and students:
+            w, b = teacher_weight, teacher_bias
+            if own_weight:
+                w = w + own_weight * model.last_head.weight.detach()
+                b = b + own_weight * model.last_head.bias.detach()
+            zbar = teacher_logits(phi, w, b)
+            kept, gated = 0.0, 0
+            for k in students:
+                z = logits[k]
+                if opts.backbone == "detach":
+                    z = model.exits[k](hs[k].detach())
+                elif opts.backbone == "scaled":
+                    z = model.exits[k](scale_grad(hs[k], opts.backbone_scale))
+                mask = gate_mask(opts.gate, z, zbar, y)
+                s_view, t_view = target_views(opts.target, z, zbar, prior)
+                kd = kd + (kd_per_sample(s_view, t_view, opts.tau) * mask).sum() / y.shape[0]
+                kept += float(mask.sum())
+                gated += int(y.shape[0])
+            total = total + opts.lam * kd
+            if stats is not None:
+                stats.add(kd.detach(), int(y.shape[0]), kept, gated)
+        elif stats is not None:
             stats.add(kd, int(y.shape[0]))
-        return total
+        return total  # type: ignore[return-value]
 
     return loss

@@ -156,3 +156,51 @@ def head_cosine_scores(participants: Sequence[int], heads: Mapping[int, torch.Te
         return {cid: 0.0 for cid in participants}
     mean = torch.stack([heads[c].to(torch.float64) for c in have]).mean(dim=0)
     return {cid: cosine(heads[cid], mean) if cid in heads else 0.0 for cid in participants}
+
+
+# ------------------------------------------------------------ update_sketch proxy
+class CountSketch:
+    """A fixed random count sketch R^p -> R^k: coordinate i goes to bucket b(i) with sign s(i).
+
+    Linear and unbiased for inner products (E[<Sa, Sb>] = <a, b>), so a cosine of
+    sketches estimates the cosine of the updates while the server keeps k floats
+    instead of p. The hash is drawn from ``seed`` (regenerated, never stored).
+    """
+
+    def __init__(self, length: int, dim: int, seed: int) -> None:
+        if length < 1 or dim < 1:
+            raise ValueError(f"count sketch needs length >= 1 and dim >= 1, got length={length}, dim={dim}")
+        g = torch.Generator().manual_seed(seed % (2**63 - 1))
+        self.length, self.dim = length, dim
+        self.bucket = torch.randint(0, dim, (length,), generator=g)
+        self.sign = torch.randint(0, 2, (length,), generator=g).to(torch.float64) * 2.0 - 1.0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.reshape(-1).to(torch.float64)
+        if v.numel() != self.length:
+            raise ValueError(f"count sketch built for length {self.length}, got a vector of {v.numel()}")
+        return torch.zeros(self.dim, dtype=torch.float64).index_add_(0, self.bucket, self.sign * v)
+
+
+def loo_sketch_scores(
+    sketches: Mapping[int, Sequence[torch.Tensor]], weights: Mapping[int, float]
+) -> dict[int, list[float]]:
+    """Leave-one-out conflict scores of one round's participants, for every exit prefix.
+
+    ``sketches[c][s]``: the sketch of client c's update of stage s (0..m-2).
+    For client c and prefix e (stages 0..e), the score is the cosine between
+    c's prefix sketch and the weighted sum of the *other* participants' prefix
+    sketches: sum_j n_j S_j - n_c S_c (linearity of the sketch). A client alone
+    in its round has no reference and gets no score ({}).
+    """
+    ids = sorted(sketches)
+    if len(ids) < 2:
+        return {}
+    stages = len(sketches[ids[0]])
+    total = [sum(weights[c] * sketches[c][s] for c in ids) for s in range(stages)]
+    out: dict[int, list[float]] = {}
+    for c in ids:
+        own = [sketches[c][s] for s in range(stages)]
+        ref = [total[s] - weights[c] * own[s] for s in range(stages)]
+        out[c] = [cosine(torch.cat(own[: e + 1]), torch.cat(ref[: e + 1])) for e in range(stages)]
+    return out

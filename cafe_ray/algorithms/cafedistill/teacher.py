@@ -56,13 +56,22 @@ def _rows(rows: Sequence[int] | None, n: int) -> np.ndarray:
     return idx
 
 
-def cosine_distances(H: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
-    """D_ij = 1 - cos(h_i, h_j) for i in ``rows`` (default: all), j over the pool.
+def cosine_distances(
+    H: np.ndarray, rows: Sequence[int] | None = None, center: np.ndarray | None = None
+) -> np.ndarray:
+    """D_ij = 1 - cos(h_i - c, h_j - c) for i in ``rows`` (default: all), j over the pool.
 
-    A zero head has cosine 0 to every other head; D_ii is 0 by definition (a head
-    is its own closest teacher even when it is degenerate).
+    ``center`` c (default 0) is the shared initial head under ``center_heads``:
+    without it the common initial weights dominate every cosine and D_ij lives
+    in a narrow band. A zero head has cosine 0 to every other head; D_ii is 0 by
+    definition (a head is its own closest teacher even when it is degenerate).
     """
     H = _check_heads(H)
+    if center is not None:
+        c = np.asarray(center, dtype=np.float64)
+        if c.shape != (H.shape[1],):
+            raise ValueError(f"center must be a ({H.shape[1]},) head vector, got shape {c.shape}")
+        H = H - c[None, :]
     idx = _rows(rows, H.shape[0])
     norms = np.linalg.norm(H, axis=1)
     Hn = H / np.where(norms > 0, norms, 1.0)[:, None]  # zero rows stay zero: cos = 0
@@ -71,15 +80,17 @@ def cosine_distances(H: np.ndarray, rows: Sequence[int] | None = None) -> np.nda
     return np.clip(D, 0.0, 2.0)
 
 
-def teacher_weights(H: np.ndarray, mu: float, rows: Sequence[int] | None = None) -> np.ndarray:
+def teacher_weights(
+    H: np.ndarray, mu: float, rows: Sequence[int] | None = None, center: np.ndarray | None = None
+) -> np.ndarray:
     """W with rows w_i = proj_simplex(-D_i / (2 mu)), for i in ``rows`` (default: the pool).
 
-    H: (n_pool, p) flattened last-exit heads. Returns (len(rows), n_pool); every
-    row is >= 0 and sums to 1.
+    H: (n_pool, p) flattened last-exit heads; ``center``: see :func:`cosine_distances`.
+    Returns (len(rows), n_pool); every row is >= 0 and sums to 1.
     """
     if not mu > 0:
         raise ValueError(f"mu must be > 0 (cafedistill.mu), got {mu}")
-    D = cosine_distances(H, rows)
+    D = cosine_distances(H, rows, center)
     return np.stack([project_simplex(-d / (2.0 * mu)) for d in D])
 
 

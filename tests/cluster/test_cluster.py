@@ -1,5 +1,7 @@
-"""cluster.yaml against Ray's own validator, and a real multi-node Ray cluster on this
-machine (`ray start` raylets as subprocesses) running a simulation through its address."""
+"""cluster.yaml and cluster-local.yaml against Ray's validator and `cafe-ray cluster check`
+(images, GPUs, device classes), and a real multi-node Ray cluster on this machine (`ray start`
+raylets as subprocesses) running a simulation through its address. docs/scale-out.md explains
+both files."""
 
 from __future__ import annotations
 
@@ -19,18 +21,34 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
-from cafe_ray.config import build_config
+from cafe_ray.cli import app
+from cafe_ray.cluster.check import check_cluster, image_info, wheels_glibc
+from cafe_ray.config import load_config
 from cafe_ray.runs import rundir
 from cafe_ray.sim.profiles import resolve_catalog
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+IOT_MIX = ROOT / "simulations" / "cluster_iot_mix.yaml"
+UBUNTU_1804_SSM = "resolve:ssm:/aws/service/canonical/ubuntu/server/18.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
 
 
 # --------------------------------------------------------------- cluster.yaml
-def _cluster_yaml() -> dict:
-    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+def _cluster_yaml(name: str = "cluster.yaml") -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _write(tmp_path: Path, raw: dict, name: str = "cluster.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _check(path: Path, **kw):
+    kw.setdefault("constraints", ROOT / "constraints.txt")
+    return check_cluster(path, **kw)
 
 
 def test_cluster_yaml_passes_rays_validator():
@@ -53,24 +71,124 @@ def test_ray_validator_rejects_a_broken_cluster_yaml():
         validate_config(prepare_config(bad))
 
 
-def test_cluster_yaml_installs_with_constraints_and_mounts_repo_and_data():
+def test_cluster_yaml_installs_like_make_install_and_pins_an_image_per_node_type():
     raw = _cluster_yaml()
-    assert any("pip install -c constraints.txt -e ." in c for c in raw["setup_commands"])
+    assert any("make install" in c for c in raw["setup_commands"])
+    make = (ROOT / "Makefile").read_text()
+    assert "pip install -q -c constraints.txt -e" in make  # what `make install` runs
     assert raw["file_mounts"]["~/cafe-ray"] == "."
     assert any("cafe-ray/data" in remote for remote in raw["file_mounts"])
     types = raw["available_node_types"]
-    assert any(t["node_config"]["InstanceType"].startswith(("g4", "g5", "g6", "p3", "p4", "p5"))
+    for name, t in types.items():
+        info = image_info(t["node_config"]["ImageId"])
+        assert info is not None and info.os in ("ubuntu22.04", "ubuntu24.04"), name
+    assert any(t["node_config"]["InstanceType"].startswith(("g4dn", "g5", "g6", "p4", "p5"))
                for t in types.values()), "a GPU node type"
+    assert all(t.get("min_workers", 0) == 0 for n, t in types.items() if n != raw["head_node_type"])
+    assert raw["idle_timeout_minutes"] > 0
 
 
 def test_device_classes_can_target_the_resources_cluster_nodes_advertise():
-    """The pinning documented in docs/scale_out.md asks only for advertised resources."""
+    """The pinning documented in docs/scale-out.md asks only for advertised resources."""
     advertised = {r for t in _cluster_yaml()["available_node_types"].values() for r in t.get("resources", {})}
-    cfg = build_config({"profiles": {"catalog": "iot_mix", "classes": {
-        "phone": {"resources": {"iot": 1}}, "single_board": {"resources": {"iot": 1}},
-        "edge_gpu": {"num_gpus": 0.25, "resources": {"edge_gpu": 1}}}}})
+    cfg = load_config(IOT_MIX)
     wanted = {r for c in resolve_catalog(cfg.profiles).classes for r in c.resources}
     assert wanted == {"iot", "edge_gpu"} and wanted <= advertised
+
+
+# ------------------------------------------------------------ cluster check
+def test_check_passes_on_the_shipped_files():
+    rep = _check(ROOT / "cluster.yaml", configs=[load_config(IOT_MIX)])
+    assert rep.ok, rep.errors
+    assert any("every device class" in n for n in rep.notes)
+    local = _check(ROOT / "cluster-local.yaml", vouched={"hosts": "ubuntu22.04"},
+                   configs=[load_config(ROOT / "simulations" / "quickstart.yaml",
+                                        ["profiles.classes.phone.resources={iot: 1}"])])
+    assert local.ok, local.errors
+
+
+def test_cli_cluster_check_passes_on_the_shipped_cluster_yaml():
+    r = CliRunner().invoke(app, ["cluster", "check", str(ROOT / "cluster.yaml"), "--config", str(IOT_MIX)])
+    assert r.exit_code == 0, r.output
+    assert "ready for `ray up`" in r.output
+
+
+@pytest.mark.parametrize("image", ["", UBUNTU_1804_SSM, "ami-0a2b85e15b7c0ac34"])  # none = Ray's default DLAMI
+def test_check_fails_on_an_ubuntu_1804_image_naming_glibc(tmp_path, image):
+    raw = _cluster_yaml()
+    for t in raw["available_node_types"].values():
+        if image:
+            t["node_config"]["ImageId"] = image
+        else:
+            del t["node_config"]["ImageId"]
+    rep = _check(_write(tmp_path, raw))
+    assert not rep.ok
+    text = "\n".join(rep.errors)
+    assert "'gpu_edge'" in text and "ubuntu18.04" in text and "glibc 2.27" in text and ">= 2.28" in text
+    r = CliRunner().invoke(app, ["cluster", "check", str(tmp_path / "cluster.yaml"),
+                                 "--constraints", str(ROOT / "constraints.txt")])
+    assert r.exit_code == 1 and "ubuntu18.04" in r.output
+
+
+def test_check_fails_when_a_class_is_not_advertised(tmp_path):
+    raw = _cluster_yaml()
+    raw["available_node_types"]["gpu_edge"]["resources"] = {}
+    path = _write(tmp_path, raw)
+    rep = _check(path, configs=[load_config(IOT_MIX)])
+    assert not rep.ok
+    assert any("'edge_gpu'" in e and "edge_gpu: 1" in e and "no node type advertises it" in e for e in rep.errors)
+    r = CliRunner().invoke(app, ["cluster", "check", str(path), "--config", str(IOT_MIX),
+                                 "--constraints", str(ROOT / "constraints.txt")])
+    assert r.exit_code == 1 and "edge_gpu" in r.output
+
+
+def test_check_refuses_unknown_images_unless_vouched_for(tmp_path):
+    raw = _cluster_yaml()
+    raw["available_node_types"]["cpu_iot"]["node_config"]["ImageId"] = "ami-0123456789abcdef0"
+    path = _write(tmp_path, raw)
+    rep = _check(path)
+    assert any("unknown image 'ami-0123456789abcdef0'" in e and "--os" in e for e in rep.errors)
+    assert _check(path, vouched={"ami-0123456789abcdef0": "ubuntu24.04"}).ok
+    old = _check(path, vouched={"ami-0123456789abcdef0": "ubuntu20.04"})
+    assert old.ok  # glibc 2.31 >= 2.28
+    with pytest.raises(ValueError, match="unknown OS"):
+        _check(path, vouched={"ami-0123456789abcdef0": "windows"})
+
+
+def test_check_fails_on_a_gpu_the_torch_build_does_not_support(tmp_path):
+    raw = _cluster_yaml()
+    raw["available_node_types"]["gpu_edge"]["node_config"]["InstanceType"] = "p3.2xlarge"  # V100, sm_70
+    rep = _check(_write(tmp_path, raw))
+    assert any("'gpu_edge'" in e and "V100" in e and "CUDA 13" in e for e in rep.errors), rep.errors
+
+
+def test_check_fails_on_a_gpu_image_without_a_driver(tmp_path):
+    raw = _cluster_yaml()
+    ssm = "resolve:ssm:/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    raw["available_node_types"]["gpu_edge"]["node_config"]["ImageId"] = ssm
+    rep = _check(_write(tmp_path, raw))
+    assert [e for e in rep.errors if "ships no NVIDIA driver" in e and "'gpu_edge'" in e], rep.errors
+
+
+def test_check_needs_the_os_of_on_prem_hosts_and_reads_their_resources():
+    rep = _check(ROOT / "cluster-local.yaml")
+    assert any("--os hosts=" in e for e in rep.errors)
+    cfg = load_config(ROOT / "simulations" / "quickstart.yaml", ["profiles.classes.phone.resources={nope: 1}"])
+    rep = _check(ROOT / "cluster-local.yaml", vouched={"hosts": "ubuntu24.04"}, configs=[cfg])
+    assert any("'phone'" in e and "nope: 1" in e for e in rep.errors), rep.errors
+
+
+def test_check_reports_rays_schema_errors(tmp_path):
+    raw = _cluster_yaml()
+    raw["max_wokers"] = 3
+    rep = _check(_write(tmp_path, raw))
+    assert not rep.ok and "schema" in rep.errors[0] and "max_wokers" in rep.errors[0]
+
+
+def test_wheels_glibc_comes_from_the_installed_wheel_tags():
+    need, who = wheels_glibc(["torch", "torchvision", "pyarrow", "numpy"])
+    assert need == (2, 28) and "torch" in who
+    assert wheels_glibc(["no-such-package"]) == ((2, 17), [])
 
 
 # ---------------------------------------------------------- local multi-node

@@ -1,0 +1,1 @@
+"""Ray cluster-launcher configs for cafe-ray: checks that Ray's own schema cannot make."""

@@ -1,0 +1,244 @@
+"""Check everything about an experiment that can be known without training, before Ray starts.
+
+A mistake found here costs the user a few seconds and one line naming the field;
+the same mistake found inside the coordinator cost a Ray start-up and a long
+traceback. ``cafe-ray simulate`` and ``cafe-ray validate`` both call
+:func:`preflight`, so "validate says ok" means "simulate gets past set-up".
+
+Checked: the algorithm is registered, options set for another algorithm
+(warned), the device catalog and its class overrides, the dataset is present and
+readable, ``data.num_clients`` fits the data and the partition's constraints
+(the partition is computed exactly as the coordinator will), the model builds
+for the data, ``output_dir`` is writable (and how much disk it has), and the
+resource classes fit this machine when Ray would be started locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cafe_ray.config import ConfigError, ExperimentConfig
+
+LOW_DISK_BYTES = 200 * 2**20  # warn below this much free space in output_dir
+
+
+@dataclass
+class PreflightReport:
+    """What the checks found; ``warnings`` are worth showing but do not stop a run."""
+
+    warnings: list[str] = field(default_factory=list)
+    train_samples: int | None = None  # pooled training samples after data.max_train_samples
+    free_bytes: int | None = None  # free disk in output_dir
+    resources: dict[str, float] | None = None  # what the classes were checked against
+    resources_source: str = ""  # "this machine" | "the connected cluster" | "not checked"
+
+
+def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_output_dir: bool = True,
+              check_data: bool = True, run_dir: str | Path | None = None) -> PreflightReport:
+    """Raise :class:`ConfigError` naming the field and the fix for the first problem found.
+
+    ``address``: a remote Ray cluster; its nodes read the data, so a dataset missing
+    here is only a warning, and its resources are checked by the executor instead.
+    ``create_output_dir=False`` leaves no folder behind (``cafe-ray validate``).
+    ``run_dir``: resuming this run directory, which must be writable (not output_dir).
+    """
+    report = PreflightReport()
+    _check_algorithm(cfg, report)
+    catalog = _check_catalog(cfg)
+    target = cfg.output_dir if run_dir is None else run_dir
+    report.free_bytes = check_output_dir(target, keep=create_output_dir,
+                                         field="output_dir" if run_dir is None else "--resume")
+    if report.free_bytes is not None and report.free_bytes < LOW_DISK_BYTES:
+        report.warnings.append(f"output_dir={target}: only {report.free_bytes / 2**20:.0f} MiB free; "
+                               "a run writes checkpoints and client states there")
+    if check_data:
+        try:
+            _check_data(cfg, report)
+        except ConfigError as err:
+            if address is None:
+                raise
+            report.warnings.append(f"{err} (checked on this machine only: the cluster's nodes read "
+                                   "data.root themselves)")
+    _check_resources(cfg, catalog, address, report)
+    return report
+
+
+def resume_config(run_dir: str | Path) -> ExperimentConfig:
+    """The saved config of a run directory that ``--resume`` continues."""
+    from cafe_ray.config import load_config
+    from cafe_ray.runs.rundir import CONFIG
+
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG} there; pass a run directory made by "
+                                "`cafe-ray simulate` (its path is printed when the run starts)")
+    return load_config(path)
+
+
+# --------------------------------------------------------------------- checks
+def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
+    from cafe_ray.algorithms import available
+
+    names = available()
+    if cfg.algorithm.name not in names:
+        raise ConfigError(f"algorithm.name={cfg.algorithm.name!r}: unknown algorithm; available: "
+                          f"{', '.join(names)} (see `cafe-ray algorithms`)")
+    for section in sorted(cfg.algorithm.model_fields_set - {"name"}):
+        if not cfg.algorithm.name.startswith(section):
+            report.warnings.append(f"algorithm.{section} is set but algorithm.name={cfg.algorithm.name} "
+                                   "does not read it")
+
+
+def _check_catalog(cfg: ExperimentConfig):  # noqa: ANN202 - a profiles.Catalog
+    from cafe_ray.sim.profiles import resolve_catalog
+
+    try:
+        return resolve_catalog(cfg.profiles)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_output_dir(output_dir: str | Path, keep: bool = True, field: str = "output_dir") -> int | None:
+    """Prove ``output_dir`` can hold files (create it, write and delete a probe); returns free bytes.
+
+    ``keep=False`` removes the folders this call created. Runs as root too, where
+    permission bits prove nothing: only a real write does.
+    """
+    path = Path(output_dir).expanduser()
+    fix = "choose a writable folder, e.g. --set output_dir=runs"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{field}={output_dir}: {existing} is a file, not a folder; {fix}")
+    created = []
+    try:
+        for p in reversed([path, *path.parents]):
+            if not p.exists():
+                p.mkdir()
+                created.append(p)
+        probe = path / f".cafe-ray-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(path).free
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"{field}={output_dir}: cannot write there ({reason}); {fix}") from None
+    finally:
+        if not keep:
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+    return free
+
+
+def _check_data(cfg: ExperimentConfig, report: PreflightReport) -> None:
+    """Load and partition the data exactly as the coordinator will (or index it, for TinyImageNet)."""
+    from cafe_ray.data import load_dataset, partition_clients
+    from cafe_ray.data.base import DatasetNotFoundError
+    from cafe_ray.data.readers import CorruptDatasetError
+
+    d = cfg.data
+    try:
+        if d.name == "tinyimagenet":  # decoding 100k JPEGs twice is too slow: index the files only
+            report.train_samples = _tinyimagenet_size(cfg)
+            if d.num_clients > report.train_samples:
+                raise ValueError(f"data.num_clients={d.num_clients} exceeds the {report.train_samples} "
+                                 "training samples; every client needs at least one sample (lower "
+                                 "data.num_clients or data.max_train_samples)")
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = load_dataset(d, seed=cfg.seed)
+            report.train_samples = len(ds.y_train)
+            partition_clients(ds, d, seed=cfg.seed)
+            _check_model(cfg, ds)
+        report.warnings += [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+    except DatasetNotFoundError as err:
+        raise ConfigError(f"data.name={d.name}: {err}") from None
+    except CorruptDatasetError as err:
+        raise ConfigError(f"data.root: {err}") from None
+    except ValueError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(("data.", "model.")) else f"data: {msg}") from None
+
+
+def _tinyimagenet_size(cfg: ExperimentConfig) -> int:
+    from cafe_ray.data.datasets import data_root
+    from cafe_ray.data.readers import tinyimagenet_index
+
+    root = data_root(cfg.data)
+    for folder in (root / "tiny-imagenet-200", root):
+        if (folder / "wnids.txt").is_file() and (folder / "train").is_dir():
+            n = len(tinyimagenet_index(folder)[1])
+            return min(n, cfg.data.max_train_samples or n)
+    from cafe_ray.data import load_dataset
+
+    load_dataset(cfg.data, seed=cfg.seed)  # raises the loader's own "not found" message
+    raise AssertionError("unreachable: the loader found what the index did not")
+
+
+def _check_model(cfg: ExperimentConfig, ds) -> None:  # noqa: ANN001 - an ArrayDataset
+    from cafe_ray.sim.runner import make_model
+
+    try:
+        make_model(cfg, ds)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"model.name={cfg.model.name}: cannot build it for {ds.name} "
+                          f"(input {tuple(ds.input_shape)}): {err}") from None
+
+
+def local_resources() -> dict[str, float]:
+    """What a local ``ray.init()`` on this machine would advertise (CPU, GPU)."""
+    try:
+        from ray._private.utils import get_num_cpus  # cgroup-aware, as ray.init itself counts
+
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001 - private API: fall back to the affinity mask
+        cpus = float(len(os.sched_getaffinity(0)))
+    try:
+        import torch
+
+        gpus = float(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001
+        gpus = 0.0
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def _check_resources(cfg: ExperimentConfig, catalog, address: str | None,  # noqa: ANN001
+                     report: PreflightReport) -> None:
+    if cfg.executor == "sequential":
+        report.resources_source = "not checked (executor=sequential)"
+        return
+    from cafe_ray.sim.profiles import check_fits
+
+    try:
+        import ray
+
+        running = ray.is_initialized()
+    except ImportError:
+        running = False
+    if running:
+        avail = {k: float(v) for k, v in ray.cluster_resources().items()}
+        report.resources_source = "the connected cluster"
+    elif address is None:
+        avail = local_resources()
+        report.resources_source = "this machine"
+    else:
+        report.resources_source = "not checked (the cluster is checked when the run starts)"
+        return
+    if not running:  # a local Ray has no custom resources; it sizes memory itself (not checked)
+        avail["memory"] = float("inf")
+    report.resources = avail
+    try:
+        check_fits(catalog.classes, avail)
+    except ValueError as err:
+        where = "this machine (a local Ray would start with these)" if not running else "the cluster"
+        raise ConfigError(f"profiles.classes: {err} [checked against {where}: "
+                          f"{', '.join(f'{k}={v:g}' for k, v in sorted(avail.items()) if k in ('CPU', 'GPU'))}]") from None
