@@ -503,7 +503,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         for r in part:
             accs = [_pm(a, s) for a, s in zip(r["acc_exit"], r["acc_exit_std"], strict=True)]
             accs += ["-"] * (m - len(accs))
-            cells = [r["label"], *accs, f"**{_pm(r['acc_avg_exit'], r['acc_avg_exit_std'])}**",
+            label = r["label"] if len(r["seeds"]) == seeds else f"{r['label']} ({len(r['seeds'])} of {seeds} seeds)"
+            cells = [label, *accs, f"**{_pm(r['acc_avg_exit'], r['acc_avg_exit_std'])}**",
                      _pm(r["acc_worst_client"], r["acc_worst_client_std"])]
             if has_val:
                 cells.append(_pm(r["val_acc_avg_exit"], r["val_acc_avg_exit_std"]))

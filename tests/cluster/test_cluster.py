@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from cafe_ray.cluster.check import check_cluster, image_info, wheels_glibc
 from cafe_ray.config import load_config
 from cafe_ray.runs import rundir
 from cafe_ray.sim.profiles import resolve_catalog
+from tests.cluster.fake import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -192,18 +192,6 @@ def test_wheels_glibc_comes_from_the_installed_wheel_tags():
 
 
 # ---------------------------------------------------------- local multi-node
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 _TOKEN = uuid.uuid4().hex  # this test cluster's own auth token, shared by its processes only
 
 
@@ -225,7 +213,7 @@ def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float
 
 
 def _node_args(temp: str) -> list[str]:
-    nm, om, al, ag, re_, me = _free_ports(6)
+    nm, om, al, ag, re_, me = free_ports(6)
     return ["--block", "--num-cpus=1", f"--temp-dir={temp}",
             f"--node-manager-port={nm}", f"--object-manager-port={om}",
             f"--dashboard-agent-listen-port={al}", f"--dashboard-agent-grpc-port={ag}",
@@ -242,7 +230,7 @@ def local_cluster(worker_resources: list[dict[str, float]]):
     """
     temp = tempfile.mkdtemp(prefix="crmn", dir="/tmp")  # short: unix socket paths are limited
     logs = Path(temp)
-    gcs, client = _free_ports(2)
+    gcs, client = free_ports(2)
     address = f"127.0.0.1:{gcs}"
     procs: list[subprocess.Popen] = []
 
