@@ -160,3 +160,16 @@ def test_a_changed_config_is_rerun_not_reused(tmp_path):
     assert again["FedPer-EE"]["run_dirs"] != first["FedPer-EE"]["run_dirs"]
     runs = pq.read_table(out / "runs.parquet").to_pylist()
     assert [len(json.loads(r["curve"])) for r in runs] == [1]  # the 1-round run, not the stale 2-round one
+
+
+def test_rows_with_missing_seeds_are_marked():
+    from cafe_ray.studies.compare import markdown_table
+
+    def run(label, seed, acc):
+        return {"setting": "s", "label": label, "group": "baseline", "seed": seed, "algorithm": label,
+                "acc_exit": [acc], "acc_avg_exit": acc, "acc_worst_client": acc, "val_acc_avg_exit": acc,
+                "cum_bytes": 0, "samples_per_client_round": 1.0, "wall_time_s": 1.0, "tuned": {},
+                "run_dir": label, "curve": [], "per_client": {0: acc}}
+
+    md = markdown_table(aggregate([run("A", 0, 0.5), run("A", 1, 0.6), run("B", 0, 0.4)]))
+    assert "| B (1 of 2 seeds) |" in md and "| A |" in md
