@@ -46,11 +46,11 @@ def register(app: typer.Typer) -> None:
         if steps < 2:
             _fail(f"--steps must be >= 2, got {steps}")
         evals = []
+        from cafe_ray.inference.evaluate import calibration_is_disjoint
+        from cafe_ray.runs import RunArtifacts
+
         for rd in run_dirs:
             try:
-                from cafe_ray.inference.evaluate import calibration_is_disjoint
-                from cafe_ray.runs import RunArtifacts
-
                 art = RunArtifacts(rd)
                 calib = calibrate_on if calibrate_on != "none" else None
                 if calib is not None and not calibration_is_disjoint(art, split, calib):

@@ -223,6 +223,10 @@ def partition_clients(ds: ArrayDataset, cfg: DataConfig, seed: int) -> list[Clie
     out = []
     for i, idx in enumerate(parts):
         test = _test_split(y[idx], test_groups, cfg.test_fraction, test_rng)
-        train, val = _val_split(np.sort(idx).astype(np.int64), y[np.sort(idx)], cfg.val_fraction, val_rng)
-        out.append(ClientSplit(i, train if cfg.val_fraction > 0 else idx, test, val))
+        if cfg.val_fraction > 0:
+            srt = np.sort(idx).astype(np.int64)
+            train, val = _val_split(srt, y[srt], cfg.val_fraction, val_rng)
+            out.append(ClientSplit(i, train, test, val))
+        else:
+            out.append(ClientSplit(i, idx, test))
     return out
