@@ -89,7 +89,7 @@ def simulate(
         _fail("--resume continues a run with its saved config; drop CONFIG and --set")
     try:  # before Ray (and before importing it): a bad input fails in seconds
         run_cfg = cfg if resume is None else resume_config(resume)
-        report = preflight(run_cfg, address=address, run_dir=resume)
+        report = preflight(run_cfg, address=address, run_dir=resume, keep_data=True)  # the run reuses its data
     except (ConfigError, FileNotFoundError) as err:
         _fail(describe(err), 2, err)
     except KeyboardInterrupt as err:
@@ -98,7 +98,7 @@ def simulate(
 
     if run_cfg.executor == "ray":
         try:
-            engine.ensure_ray(address)
+            engine.ensure_ray(address, preload=True)  # workers import the engine as they boot
         except KeyboardInterrupt as err:
             engine.shutdown_ray_if_started()
             _fail("interrupted while starting Ray; nothing was written", 130, err)
@@ -307,31 +307,6 @@ def bench_scale(
     out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
 ) -> None:
     """Steady round time and peak memory at 1,000 vs 1,000,000 registered clients, 100 per round."""
-    from cafe_ray.bench import scale
-    from cafe_ray.sim.engine import ensure_ray
-
-    ensure_ray(None)
-    o = _bench_out(out)
-    res = [scale.measure_scale(n, per_round, rounds, o, samples) for _ in range(repeats) for n in (small, big)]
-    table = Table(title="rounds vs registered clients (same data, same clients per round)")
-    for col in ("registered", "per round", "setup s", "steady round s (median)", "rounds s", "peak RSS MB", "load avg"):
-        table.add_column(col)
-    for r in res:
-        table.add_row(f"{r.registered:,}", str(r.per_round), f"{r.setup_s:.1f}", f"{r.steady_round_s:.3f}",
-                      " ".join(f"{w:.2f}" for w in r.round_times), f"{r.peak_rss_mb:.0f}", f"{r.load:.1f}")
-    Console(width=max(console.width, 200)).print(table)  # wide: the numbers, not wrapped
-    s = min(r.steady_round_s for r in res if r.registered == small)
-    b = min(r.steady_round_s for r in res if r.registered == big)
-    console.print(f"steady round time {big:,} / {small:,} registered (min): {b / s:.2f}x")
-
-
-@bench_app.command("startup")
-def bench_startup(
-    config: Annotated[Path, typer.Argument(help="Experiment YAML.")] = Path("simulations/quickstart.yaml"),
-    repeats: Annotated[int, typer.Option(help="Runs.")] = 3,
-    out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
-) -> None:
-    """Command to the end of the first round, beyond ray.init (CLI import + start + round 0)."""
     import statistics
 
     from cafe_ray.bench import scale
@@ -339,15 +314,54 @@ def bench_startup(
 
     ensure_ray(None)
     o = _bench_out(out)
-    res = [scale.measure_startup(config, o) for _ in range(repeats)]
-    table = Table(title=f"start-up: {config} (s, beyond ray.init)")
-    for col in ("run", "import CLI", "start + round 0", "total", "load avg"):
+    res = [scale.measure_scale(n, per_round, rounds, o, samples) for _ in range(repeats) for n in (small, big)]
+    table = Table(title="rounds vs registered clients (same data, same clients per round)")
+    for col in ("registered", "per round", "setup s", "steady round s (median)", "rounds s",
+                "steady CPU s/round (Ray processes, median)", "peak RSS MB", "load avg"):
+        table.add_column(col)
+    for r in res:
+        cpu = "-" if r.steady_cpu_s is None else f"{r.steady_cpu_s:.3f}"
+        table.add_row(f"{r.registered:,}", str(r.per_round), f"{r.setup_s:.1f}", f"{r.steady_round_s:.3f}",
+                      " ".join(f"{w:.2f}" for w in r.round_times), cpu, f"{r.peak_rss_mb:.0f}", f"{r.load:.1f}")
+    Console(width=max(console.width, 200)).print(table)  # wide: the numbers, not wrapped
+    for label, key in (("steady round time", lambda r: r.steady_round_s),
+                       ("steady CPU per round", lambda r: r.steady_cpu_s)):
+        s = [key(r) for r in res if r.registered == small and key(r) is not None]
+        b = [key(r) for r in res if r.registered == big and key(r) is not None]
+        if s and b:
+            console.print(f"{label} {big:,} / {small:,} registered: min {min(b) / min(s):.2f}x, "
+                          f"median {statistics.median(b) / statistics.median(s):.2f}x")
+
+
+@bench_app.command("startup")
+def bench_startup(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML.")] = Path("simulations/quickstart.yaml"),
+    repeats: Annotated[int, typer.Option(help="Runs.")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
+    compare_preload: Annotated[bool, typer.Option(help="Alternate runs with and without the workers' preload.")] = False,
+) -> None:
+    """From the command to the end of the first round (fresh interpreter each run), and beyond ray.init."""
+    import statistics
+
+    from cafe_ray.bench import startup
+
+    o = _bench_out(out)
+    modes = (True, False) if compare_preload else (True,)
+    res = [startup.measure_startup(config, o, preload=p) for _ in range(repeats) for p in modes]
+    table = Table(title=f"start-up: {config}, command to end of round 0 (s)")
+    for col in ("run", "workers preload", "interpreter + import CLI", "config + preflight", "ray.init",
+                "after ray.init to round 0 end", "total", "beyond ray.init", "load avg"):
         table.add_column(col)
     for i, r in enumerate(res):
-        table.add_row(str(i + 1), f"{r.import_s:.2f}", f"{r.to_first_round_s:.2f}", f"{r.total_s:.2f}", f"{r.load:.1f}")
-    totals = [r.total_s for r in res]
+        table.add_row(str(i + 1), "yes" if r.preload else "no", f"{r.import_s:.2f}", f"{r.preflight_s:.2f}",
+                      f"{r.ray_init_s:.2f}", f"{r.to_first_round_s:.2f}", f"{r.total_s:.2f}",
+                      f"{r.beyond_ray_init_s:.2f}", f"{r.load:.1f}")
     Console(width=max(console.width, 200)).print(table)  # wide: the numbers, not wrapped
-    console.print(f"total: min {min(totals):.2f} s, median {statistics.median(totals):.2f} s")
+    for p in modes:
+        beyond = [r.beyond_ray_init_s for r in res if r.preload == p]
+        total = [r.total_s for r in res if r.preload == p]
+        console.print(f"{'with' if p else 'without'} preload: beyond ray.init min {min(beyond):.2f} s, median "
+                      f"{statistics.median(beyond):.2f} s; total min {min(total):.2f} s, median {statistics.median(total):.2f} s")
 
 
 @bench_app.command("memory")

@@ -105,8 +105,19 @@ class SelectionConfig(_Strict):
 CAFEDISTILL_SPEC_PRESET: dict[str, Any] = {
     "lam": 1.0, "tau": 3.0, "mu": 0.5, "kd_backbone": "full", "kd_warmup": "none", "kd_start_round": 0,
     "kd_needs_trained_teacher": False, "kd_gate": "none", "kd_target": "full", "center_heads": False,
-    "own_head": "stored", "unselected": "frozen",
+    "own_head": "stored", "unselected": "frozen", "heads": "personal", "kd_last_exit": False,
+    "residual_init": "zero",
     "selection": {"similarity": "update_cosine", "schedule_clock": "global", "ramp": 0.5},
+}
+
+
+# Fields added after runs were made, with the value that reproduces a run whose saved config
+# predates the field (the study cache reuses such a run only when the field has that value).
+LEGACY_VALUES: dict[str, Any] = {
+    "algorithm.cafedistill.heads": "personal",
+    "algorithm.cafedistill.kd_last_exit": False,
+    "algorithm.cafedistill.selection.ramp": 0.5,
+    "algorithm.cafedistill.residual_init": "zero",
 }
 
 
@@ -155,6 +166,19 @@ class CafeDistillConfig(_Strict):
         "stored",
         description="the client's own term in hbar_i: stored (its last upload) or live (the server sends "
                     "sum_{j!=i} w_ij h_j and w_ii; the client adds w_ii times its current head; same traffic)")
+    kd_last_exit: bool = Field(
+        False, description="also distil the teacher exit m itself from hbar_i (its own term included), so a "
+                           "client's last head borrows from similar clients' heads; off in the specification")
+    residual_init: Literal["zero", "prior"] = Field(
+        "prior", description="heads=generic_residual: a client's residual heads start at zero (FedRoD's "
+                             "choice) or with the log of its label prior as bias (prior: its personal "
+                             "logits start as the Bayes correction of the balanced generic head)")
+    heads: Literal["personal", "generic_residual"] = Field(
+        "generic_residual",
+        description="exit heads: personal (spec: every head personal, only the backbone shared); "
+                    "generic_residual (every exit also has a shared generic head trained by balanced "
+                    "softmax and averaged, as FedRoD; a client's exit logits are generic + its personal "
+                    "residual head on detached features, and CE, KD and the schedule act on those)")
     unselected: Literal["frozen", "ce_detached"] = Field(
         "ce_detached",
         description="student heads outside S_i: frozen (spec) or trained by CE on detached features "
@@ -217,8 +241,10 @@ class PFedGraphConfig(_Strict):
 
 
 class FedRoDConfig(_Strict):
-    personal_init: Literal["zero", "generic"] = Field(
-        "zero", description="personal heads start at zero or at a copy of the generic head")
+    personal_init: Literal["zero", "generic", "prior"] = Field(
+        "zero", description="personal heads start at zero, at a copy of the generic head, or at zero weights "
+                            "with the log of the client's label prior as bias (the Bayes correction of the "
+                            "balanced generic head, before any training)")
 
 
 class FedPACConfig(_Strict):
@@ -426,6 +452,35 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = str(p)
     raw = apply_overrides(raw, overrides or [])
     return build_config(raw, source)
+
+
+def fill_legacy(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a config a run saved) with every LEGACY_VALUES field it predates set to the old behaviour."""
+    for key, value in LEGACY_VALUES.items():
+        *parents, leaf = key.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return raw
+
+
+def load_saved_config(path: str | Path) -> ExperimentConfig:
+    """The config a run directory saved, read as that run was made.
+
+    A field added after the run gets the value that reproduces it
+    (``LEGACY_VALUES``), not today's default: a CAFEDistill run saved before
+    ``heads`` existed had personal heads, and must load them.
+    """
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{p}: cannot read the saved config: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return build_config(fill_legacy(raw), str(p))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -82,6 +82,60 @@ def _phead_key(k: int, part: str) -> str:
     return f"{PHEAD_PREFIX}{k}.{part}"
 
 
+PRIOR_FLOOR = 1e-4  # personal_init=prior: a class the client never saw gets log(1e-4), not -inf
+
+
+def residual_heads(
+    model: EarlyExitNet, personal: Params | None, init: str = "zero", counts: torch.Tensor | None = None
+) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(W_k^P, b_k^P) per exit: from ``personal`` (``phead.*`` keys), else initialised by ``init``.
+
+    zero: personal logits = generic logits; generic: a copy of the generic head;
+    prior: W = 0 and b = log of the client's label prior (from ``counts``), so that
+    the personal logits of a balanced-softmax generic head start as the client's
+    Bayes posterior, p_i(y|x) proportional to p_bal(y|x) pi_i(y), before any training.
+    """
+    sd = model.state_dict()
+    heads = []
+    for k in range(model.num_exits):
+        wk, bk = final_linear_keys(model, k)
+        if personal and _phead_key(k, "weight") in personal:
+            w, b = personal[_phead_key(k, "weight")], personal[_phead_key(k, "bias")]
+        elif init == "generic":
+            w, b = sd[wk], sd[bk]
+        elif init == "prior":
+            if counts is None:
+                raise ValueError("personal_init=prior needs the client's label counts")
+            prior = counts.to(sd[bk].dtype) / counts.sum().clamp_min(1.0)
+            w, b = torch.zeros_like(sd[wk]), prior.clamp_min(PRIOR_FLOOR).log()
+        else:
+            w, b = torch.zeros_like(sd[wk]), torch.zeros_like(sd[bk])
+        heads.append((nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())))
+    return heads
+
+
+def residual_state(heads: list[tuple[nn.Parameter, nn.Parameter]]) -> Params:
+    """The personal state (``phead.{k}.weight|bias``) of residual heads."""
+    out: Params = {}
+    for k, (w, b) in enumerate(heads):
+        out[_phead_key(k, "weight")] = w.detach().clone()
+        out[_phead_key(k, "bias")] = b.detach().clone()
+    return out
+
+
+def load_summed_heads(model: EarlyExitNet, personal: Params | None) -> None:
+    """W^G + W^P and b^G + b^P into every exit's final linear layer (no-op without a personal state)."""
+    if not personal:
+        return
+    sd = model.state_dict()
+    summed: Params = {}
+    for k in range(model.num_exits):
+        wk, bk = final_linear_keys(model, k)
+        summed[wk] = sd[wk] + personal[_phead_key(k, "weight")]
+        summed[bk] = sd[bk] + personal[_phead_key(k, "bias")]
+    load_params(model, summed)
+
+
 @register
 class FedRoDEE(FedAvgEE):
     """FedRoD (arXiv:2107.00778): shared backbone + BSM generic heads, personal residual heads."""
@@ -89,35 +143,23 @@ class FedRoDEE(FedAvgEE):
     name = "fedrod_ee"
     personalized = True
 
-    def personal_heads(self, model: EarlyExitNet, personal: Params | None) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    def personal_heads(
+        self, model: EarlyExitNet, personal: Params | None, counts: torch.Tensor | None = None
+    ) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """(W_k^P, b_k^P) per exit: from the personal state, else the configured initialisation."""
-        sd = model.state_dict()
-        heads = []
-        for k in range(model.num_exits):
-            wk, bk = final_linear_keys(model, k)
-            if personal and _phead_key(k, "weight") in personal:
-                w, b = personal[_phead_key(k, "weight")], personal[_phead_key(k, "bias")]
-            elif self.cfg.algorithm.fedrod.personal_init == "generic":
-                w, b = sd[wk], sd[bk]
-            else:
-                w, b = torch.zeros_like(sd[wk]), torch.zeros_like(sd[bk])
-            heads.append((nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())))
-        return heads
+        return residual_heads(model, personal, self.cfg.algorithm.fedrod.personal_init, counts)
 
     def client_update(
         self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
     ) -> ClientOutput:
         load_params(model, payload.tensors)
-        heads = self.personal_heads(model, personal)
         counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
+        heads = self.personal_heads(model, personal, counts)
         loss_fn = fedrod_loss(HeadProbe(model), heads, counts)
         params = [*model.parameters(), *(p for pair in heads for p in pair)]
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=params)
         sd = model.state_dict()
-        new_personal: Params = {}
-        for k, (w, b) in enumerate(heads):
-            new_personal[_phead_key(k, "weight")] = w.detach().clone()
-            new_personal[_phead_key(k, "bias")] = b.detach().clone()
+        new_personal = residual_state(heads)
         return ClientOutput(
             upload=Message(tensors={k: sd[k].detach().clone() for k in payload.tensors}),
             personal=new_personal,
@@ -132,12 +174,4 @@ class FedRoDEE(FedAvgEE):
     ) -> None:
         """Generic weights, then W^G + W^P and b^G + b^P in every exit's final linear layer."""
         load_params(model, payload.tensors)
-        if not personal:
-            return
-        sd = model.state_dict()
-        summed: Params = {}
-        for k in range(model.num_exits):
-            wk, bk = final_linear_keys(model, k)
-            summed[wk] = sd[wk] + personal[_phead_key(k, "weight")]
-            summed[bk] = sd[bk] + personal[_phead_key(k, "bias")]
-        load_params(model, summed)
+        load_summed_heads(model, personal)

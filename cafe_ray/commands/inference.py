@@ -1,7 +1,8 @@
-"""`cafe-ray evaluate` (accuracy vs MACs) and `cafe-ray policy train|compare` (learned exit policies)."""
+"""`cafe-ray evaluate` (accuracy vs MACs) and `cafe-ray policy train|compare|fit|equal-macs` (learned exit policies)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ def _check_split(split: str) -> None:
 
 def register(app: typer.Typer) -> None:
     policy_app = typer.Typer(no_args_is_help=True,
-                             help="Learned exit policies: train with RLlib, compare with threshold/budget.")
+                             help="Learned exit policies: train with RLlib or fit a cascade, compare with thresholds.")
     app.add_typer(policy_app, name="policy")
 
     @app.command()
@@ -144,6 +145,96 @@ def register(app: typer.Typer) -> None:
             if found:
                 target = dict(sorted(found.items()))
         _compare(run_dir, target, out or (policy if policy.is_dir() else policy.parent), client)
+
+    @policy_app.command("fit")
+    def fit_cmd(
+        run_dir: Annotated[Path, typer.Argument(help="Run directory written by `cafe-ray simulate`.")],
+        out: Annotated[Path | None, typer.Option("--out", help="Output folder "
+                                                 "(default: RUN_DIR/policies/cascade).")] = None,
+        split: Annotated[str, typer.Option("--split", help="Split to fit on (val or train; never holdout).")] = "val",
+        hidden: Annotated[int, typer.Option("--hidden", help="Hidden width of every exit's MLP "
+                                            "(0: linear).")] = 32,
+        steps: Annotated[int, typer.Option("--steps", help="Full-batch AdamW steps per exit.")] = 300,
+        weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 1e-2,
+        context: Annotated[str, typer.Option("--context", help="label_prior (the client's training label "
+                                             "frequencies are features) or none.")] = "label_prior",
+        members: Annotated[int, typer.Option("--members", help="Ensemble size per exit (averaged).")] = 5,
+        seed: Annotated[int, typer.Option("--seed", help="Initialisation seed.")] = 0,
+        cv_folds: Annotated[int, typer.Option("--cv-folds", help="Also print a K-fold estimate, inside the "
+                                              "fit split, of the gain over a threshold at equal MACs "
+                                              "(0: skip).")] = 0,
+        compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Run `policy equal-macs` "
+                                              "afterwards (default budgets).")] = False,
+    ) -> None:
+        """Fit a learned cascade (supervised, on val exit traces): per exit, the outcome of continuing."""
+        from cafe_ray.inference.cascade import (
+            CONTEXTS,
+            FitSettings,
+            cv_for_run,
+            fit_for_run,
+            save_cascade,
+        )
+
+        _check_split(split)
+        if hidden < 0 or steps < 1 or weight_decay < 0 or members < 1 or cv_folds < 0 or cv_folds == 1:
+            _fail(f"need --hidden >= 0, --steps >= 1, --weight-decay >= 0, --members >= 1 and --cv-folds 0 or >= 2; "
+                  f"got {hidden}, {steps}, {weight_decay}, {members}, {cv_folds}")
+        if context not in CONTEXTS:
+            _fail(f"--context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+        dest = out or Path(run_dir) / "policies" / "cascade"
+        settings = FitSettings(hidden=(hidden,) if hidden else (), steps=steps, weight_decay=weight_decay,
+                               seed=seed, context=context, members=members)
+        try:
+            net = fit_for_run(run_dir, settings, split=split)
+            cv = cv_for_run(run_dir, settings, split=split, folds=cv_folds) if cv_folds else None
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            _fail(str(err))
+        weights, sidecar = save_cascade(net, dest / "policy")
+        losses = ", ".join(f"{v:.3f}" for v in net.spec.meta["final_loss"])
+        console.print(f"cascade policy: {weights} (+ {sidecar.name}); {net.spec.meta['samples']} {split} samples, "
+                      f"final loss per exit {losses}")
+        if cv is not None:
+            (dest / "cv.json").write_text(json.dumps(cv, indent=1) + "\n")
+            console.print(f"{cv['folds']}-fold estimate on {split} (cascade - threshold at equal MACs, points): "
+                          + ", ".join(f"{100 * float(b):.0f}% MACs {100 * v['gain_curve']:+.2f}"
+                                      for b, v in cv["budgets"].items())
+                          + f"; mean {100 * cv['mean_gain_curve']:+.2f}  ({dest / 'cv.json'})")
+        if compare:
+            _equal_macs(run_dir, weights, dest, None, 1000, 0)
+
+    @policy_app.command("equal-macs")
+    def equal_macs_cmd(
+        run_dir: Annotated[Path, typer.Argument(help="Run directory written by `cafe-ray simulate`.")],
+        policy: Annotated[Path, typer.Option("--policy", help="A saved exit policy: a cascade "
+                                             "(`policy fit`) or an RL policy (`policy train`).")],
+        budgets: Annotated[str | None, typer.Option("--budgets", help="Comma-separated val MAC budgets as "
+                                                    "fractions of full depth (cascade only; default "
+                                                    "0.1,0.15,0.2,0.25,0.3,0.5).")] = None,
+        resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples.")] = 1000,
+        seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+        out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the policy's).")] = None,
+    ) -> None:
+        """A policy vs thresholds calibrated on val at the same MACs, on holdout, with paired bootstrap CIs."""
+        try:
+            bs = None if budgets is None else [float(b) for b in budgets.split(",") if b.strip()]
+        except ValueError:
+            _fail(f"--budgets must be comma-separated numbers such as 0.25,0.5, got {budgets!r}")
+        if resamples < 10:
+            _fail(f"--resamples must be >= 10, got {resamples}")
+        _equal_macs(run_dir, policy, out or (policy if policy.is_dir() else policy.parent), bs, resamples, seed)
+
+
+def _equal_macs(run_dir: Path, policy: Path, out: Path, budgets: list[float] | None, resamples: int,
+                seed: int) -> None:
+    from cafe_ray.inference.matched import equal_mac_comparison, rich_equal_macs, write_equal_macs
+
+    try:
+        r = equal_mac_comparison(run_dir, policy, budgets=budgets, resamples=resamples, seed=seed)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        _fail(str(err))
+    paths = write_equal_macs(r, out)
+    console.print(rich_equal_macs(r))
+    console.print(f"table: {paths['markdown']}  json: {paths['json']}  plot: {paths['plot']}")
 
 
 def _compare(run_dir: Path, policy: Path | dict[int, Path], out: Path, client: int | None) -> None:

@@ -2,10 +2,13 @@
 
 Policies by name (:func:`build_policy`): ``full``, ``threshold``, ``entropy``, ``budget``
 (a threshold calibrated to a mean MAC budget) and ``learned`` (a saved MLP, e.g. trained
-with RLlib on ``cafe_ray/EarlyExit-v0``). Evaluation is in :mod:`cafe_ray.inference.evaluate`.
+with RLlib on ``cafe_ray/EarlyExit-v0``). A learned cascade (:class:`CascadePolicy`, supervised,
+reads every exit so far and the client's label prior) is opened with :func:`load_exit_policy`;
+it is not in the registry, as it needs a fitted file and a client to be bound to. Evaluation is in :mod:`cafe_ray.inference.evaluate`.
 """
 
 from cafe_ray.inference.budget import BudgetThreshold, calibrate_threshold
+from cafe_ray.inference.cascade import CascadePolicy, load_exit_policy
 from cafe_ray.inference.dynamic import Prediction, predict_batch
 from cafe_ray.inference.learned import (
     ExitMLP,
@@ -28,8 +31,8 @@ from cafe_ray.inference.policies import (
 from cafe_ray.inference.trace import ExitTrace
 
 __all__ = [
-    "OBS_FEATURES", "BudgetThreshold", "EntropyThreshold", "ExitMLP", "ExitPolicy", "ExitTrace", "FullDepth",
+    "OBS_FEATURES", "BudgetThreshold", "CascadePolicy", "EntropyThreshold", "ExitMLP", "ExitPolicy", "ExitTrace", "FullDepth",
     "LearnedPolicy", "PolicySpec", "Prediction", "Threshold", "available_policies", "build_policy",
-    "calibrate_threshold", "confidence_features", "exit_observation", "load_policy_mlp", "observation_bounds",
+    "calibrate_threshold", "confidence_features", "exit_observation", "load_exit_policy", "load_policy_mlp", "observation_bounds",
     "predict_batch", "register_policy", "save_policy",
 ]

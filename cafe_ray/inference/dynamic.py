@@ -35,7 +35,9 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
     """Early-exit forward of a batch; samples that exit are not carried deeper.
 
     At every exit but the last it asks ``policy.decide(probs, k, m, macs_spent, cost)``
-    (``should_exit`` unless a policy needs the cost, as learned ones do).
+    (``should_exit`` unless a policy needs the cost, as learned ones do); a policy with
+    ``uses_history = True`` is asked ``decide_history(probs_of_exits_0_to_k, k, m, macs_spent,
+    cost)`` instead, the history shrinking with the batch.
     """
     model.eval()
     B = x.shape[0]
@@ -47,12 +49,19 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
     probs_out = torch.zeros(B, model.num_classes)
     active = torch.arange(B)  # indices into the batch still running
     h = x
+    history: list[torch.Tensor] | None = [] if getattr(policy, "uses_history", False) else None
     for k in range(m):
         h = model.stages[k](h)
         z = model.exits[k](h)  # (A, C)
         p = z.softmax(dim=1)
         macs[active] += cost.stage_macs[k] + cost.head_macs[k]
-        stop = policy.decide(p, k, m, macs[active], cost) if k < m - 1 else torch.ones(len(active), dtype=torch.bool)
+        if k == m - 1:
+            stop = torch.ones(len(active), dtype=torch.bool)
+        elif history is not None:  # e.g. the learned cascade: every exit's probabilities so far
+            history.append(p)
+            stop = policy.decide_history(history, k, m, macs[active], cost)
+        else:
+            stop = policy.decide(p, k, m, macs[active], cost)
         done = active[stop]
         labels[done] = p[stop].argmax(dim=1)
         exits[done] = k
@@ -63,4 +72,6 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
             break
         active = active[keep]
         h = _take(h, keep.nonzero(as_tuple=True)[0])
+        if history is not None:
+            history = [q[keep] for q in history]
     return Prediction(labels, exits, conf, macs, probs_out)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cafe_ray.algorithms import ClientContext, ServerState, build_algorithm
-from cafe_ray.config import ExperimentConfig, load_config
+from cafe_ray.config import ExperimentConfig, load_saved_config
 from cafe_ray.data import ArrayDataset, ClientSplit, load_dataset
 from cafe_ray.models import EarlyExitNet, ExitCost, exit_macs
 from cafe_ray.runs import rundir
@@ -32,7 +32,7 @@ class RunArtifacts:
         self.checkpoint = rundir.latest_checkpoint(self.run_dir)
         if self.checkpoint is None:
             raise FileNotFoundError(f"{self.run_dir} has no checkpoint yet; let the run finish or resume it")
-        self.cfg: ExperimentConfig = load_config(self.run_dir / rundir.CONFIG)
+        self.cfg: ExperimentConfig = load_saved_config(self.run_dir / rundir.CONFIG)
         self.algorithm = build_algorithm(self.cfg)
         tensors, st = rundir.read_checkpoint(self.checkpoint)
         self.round = int(st["round"])

@@ -8,6 +8,7 @@ cluster and a cloud cluster differ only in the Ray address.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shlex
 import time
 from collections.abc import Callable
@@ -51,21 +52,28 @@ class Coordinator:
     the data or creating the pools then reaches the driver as the task's own
     exception (``RayTaskError.cause``), not as an opaque "actor died" error.
     Warnings raised here go to the run's warnings.jsonl, which the driver follows.
+    ``data_refs``: [dataset ref, splits ref] the driver put (what its preflight loaded and
+    partitioned); without them the coordinator loads and partitions the data itself.
     """
 
-    def __init__(self, cfg_json: str, run_dir: str, resume: bool) -> None:
+    def __init__(self, cfg_json: str, run_dir: str, resume: bool, data_refs: list | None = None) -> None:
         self.cfg = ExperimentConfig.model_validate_json(cfg_json)
         self.run_dir, self.resume = run_dir, resume
+        self.data_refs = data_refs
         self.sim: Simulation | None = None
         rundir.capture_warnings(Path(run_dir), "coordinator")
 
     def run(self) -> dict[str, Any]:
+        import ray
         import torch
 
         # the coordinator (0 CPUs of its own) aggregates between rounds: one thread, so that
         # it never takes the CPUs of the client actors on a compute-bound workload
         torch.set_num_threads(1)
-        self.sim = Simulation(self.cfg, self.run_dir, _ray_factory, resume=self.resume)
+        refs, self.data_refs = self.data_refs, None
+        factory = _ray_factory if refs is None else functools.partial(_ray_factory, data_refs=refs)
+        data = None if refs is None else tuple(ray.get(refs))  # zero-copy views of the driver's put
+        self.sim = Simulation(self.cfg, self.run_dir, factory, resume=self.resume, data=data)
         return self.sim.run()
 
     def progress(self) -> dict[str, Any]:
@@ -106,9 +114,19 @@ def prepare_run(cfg: ExperimentConfig | None, resume_dir: str | Path | None) -> 
 
 _LOCAL: dict[str, Any] = {}  # the local Ray this process started: session dir, watchdog
 
+# ensure_ray(preload=True): what the worker processes of a local Ray started here import as they
+# boot, before any work (Ray's preload_python_modules). The raylet starts one idle worker per
+# CPU as soon as the driver connects, so the coordinator and the first client actors land on
+# processes that imported torch and the engine while the driver was still setting up the run
+# (0.5-0.6 s less to the end of round 0 on a quiet 2-core machine: docs/benchmarks.md). Only
+# simulations ask for it: every worker of that cluster pays the import (Serve's too).
+PRELOAD_MODULES: tuple[str, ...] = ("cafe_ray.sim.engine",)
 
-def ensure_ray(address: str | None) -> bool:
+
+def ensure_ray(address: str | None, preload: bool = False) -> bool:
     """Connect to ``address`` or start a local Ray; True when this call started a local one.
+
+    ``preload``: a local Ray's workers import :data:`PRELOAD_MODULES` as they start.
 
     A local Ray gets a watchdog process (cafe_ray.sim.reaper) that removes every
     process of its session if this process dies without ``ray.shutdown()`` (kill -9):
@@ -123,7 +141,8 @@ def ensure_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(include_dashboard=False, log_to_driver=False)
+    system = {"preload_python_modules": list(PRELOAD_MODULES)} if preload and PRELOAD_MODULES else None
+    ray.init(include_dashboard=False, log_to_driver=False, _system_config=system)
     from cafe_ray.sim import reaper
 
     if _LOCAL:  # an earlier local Ray was shut down by plain ray.shutdown(): sweep it now
@@ -157,20 +176,28 @@ def shutdown_ray(keep_ray: bool = False) -> None:
         watchdog.wait()
 
 
-def start(cfg: ExperimentConfig, run_dir: Path, resume: bool, address: str | None = None):  # noqa: ANN201
+def start(cfg: ExperimentConfig, run_dir: Path, resume: bool, address: str | None = None,  # noqa: ANN201
+          data: tuple | None = None):
     """Start the coordinator actor; returns (actor handle, run() future).
 
     The coordinator runs on the driver's node: it needs no CPU, so Ray could otherwise
     place it on any worker node, and losing that node (a reclaimed spot instance, an
     autoscaler scale-down) would end the whole run instead of failing a few clients.
+    ``data``: (dataset, splits) already loaded here (by preflight): put in the object store
+    once and handed to the coordinator by reference, so it does not load them again.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ensure_ray(address)
+    refs = None
+    if data is not None:
+        from cafe_ray.sim.simulation import as_client_splits
+
+        refs = [ray.put(data[0]), ray.put(as_client_splits(data[1]))]
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=4, scheduling_strategy=here).remote(
-        cfg.model_dump_json(), str(run_dir.resolve()), resume)
+        cfg.model_dump_json(), str(run_dir.resolve()), resume, refs)  # refs in a list: passed, not resolved
     return actor, actor.run.remote()
 
 
@@ -196,8 +223,11 @@ def run_simulation(
     if report is None:
         from cafe_ray.sim.preflight import preflight, resume_config
 
-        report = (preflight(cfg, address=address) if resume_dir is None
-                  else preflight(resume_config(resume_dir), address=address, run_dir=resume_dir))
+        report = (preflight(cfg, address=address, keep_data=True) if resume_dir is None
+                  else preflight(resume_config(resume_dir), address=address, run_dir=resume_dir, keep_data=True))
+    # what preflight loaded and partitioned (keep_data=True): the run reuses it, and the
+    # report lets go of it so that this process does not hold the data for the whole run
+    data, report.data = report.data, None
     cfg, run_dir, resume = prepare_run(cfg, resume_dir)
     console.print(f"[bold]cafe-ray[/] {cfg.algorithm.name} on {cfg.data.name}: "
                   f"{cfg.data.num_clients} clients, {cfg.round.num_rounds} rounds -> {run_dir}")
@@ -213,7 +243,8 @@ def run_simulation(
         if cfg.executor == "sequential":
             restore = rundir.capture_warnings(run_dir, "driver", echo=False)
             try:
-                sim = Simulation(cfg, run_dir, _sequential_factory, resume=resume)
+                sim = Simulation(cfg, run_dir, _sequential_factory, resume=resume, data=data)
+                data = None
                 summary = _follow_local(sim, console, show_progress, shown)
             finally:
                 restore()
@@ -222,9 +253,10 @@ def run_simulation(
 
             from cafe_ray.sim import autoscale
 
-            ensure_ray(address)  # first ask the autoscaler for the pools' nodes, showing the wait here
+            ensure_ray(address, preload=True)  # first ask the autoscaler for the pools' nodes, showing the wait here
             autoscale.scale_for_config(cfg, lambda msg: console.print(f"[yellow]{msg}[/]"))
-            actor, fut = start(cfg, run_dir, resume, address)
+            actor, fut = start(cfg, run_dir, resume, address, data=data)
+            data = None  # in the object store now; the driver holds only the references
             summary = _follow(actor, fut, cfg, console, show_progress, run_dir, shown)
             ray.kill(actor)
     except BaseException as err:  # noqa: BLE001 - Ctrl-C and SIGTERM included: say where it stopped

@@ -202,7 +202,9 @@ class _ClientActor:
 class RayExecutor(Executor):
     def __init__(self, cfg: ExperimentConfig, dataset: ArrayDataset | None, splits: Sequence[ClientSplit] | None,
                  store_root: str, classes: Sequence[ResourceClass], client_class: Mapping[int, str],
-                 in_flight_per_actor: int = 2) -> None:
+                 in_flight_per_actor: int = 2, data_refs: list | None = None) -> None:
+        """``data_refs``: [dataset ref, splits ref] already in the object store (the driver put
+        what preflight loaded); attach() then uses them instead of putting the data again."""
         import ray
 
         self.ray = ray
@@ -211,6 +213,8 @@ class RayExecutor(Executor):
         self.chunk_clients = cfg.engine.chunk_clients
         self.vectorize = cfg.engine.vectorize
         self._data_refs: list | None = None  # [dataset ref, splits ref], set by attach()
+        self._attached: list = []  # each actor's attach() call: done once Ray placed the actor
+        self._given_refs = data_refs
         self.capacity, self.capacity_source = fit_capacity()
         self.wanted = list(classes)  # pools at full size; check_fits may shrink them
         self.notes: list[str] = []  # autoscaling / shrinking messages (also on stderr)
@@ -246,19 +250,21 @@ class RayExecutor(Executor):
     def attach(self, dataset: ArrayDataset, splits: Sequence[ClientSplit]) -> tuple[ArrayDataset, Sequence[ClientSplit]]:
         """Put the data once (zero-copy numpy in every actor on this node); actors load it now.
 
-        Returns the object store's views, so the caller can drop its own copy.
+        Returns the object store's views, so the caller can drop its own copy. With
+        ``data_refs`` given, ``dataset`` and ``splits`` are those refs' views already.
         """
-        self._data_refs = [self.ray.put(dataset), self.ray.put(splits)]
+        given = self._given_refs is not None
+        self._data_refs = self._given_refs if given else [self.ray.put(dataset), self.ray.put(splits)]
         for pool in self.pools.values():
             for a in pool:
-                a.attach.remote(self._data_refs)  # ordered before any chunk on that actor
-        return tuple(self.ray.get(self._data_refs))  # type: ignore[return-value]
+                self._attached.append(a.attach.remote(self._data_refs))  # ordered before any chunk on that actor
+        return (dataset, splits) if given else tuple(self.ray.get(self._data_refs))  # type: ignore[return-value]
 
     def _new_actor(self, c: ResourceClass):  # noqa: ANN202 - an actor handle
         actor = self._actor_cls.options(max_restarts=-1, max_task_retries=0, **c.ray_options()).remote(
             *self._actor_args, c.name)
         if self._data_refs is not None:  # a pool grown mid-run: load the data as attach() did
-            actor.attach.remote(self._data_refs)
+            self._attached.append(actor.attach.remote(self._data_refs))
         return actor
 
     def _note(self, msg: str) -> None:
@@ -271,6 +277,14 @@ class RayExecutor(Executor):
         """Add actors to pools that were shrunk, as far as the cluster's free resources allow
         (nodes the standing autoscaler request brought up after the pools were built)."""
         if all(len(self.pools.get(c.name, [])) >= (c.actors or 1) for c in self.wanted):
+            return
+        # free resources count only once every actor created so far holds its own: one that Ray
+        # has not placed yet still shows its CPUs as available, and growing on them would add
+        # actors that can never be scheduled, whose chunks would wait forever
+        if not self._attached:
+            return
+        done, _ = self.ray.wait(self._attached, num_returns=len(self._attached), timeout=0)
+        if len(done) < len(self._attached):
             return
         current = {name: len(pool) for name, pool in self.pools.items()}
         add = autoscale.grow_plan(current, self.wanted, dict(self.ray.available_resources()))

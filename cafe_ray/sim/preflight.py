@@ -37,16 +37,21 @@ class PreflightReport:
     free_bytes: int | None = None  # free disk in output_dir
     resources: dict[str, float] | None = None  # what the classes were checked against
     resources_source: str = ""  # "this machine" | "the connected cluster" | "not checked"
+    # (dataset, client splits) as loaded and partitioned here, kept with keep_data=True so the
+    # run reuses them instead of loading and partitioning the data a second time
+    data: tuple | None = field(default=None, repr=False, compare=False)
 
 
 def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_output_dir: bool = True,
-              check_data: bool = True, run_dir: str | Path | None = None) -> PreflightReport:
+              check_data: bool = True, run_dir: str | Path | None = None, keep_data: bool = False) -> PreflightReport:
     """Raise :class:`ConfigError` naming the field and the fix for the first problem found.
 
     ``address``: a remote Ray cluster; its nodes read the data, so a dataset missing
     here is only a warning, and its resources are checked by the executor instead.
     ``create_output_dir=False`` leaves no folder behind (``cafe-ray validate``).
     ``run_dir``: resuming this run directory, which must be writable (not output_dir).
+    ``keep_data=True``: keep the loaded dataset and its splits in ``report.data`` for
+    :func:`cafe_ray.sim.engine.run_simulation`, which then does not load them again.
     """
     report = PreflightReport()
     _check_algorithm(cfg, report)
@@ -59,7 +64,7 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
                                "a run writes checkpoints and client states there")
     if check_data:
         try:
-            _check_data(cfg, report)
+            _check_data(cfg, report, keep_data)
         except ConfigError as err:
             if address is None:
                 raise
@@ -71,14 +76,14 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
 
 def resume_config(run_dir: str | Path) -> ExperimentConfig:
     """The saved config of a run directory that ``--resume`` continues."""
-    from cafe_ray.config import load_config
+    from cafe_ray.config import load_saved_config
     from cafe_ray.runs.rundir import CONFIG
 
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG} there; pass a run directory made by "
                                 "`cafe-ray simulate` (its path is printed when the run starts)")
-    return load_config(path)
+    return load_saved_config(path)
 
 
 # --------------------------------------------------------------------- checks
@@ -138,7 +143,7 @@ def check_output_dir(output_dir: str | Path, keep: bool = True, field: str = "ou
     return free
 
 
-def _check_data(cfg: ExperimentConfig, report: PreflightReport) -> None:
+def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = False) -> None:
     """Load and partition the data exactly as the coordinator will (or index it, for TinyImageNet)."""
     from cafe_ray.data import load_dataset, partition_clients
     from cafe_ray.data.base import DatasetNotFoundError
@@ -157,8 +162,10 @@ def _check_data(cfg: ExperimentConfig, report: PreflightReport) -> None:
             warnings.simplefilter("always")
             ds = load_dataset(d, seed=cfg.seed)
             report.train_samples = len(ds.y_train)
-            partition_clients(ds, d, seed=cfg.seed)
+            splits = partition_clients(ds, d, seed=cfg.seed)
             _check_model(cfg, ds)
+            if keep:
+                report.data = (ds, splits)
         report.warnings += [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
     except DatasetNotFoundError as err:
         raise ConfigError(f"data.name={d.name}: {err}") from None

@@ -19,7 +19,7 @@ import torch
 from cafe_ray.algorithms import ClientResult, RoundContext, ServerState, build_algorithm
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.data import load_dataset, partition_clients
-from cafe_ray.data.base import ClientSplits
+from cafe_ray.data.base import ArrayDataset, ClientSplit, ClientSplits
 from cafe_ray.models import exit_macs
 from cafe_ray.runs import rundir
 from cafe_ray.sim import seeds
@@ -61,6 +61,17 @@ def sample_participants(profiles: ProfileTable, cfg: ExperimentConfig, t: int, v
     return np.sort(chosen).tolist()
 
 
+def load_data(cfg: ExperimentConfig) -> tuple[ArrayDataset, ClientSplits]:
+    """The experiment's dataset and its client splits (what preflight also computes)."""
+    dataset = load_dataset(cfg.data, seed=cfg.seed)
+    return dataset, as_client_splits(partition_clients(dataset, cfg.data, seed=cfg.seed))
+
+
+def as_client_splits(splits: Sequence[ClientSplit]) -> ClientSplits:
+    """Splits as flat CSR arrays (a partition may return a list of per-client splits)."""
+    return splits if isinstance(splits, ClientSplits) else ClientSplits.from_list(splits)
+
+
 AUTO_EVAL_ALL_UP_TO = 1000  # round.eval_clients=auto: all clients up to this many, else a sample of this many
 
 
@@ -85,7 +96,9 @@ class Simulation:
     """One experiment in one run directory; ``run()`` goes to the last round."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, executor_factory: ExecutorFactory,
-                 resume: bool = False) -> None:
+                 resume: bool = False, data: tuple[ArrayDataset, Sequence[ClientSplit]] | None = None) -> None:
+        """``data``: the (dataset, splits) :func:`load_data` returns for ``cfg``, when the caller
+        already has them (preflight loaded and partitioned them); else they are loaded here."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = Progress(total=cfg.round.num_rounds)
@@ -99,10 +112,8 @@ class Simulation:
             classes=self.catalog.classes, client_class=ClientClasses(self.profiles),
         )
         try:
-            dataset = load_dataset(cfg.data, seed=cfg.seed)
-            splits = partition_clients(dataset, cfg.data, seed=cfg.seed)
-            if not isinstance(splits, ClientSplits):
-                splits = ClientSplits.from_list(splits)
+            dataset, splits = load_data(cfg) if data is None else (data[0], as_client_splits(data[1]))
+            data = None
             # keep the executor's copy (Ray: zero-copy views of the object store), not a second one
             self.dataset, self.splits = self.executor.attach(dataset, splits)
         except BaseException:
@@ -216,7 +227,8 @@ class Simulation:
                 accepted.append(ClientResult(i, out))
         for r in accepted:
             self.store.commit(r.client_id, t)
-        self.store.discard_staged()
+        committed = {r.client_id for r in accepted}  # the rest (late, failed) leave no candidate behind
+        self.store.discard_staged([i for i in participants if i not in committed], t)
         self.state = self.algorithm.aggregate(self.state, accepted, ctx)
 
         round_v = (min(max(times), deadline) if deadline is not None else max(times)) if times else 0.0
@@ -278,6 +290,7 @@ class Simulation:
         """Atomic (rundir.atomic_checkpoint): a crash or full disk never leaves half of one."""
         root = self.run_dir / "checkpoints"
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state.tensors.items()}
+        self.store.discard_staged()  # anything a lost worker wrote late; the snapshot lists the store anyway
         with rundir.atomic_checkpoint(root, t) as tmp:
             self.store.snapshot(tmp / "store")
             rundir.write_checkpoint_files(tmp, tensors, {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -49,9 +50,24 @@ class ClientStateStore:
         os.replace(staged, self._path(client_id))
         return True
 
-    def discard_staged(self) -> None:
-        for p in self.root.glob(".staged_*"):
-            p.unlink(missing_ok=True)
+    def discard_staged(self, client_ids: Iterable[int] | None = None, round_: int | None = None) -> None:
+        """Remove candidate states that were not committed.
+
+        With ``client_ids`` and ``round_``: those clients' candidates of that round and any
+        half-written one (a worker that died mid-write), O(clients named): what the round
+        loop calls, so a round never lists a store that holds every client seen so far.
+        Without: every staged file, by listing the whole store.
+        """
+        if client_ids is None:
+            for p in self.root.glob(".staged_*"):
+                p.unlink(missing_ok=True)
+            return
+        if round_ is None:
+            raise ValueError("ClientStateStore.discard_staged: pass round_ with client_ids")
+        for cid in client_ids:
+            staged = self._staged(cid, round_)
+            staged.unlink(missing_ok=True)
+            staged.with_suffix(".tmp").unlink(missing_ok=True)
 
     def clients(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.root.glob("client_*.safetensors"))

@@ -25,8 +25,10 @@ pooled data). The protocol is the one a reviewer expects:
 
 Every (setting, variant, seed) is one simulation in
 ``OUT/runs/<setting>/seed_<s>/<variant>-<timestamp>``; a finished one
-(summary.json present) is not run again, so an interrupted study resumes by
-running the same command. Outputs in OUT: results.md, results.json,
+(summary.json present) made with the same resolved config is not run again
+(:func:`same_run`), so an interrupted study resumes by running the same command.
+A variant's ``run_name`` names its run directories (default: from the label),
+so a reworded label keeps its finished runs. Outputs in OUT: results.md, results.json,
 results.parquet (one row per setting x variant), runs.parquet (one row per
 run), per-exit accuracy bars and accuracy curves (one PNG per setting).
 """
@@ -46,7 +48,13 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from cafe_ray.config import ConfigError, apply_overrides, build_config
+from cafe_ray.config import (
+    ConfigError,
+    apply_overrides,
+    build_config,
+    fill_legacy,
+    load_saved_config,
+)
 from cafe_ray.runs import rundir
 
 BEST_BASELINE = "best_baseline"
@@ -59,6 +67,11 @@ class Variant:
     sets: dict[str, Any]
     group: str = "method"  # method | ablation | baseline | upper_bound
     tune: dict[str, Any] = field(default_factory=dict)  # this variant's own knobs to tune
+    run_name: str | None = None  # run-directory name (default: from the label); keeps runs when a label changes
+
+    @property
+    def slug(self) -> str:
+        return self.run_name or _slug(self.label)
 
 
 @dataclass(frozen=True)
@@ -109,17 +122,25 @@ def load_study(path: str | Path) -> Study:
     for i, v in enumerate(raw["variants"]):
         if not isinstance(v, dict) or "label" not in v:
             raise ConfigError(f"{p}: variants[{i}] needs a 'label' and a 'set' mapping")
-        extra = set(v) - {"label", "set", "group", "tune"}
+        extra = set(v) - {"label", "set", "group", "tune", "run_name"}
         if extra:
             raise ConfigError(f"{p}: variants[{i}] ({v['label']}): unknown keys {sorted(extra)}; "
-                              "allowed: label, set, group, tune")
+                              "allowed: label, set, group, tune, run_name")
+        run_name = v.get("run_name")
+        if run_name is not None and (not isinstance(run_name, str) or _slug(run_name) != run_name):
+            raise ConfigError(f"{p}: variants[{i}].run_name={run_name!r}: use letters, digits, '-', '_' "
+                              f"and '.' only, e.g. {_slug(str(run_name))!r}")
         group = str(v.get("group", "method"))
         if group not in GROUPS:
             raise ConfigError(f"{p}: variants[{i}].group={group!r}: use one of {', '.join(GROUPS)}")
-        variants.append(Variant(str(v["label"]), dict(v.get("set") or {}), group, dict(v.get("tune") or {})))
+        variants.append(Variant(str(v["label"]), dict(v.get("set") or {}), group, dict(v.get("tune") or {}),
+                                run_name))
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{p}: variant labels must be unique, got duplicates in {labels}")
+    slugs = [v.slug for v in variants]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"{p}: two variants would share a run directory name ({slugs}); set run_name")
     grid: dict[str, Any] = {}
     for k, vs in (raw.get("grid") or {}).items():
         if isinstance(vs, dict):  # a named axis: {fleet: {small: {sets...}, large: {sets...}}}
@@ -205,7 +226,7 @@ def raw_config(study: Study, setting: dict[str, Any], v: Variant, seed: int,
                                                      **(tuned or {})}.items()]
     raw = apply_overrides(study.base, sets)
     raw["seed"] = seed
-    raw["name"] = _slug(v.label)
+    raw["name"] = v.slug
     return raw
 
 
@@ -217,22 +238,63 @@ def config_for(study: Study, setting: dict[str, Any], v: Variant, out: Path, see
     return build_config(raw, f"{study.source} [{setting_name(setting)} / {v.label} / seed {seed}]")
 
 
+def _algorithm_section(name: str) -> str:
+    """The ``algorithm.*`` section of an algorithm's hyperparameters (fedrod_ee -> fedrod)."""
+    return name.removesuffix("_ee")
+
+
+def _relevant(dump: dict[str, Any]) -> dict[str, Any]:
+    """A config dump without the hyperparameter sections of algorithms the run does not use."""
+    alg = dict(dump["algorithm"])
+    own = _algorithm_section(alg["name"])
+    dump = dict(dump)
+    dump["algorithm"] = {k: v for k, v in alg.items() if not isinstance(v, dict) or k == own}
+    return dump
+
+
+def _missing_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``now`` that the saved mapping lacks (fields added after the run was made)."""
+    if not isinstance(now, dict):
+        return []
+    if not isinstance(saved, dict):
+        return [prefix.rstrip(".")]
+    out: list[str] = []
+    for k, v in now.items():
+        out += [f"{prefix}{k}"] if k not in saved else _missing_keys(saved[k], v, f"{prefix}{k}.")
+    return out
+
+
+def same_run(path: Path, cfg: Any) -> bool:
+    """Whether the finished run at ``path`` was made with ``cfg``, as far as the run can tell.
+
+    Sections of other algorithms are ignored (a default changed there cannot change
+    this run). A field that the run's saved config predates takes the value that
+    ``config.LEGACY_VALUES`` says reproduces such runs; any other field of the run's
+    own algorithm that the saved config lacks makes it stale (the run used whatever
+    that field's behaviour was then).
+    """
+    cfg_file = path / rundir.CONFIG
+    try:
+        raw = fill_legacy(yaml.safe_load(cfg_file.read_text()) or {})
+        saved = load_saved_config(cfg_file)
+    except (ConfigError, OSError, yaml.YAMLError):
+        return False
+    now = cfg.model_dump(mode="json")
+    if _relevant(saved.model_dump(mode="json")) != _relevant(now):
+        return False
+    section = _algorithm_section(cfg.algorithm.name)
+    saved_section = (raw.get("algorithm") or {}).get(section, {})
+    return not _missing_keys(saved_section, now["algorithm"].get(section, {}))
+
+
 def _find_done(run_parent: Path, name: str, cfg: Any = None) -> Path | None:
-    """The latest finished run of this variant whose resolved config is ``cfg``.
+    """The latest finished run of this variant made with ``cfg`` (:func:`same_run`).
 
     A run made with other settings (say, before a default changed) is not reused.
     """
-    from cafe_ray.config import load_config
-
     done = sorted(p for p in run_parent.glob(f"{name}-*") if rundir.is_finished(p))
     if cfg is not None:
-        def same(p: Path) -> bool:
-            try:
-                return load_config(p / rundir.CONFIG) == cfg
-            except (ConfigError, OSError):
-                return False
-
-        done = [p for p in done if same(p)]
+        done = [p for p in done if same_run(p, cfg)]
     return done[-1] if done else None
 
 
@@ -300,7 +362,7 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
 
 
 def _tuning_dir(setting: dict[str, Any], v: Variant, out: Path) -> Path:
-    return out / "tuning" / _slug(setting_name(setting)) / _slug(v.label)
+    return out / "tuning" / _slug(setting_name(setting)) / v.slug
 
 
 def _read_tuned(study: Study, setting: dict[str, Any], v: Variant, out: Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from tests.conftest import make_tiny_een
 
 
 def cafe(train: dict | None = None, num_clients: int = 10, **hp: object) -> CafeDistill:
-    cfg = make_cfg("cafedistill", train=train, cafedistill=hp)
+    cfg = make_cfg("cafedistill", train=train, cafedistill={"heads": "personal", **hp})  # personal-head mechanics
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_clients": num_clients})})
     return CafeDistill(cfg)
 
@@ -367,6 +367,12 @@ def test_new_defaults_train_end_to_end(tiny_een: EarlyExitNet) -> None:
     assert res[0].output.metrics["kd_lam"] > 0 and 0.0 <= res[0].output.metrics["kd_kept"] <= 1.0
 
 
+def test_default_heads_are_generic_plus_residual_and_the_spec_keeps_personal_heads() -> None:
+    default = CafeDistill(make_cfg("cafedistill")).hp
+    assert (default.heads, default.residual_init) == ("generic_residual", "prior")  # chosen on validation
+    assert CafeDistill(make_cfg("cafedistill", cafedistill={"preset": "spec"})).hp.heads == "personal"
+
+
 def test_ramp_shortens_the_progressive_phase(tiny_een: EarlyExitNet) -> None:
     state = cafe().init_server_state(copy.deepcopy(tiny_een))
     assert cafe().hp.selection.ramp == 0.25  # the chosen default
@@ -380,3 +386,102 @@ def test_ramp_shortens_the_progressive_phase(tiny_een: EarlyExitNet) -> None:
     students = short.students(state, round_ctx(4, 20, (0, 1)))
     assert students == {0: (0, 1), 1: (0, 1)}  # t=5 >= 0.25*20: R = 1, every student
     assert spec.students(state, round_ctx(4, 20, (0, 1))) != students
+
+
+# ------------------------------------------- heads: generic_residual (FedRoD form)
+@pytest.mark.parametrize("unselected", ["frozen", "ce_detached"])
+def test_generic_residual_without_kd_equals_fedrod_bit_for_bit(unselected: str) -> None:
+    """lam=0, schedule=all: CAFEDistill on generic + residual heads is FedRoD-EE, to the last bit."""
+    from cafe_ray.algorithms.fedrod import FedRoDEE
+
+    model = make_tiny_een()
+    data = make_clients(4)
+    parts = [(0, 1, 2, 3), (1, 3), (0, 2, 3)]
+    cd = cafe(heads="generic_residual", residual_init="zero", lam=0.0, unselected=unselected,
+              selection={"schedule": "all"})
+    fr = FedRoDEE(make_cfg("fedrod_ee"))
+    s_cd, p_cd = run_rounds(cd, model, data, 3, participants=parts)
+    s_fr, p_fr = run_rounds(fr, model, data, 3, participants=parts)
+    assert sorted(global_params(s_cd)) == sorted(global_params(s_fr)) == sorted(model.state_dict())
+    for k, v in global_params(s_fr).items():
+        assert torch.equal(v, global_params(s_cd)[k]), k
+    for cid in p_fr:
+        assert sorted(p_cd[cid]) == sorted(p_fr[cid])
+        for k, v in p_fr[cid].items():
+            assert torch.equal(v, p_cd[cid][k]), (cid, k)
+
+
+def test_generic_residual_kd_moves_only_the_personal_heads(tiny_een: EarlyExitNet) -> None:
+    from cafe_ray.algorithms.cafedistill.loss import make_residual_loss_fn
+    from cafe_ray.algorithms.fedrod import residual_heads
+    from cafe_ray.algorithms.heads import HeadProbe
+
+    x, y = batch()
+    counts = torch.bincount(y, minlength=4).float()
+    w, b = teacher(tiny_een)
+
+    def run(lam: float) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        model = copy.deepcopy(tiny_een)
+        heads = residual_heads(model, None)
+        opts = KDOptions(lam=lam, tau=3.0, unselected="ce_detached")
+        loss = make_residual_loss_fn(HeadProbe(model), heads, counts, w, b, (0,), opts)(model, x, y)
+        g = grads(model, loss)
+        return g, [p.grad.clone() for pair in heads for p in pair]
+
+    g0, h0 = run(0.0)
+    g1, h1 = run(1.0)
+    for n in g0:  # backbone and generic heads: the KD term adds exactly nothing
+        assert torch.equal(g0[n], g1[n]), n
+    assert not torch.equal(h0[0], h1[0])  # the student's residual head gets the KD gradient
+    assert torch.equal(h0[2], h1[2]) and torch.equal(h0[4], h1[4])  # exit 1 (unselected) and the teacher do not
+
+
+def test_generic_residual_uploads_the_personal_last_head_and_evaluates_summed_heads(tiny_een: EarlyExitNet) -> None:
+    data = make_clients(2)
+    alg = cafe(num_clients=2, heads="generic_residual")
+    state, personal = run_rounds(alg, tiny_een, data, 2)
+    payload = alg.server_payloads(state, round_ctx(2, 3, (0,)))[0]
+    out = alg.client_update(copy.deepcopy(tiny_een), payload, personal[0], data[0], client_ctx(0, 2, 3))
+    sd_keys = set(tiny_een.state_dict())
+    assert sd_keys <= set(out.upload.tensors)  # generic heads are shared
+    assert sorted(out.personal) == sorted(f"phead.{k}.{p}" for k in range(3) for p in ("weight", "bias"))
+    expect_w = out.upload.tensors["exits.2.linear.weight" if "exits.2.linear.weight" in sd_keys else
+                                  "exits.2.weight"] + out.personal["phead.2.weight"]
+    torch.testing.assert_close(out.upload.tensors[HEAD_W], expect_w)
+    model = copy.deepcopy(tiny_een)
+    generic = {k: v for k, v in out.upload.tensors.items() if k in sd_keys}
+    alg.load_for_eval(model, Message(tensors=generic), out.personal, data[0], client_ctx(0, 3, 3))
+    torch.testing.assert_close(model.last_head.weight, expect_w)
+
+
+@pytest.mark.parametrize("heads", ["personal", "generic_residual"])
+def test_kd_last_exit_distils_the_teacher_exit_too(tiny_een: EarlyExitNet, heads: str) -> None:
+    """kd_last_exit: the teacher exit's head gets a KD gradient, even with no student selected."""
+    data = make_clients(1)
+    grads_of: dict[bool, torch.Tensor] = {}
+    for last in (False, True):
+        alg = cafe(num_clients=1, heads=heads, kd_last_exit=last, kd_gate="none", kd_warmup="none",
+                   kd_needs_trained_teacher=False, lam=1.0, selection={"schedule": "progressive", "ramp": 0.5})
+        state = alg.init_server_state(copy.deepcopy(tiny_een))
+        payload = alg.server_payloads(state, round_ctx(0, 100, (0,)))[0]
+        assert payload.meta["students"] == []  # round 1 of 100: no student yet
+        model = copy.deepcopy(tiny_een)
+        out = alg.client_update(model, payload, None, data[0], client_ctx(0, 0, 100))
+        assert (out.metrics["kd_loss"] > 0) == last
+        grads_of[last] = out.upload.tensors[HEAD_W]
+    assert not torch.equal(grads_of[False], grads_of[True])  # the last head moved differently
+
+
+def test_prior_initialised_residuals_equal_fedrod_with_prior_init_without_kd() -> None:
+    """residual_init=prior is FedRoD-EE's personal_init=prior when lam=0 (bit for bit)."""
+    from cafe_ray.algorithms.fedrod import FedRoDEE
+
+    model = make_tiny_een()
+    data = make_clients(3)
+    cd = cafe(heads="generic_residual", residual_init="prior", lam=0.0, selection={"schedule": "all"})
+    fr = FedRoDEE(make_cfg("fedrod_ee", fedrod={"personal_init": "prior"}))
+    _, p_cd = run_rounds(cd, model, data, 2)
+    _, p_fr = run_rounds(fr, model, data, 2)
+    for cid in p_fr:
+        for k, v in p_fr[cid].items():
+            assert torch.equal(v, p_cd[cid][k]), (cid, k)

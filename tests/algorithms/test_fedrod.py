@@ -130,3 +130,23 @@ def test_personal_heads_can_start_at_the_generic_head(tiny_een: EarlyExitNet) ->
 
 def test_learns_on_digits(tmp_path) -> None:
     assert run_digits(tmp_path, "fedrod_ee")["acc_avg_exit"] > LEARNS
+
+
+def test_prior_init_starts_personal_logits_at_the_bayes_posterior(tiny_een: EarlyExitNet) -> None:
+    """personal_init=prior: W = 0, b = log(pi_i), so softmax(personal) is proportional to softmax(generic) * pi_i."""
+    from cafe_ray.algorithms.fedrod import PRIOR_FLOOR, residual_heads
+
+    counts = torch.tensor([3.0, 1.0, 0.0, 4.0])
+    heads = residual_heads(tiny_een, None, "prior", counts)
+    for w, b in heads:
+        assert torch.count_nonzero(w) == 0
+        torch.testing.assert_close(b.detach(), torch.tensor([3 / 8, 1 / 8, PRIOR_FLOOR, 4 / 8]).log())
+    with pytest.raises(ValueError, match="label counts"):
+        residual_heads(tiny_een, None, "prior")
+    alg = FedRoDEE(make_cfg("fedrod_ee", fedrod={"personal_init": "prior"}))
+    data = make_clients(1)[0]
+    payload = alg.server_payloads(alg.init_server_state(tiny_een), round_ctx(0, 1, (0,)))[0]
+    out = alg.client_update(copy.deepcopy(tiny_een), payload, None, data, client_ctx(0, 0, 1))
+    prior = torch.bincount(data.y_train.long(), minlength=4).float()
+    start = (prior / prior.sum()).clamp_min(PRIOR_FLOOR).log()
+    assert (out.personal["phead.2.bias"] - start).abs().max() < 1.0  # trained from the prior, not from 0

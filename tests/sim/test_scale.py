@@ -114,3 +114,99 @@ def test_simulation_at_many_clients_runs_and_reads_back(tmp_path):
     assert recs[-1]["eval_clients"] == 20 and summary["num_clients"] == n
     assert len(rundir.load_splits(tmp_path / "run" / rundir.SPLITS)) == n
     assert len(rundir.read_profiles(tmp_path / "run")) == n
+
+
+def _scale_cfg(tmp_path, n: int):  # noqa: ANN001, ANN202
+    """The same data (10^6 tiny samples) and 40 clients per round, at n registered clients."""
+    return tiny_cfg(tmp_path, "data.name=synthetic", f"data.num_clients={n}", "data.synthetic_samples=1000000",
+                    "data.synthetic_shape=[1, 4, 4]", "data.partition.kind=iid", "model.width=4",
+                    "train.batch_size=2", "train.max_steps=1", f"round.fraction={40 / n}",
+                    "round.num_rounds=10", "round.eval_every=10000", "checkpoint.every=10000")
+
+
+def _steady_round_work(sim: Simulation, rounds: tuple[int, ...]) -> tuple[dict, int, int]:
+    """(calls per cafe_ray function, peak bytes allocated, ray.put calls) over ``rounds``."""
+    import cProfile
+    import pstats
+    import tracemalloc
+
+    import ray
+
+    puts = _Counter(ray.put)
+    pr = cProfile.Profile()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        ray.put = puts
+        pr.enable()
+        for t in rounds:
+            sim._round(t)
+        pr.disable()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        ray.put = puts.fn
+        tracemalloc.stop()
+    calls = {k: v[1] for k, v in pstats.Stats(pr).stats.items() if "/cafe_ray/" in k[0]}
+    return calls, peak, puts.calls
+
+
+def _actor_chunk_work(sim: Simulation, t: int, store: str) -> tuple[dict, int]:
+    """What a client actor does for one chunk of round t (ClientRunner.fit_many + packing), in
+    this process: (calls per cafe_ray function, peak bytes allocated)."""
+    import cProfile
+    import pstats
+    import tracemalloc
+
+    from cafe_ray.algorithms import RoundContext
+    from cafe_ray.sim.executor import pack_result
+    from cafe_ray.sim.runner import ClientRunner, FitJob
+
+    runner = ClientRunner(sim.cfg, sim.dataset, sim.splits, store)
+    ids = sample_participants(sim.profiles, sim.cfg, t, 0.0)[:10]
+    payloads = sim.algorithm.server_payloads(sim.state, RoundContext(t, 10, seeds.derive_seed(0, t), tuple(ids)))
+    jobs = [FitJob(i, t, 10, seeds.derive_seed(0, t, i, seeds.TRAIN), None, payloads[i]) for i in ids]
+    runner.fit_many(jobs[:2])  # first call: lazy imports and caches, not per-round work
+    pr = cProfile.Profile()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        pr.enable()
+        [pack_result(r) for r in runner.fit_many(jobs)]
+        pr.disable()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return {k: v[1] for k, v in pstats.Stats(pr).stats.items() if "/cafe_ray/" in k[0]}, peak
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_ray_rounds_do_the_same_work_at_a_thousand_and_a_million_clients(tmp_path):
+    """The Ray path's steady round does no O(registered) work: at 10^6 registered clients the
+    coordinator makes exactly the calls it makes at 10^3 and allocates no more (an O(N) array
+    would be 1-8 MB), puts only the round's payload in the object store (the data stays put
+    once), and a client actor's chunk makes the same calls without allocating more."""
+    import time
+
+    import ray
+
+    from cafe_ray.sim.engine import _ray_factory
+
+    work = {}
+    for n in (1000, 1_000_000):
+        while ray.available_resources().get("CPU", 0) < 2:  # the previous pools' actors are going away
+            time.sleep(0.2)
+        sim = Simulation(_scale_cfg(tmp_path / str(n), n), tmp_path / f"run{n}", _ray_factory)
+        try:
+            assert len(sim.splits) == n
+            sim._round(0)  # the actors start: not a steady round
+            work[n] = (*_steady_round_work(sim, (1, 2, 3)), *_actor_chunk_work(sim, 4, str(tmp_path / f"s{n}")))
+        finally:
+            sim.executor.shutdown()
+    (calls_k, peak_k, puts_k, actor_k, apeak_k), (calls_m, peak_m, puts_m, actor_m, apeak_m) = work.values()
+    assert calls_m == calls_k, {k: (calls_k.get(k), calls_m.get(k)) for k in calls_k.keys() | calls_m.keys()
+                                if calls_k.get(k) != calls_m.get(k)}
+    assert peak_m < peak_k + 512 * 1024, (peak_k, peak_m)
+    assert puts_m == puts_k == 3  # one payload per round
+    assert actor_m == actor_k
+    assert apeak_m < apeak_k + 512 * 1024, (apeak_k, apeak_m)  # 10^3 clients hold more data each

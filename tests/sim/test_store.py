@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from cafe_ray.sim.store import ClientStateStore
@@ -39,3 +40,19 @@ def test_store_files_are_safetensors(tmp_path):
 
     (f,) = tmp_path.glob("client_*.safetensors")
     assert torch.equal(load_file(str(f))["a"], torch.arange(3, dtype=torch.float32))
+
+
+def test_discarding_named_candidates_touches_only_them(tmp_path, monkeypatch):
+    s = ClientStateStore(tmp_path)
+    for cid in (1, 2):
+        s.stage(cid, 4, {"w": torch.ones(1)})
+    s.stage(2, 3, {"w": torch.ones(1)})  # another round's candidate: not named, stays
+    (tmp_path / ".staged_0000009_r000004.tmp").write_bytes(b"half")  # a worker died mid-write
+    monkeypatch.setattr(type(tmp_path), "glob", lambda *a, **k: pytest.fail("named discard lists the store"))
+    s.discard_staged([1, 9], 4)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staged_0000002_r000003.safetensors",
+                                                            ".staged_0000002_r000004.safetensors"]
+    assert s.commit(2, 4) and not s.commit(1, 4)
+    with pytest.raises(ValueError, match="round_"):
+        s.discard_staged([1])

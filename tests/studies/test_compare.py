@@ -173,3 +173,62 @@ def test_rows_with_missing_seeds_are_marked():
 
     md = markdown_table(aggregate([run("A", 0, 0.5), run("A", 1, 0.6), run("B", 0, 0.4)]))
     assert "| B (1 of 2 seeds) |" in md and "| A |" in md
+
+
+def test_cache_ignores_other_algorithms_sections_but_not_the_runs_own(tmp_path):
+    from cafe_ray.config import build_config
+    from cafe_ray.runs import rundir
+    from cafe_ray.studies.compare import same_run
+
+    def saved(algorithm: dict) -> Path:
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        raw = build_config({"algorithm": algorithm}).model_dump(mode="json")
+        (run / rundir.CONFIG).write_text(yaml.safe_dump(raw))
+        return run
+
+    fedrod = saved({"name": "fedrod_ee"})
+    now = build_config({"algorithm": {"name": "fedrod_ee", "cafedistill": {"lam": 0.7}}})
+    assert same_run(fedrod, now)  # another algorithm's hyperparameter cannot change a FedRoD run
+    assert not same_run(fedrod, build_config({"algorithm": {"name": "fedrod_ee", "fedrod": {"personal_init": "generic"}}}))
+    # a CAFEDistill run whose saved config predates a CAFEDistill field is stale where the value differs
+    cafe = saved({"name": "cafedistill"})
+    raw = yaml.safe_load((cafe / rundir.CONFIG).read_text())
+    del raw["algorithm"]["cafedistill"]["heads"]
+    (cafe / rundir.CONFIG).write_text(yaml.safe_dump(raw))
+    assert not same_run(cafe, build_config({"algorithm": {"name": "cafedistill",
+                                                          "cafedistill": {"heads": "generic_residual"}}}))
+    # ... unless the field has the value that reproduces runs made before it existed
+    assert same_run(cafe, build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"heads": "personal"}}}))
+    raw["algorithm"]["cafedistill"].pop("kd_gate")  # a field with no legacy value: stale
+    (cafe / rundir.CONFIG).write_text(yaml.safe_dump(raw))
+    assert not same_run(cafe, build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"heads": "personal"}}}))
+    # while a FedRoD run saved before that field existed is still reused
+    raw = yaml.safe_load((fedrod / rundir.CONFIG).read_text())
+    del raw["algorithm"]["cafedistill"]["heads"]
+    (fedrod / rundir.CONFIG).write_text(yaml.safe_dump(raw))
+    assert same_run(fedrod, now)
+
+
+def test_run_name_keeps_run_directories_when_a_label_changes(tmp_path):
+    from cafe_ray.studies.compare import config_for, settings
+
+    p = _study(tmp_path, grid={"data.partition.alpha": [0.5]})
+    out = tmp_path / "out"
+    first = {r["label"]: r for r in run_study(p, out, only=["FedPer-EE"])}
+    raw = yaml.safe_load(p.read_text())
+    raw["variants"][1] = {"label": "FedPer-EE (renamed)", "group": "baseline", "run_name": "FedPer-EE",
+                          "set": {"algorithm.name": "fedper_ee"}}
+    p.write_text(yaml.safe_dump(raw))
+    study = load_study(p)
+    assert config_for(study, settings(study)[0], study.variants[1], out).name == "FedPer-EE"
+    again = {r["label"]: r for r in run_study(p, out, only=["FedPer-EE (renamed)"])}
+    assert again["FedPer-EE (renamed)"]["run_dirs"] == first["FedPer-EE"]["run_dirs"]  # reused, not rerun
+    raw["variants"][1]["run_name"] = "bad name/.."
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="run_name"):
+        load_study(p)
+    raw["variants"][1]["run_name"] = "CAFEDistill"  # would share the first variant's run directories
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="share a run directory"):
+        load_study(p)

@@ -40,6 +40,14 @@ in loss.py, ``kd_backbone``, ``kd_gate``, ``kd_target`` and ``unselected``.
 - ``selhead/<cid>/<e>`` (``head_cosine`` only): client cid's latest flattened
   head of exit e.
 
+``heads: generic_residual`` (the default; the specification's is ``personal``):
+the shared ``global/`` state is the whole network (backbone and *generic* exit
+heads, averaged like FedRoD-EE's), every client keeps a personal residual linear
+head per exit (``phead.{k}.*``, :mod:`cafe_ray.algorithms.fedrod`), its exit
+logits are generic + residual, and h_i is its generic + residual last head.
+Selection, teacher weights and traffic-per-client stay as above (the upload adds
+the generic heads, as FedRoD-EE's does).
+
 Decisions where the specification is open (each documented where it is made):
 - the schedule's t is 1-based: t = round + 1 (see schedule.py);
 - a participant without a stored head gets the *uniform* mix of the pool's heads:
@@ -78,7 +86,13 @@ from cafe_ray.algorithms.base import (
     register,
     with_global,
 )
-from cafe_ray.algorithms.cafedistill.loss import KDOptions, KDStats, label_prior, make_loss_fn
+from cafe_ray.algorithms.cafedistill.loss import (
+    KDOptions,
+    KDStats,
+    label_prior,
+    make_loss_fn,
+    make_residual_loss_fn,
+)
 from cafe_ray.algorithms.cafedistill.schedule import progress, schedule_t, tier1_depth
 from cafe_ray.algorithms.cafedistill.selection import (
     CountSketch,
@@ -97,6 +111,8 @@ from cafe_ray.algorithms.cafedistill.teacher import (
     teacher_weights,
     unpack_head,
 )
+from cafe_ray.algorithms.fedrod import load_summed_heads, residual_heads, residual_state
+from cafe_ray.algorithms.heads import HeadProbe
 from cafe_ray.algorithms.training import local_sgd
 from cafe_ray.config import CafeDistillConfig
 from cafe_ray.models.base import EXIT_PREFIX, EarlyExitNet, exit_of_key, stage_of_key
@@ -168,7 +184,8 @@ class CafeDistill(Algorithm):
             if k in param_names and (stage_of_key(k) or 0) <= m - 2
         ]
         tensors = {INIT_W: head.weight.detach().clone(), INIT_B: head.bias.detach().clone()}
-        backbone = {k: sd[k].detach().clone() for k in model.backbone_keys()}
+        shared = list(sd) if self.hp.heads == "generic_residual" else model.backbone_keys()
+        backbone = {k: sd[k].detach().clone() for k in shared}
         meta = {"num_exits": m, "update_keys": update_keys, "visits": {}, "conflict": {}}
         return with_global(ServerState(tensors=tensors, meta=meta), backbone)
 
@@ -433,33 +450,48 @@ class CafeDistill(Algorithm):
         students = _students_of(payload, m)
         if TEACHER_W not in payload.tensors or TEACHER_B not in payload.tensors:
             raise KeyError(f"payload lacks {TEACHER_W!r}/{TEACHER_B!r}: it must come from CafeDistill.server_payloads")
-        backbone = {k: v for k, v in payload.tensors.items() if k not in (TEACHER_W, TEACHER_B)}
-        load_params(model, backbone)
-        if personal:
+        shared = {k: v for k, v in payload.tensors.items() if k not in (TEACHER_W, TEACHER_B)}
+        load_params(model, shared)
+        hp = self.hp
+        residual = hp.heads == "generic_residual"
+        if personal and not residual:
             load_params(model, personal)
 
         # unselected = frozen: exits outside S_i (other than the teacher) are out of
         # the optimizer, so neither momentum nor weight decay can move them.
         # ce_detached: they train on CE over detached features (loss.py).
-        hp = self.hp
         frozen = set(range(m - 1)) - set(students) if hp.unselected == "frozen" else set()
-        trainable = [p for n, p in model.named_parameters() if exit_of_key(n) not in frozen]
         stats = KDStats()
         opts = KDOptions(
             lam=float(payload.meta.get("lam", hp.lam)), tau=hp.tau, backbone=hp.kd_backbone,
             backbone_scale=hp.kd_backbone_scale, gate=hp.kd_gate, target=hp.kd_target, unselected=hp.unselected,
+            last_exit=hp.kd_last_exit,
         )
         prior = label_prior(data.y_train, model.num_classes) if hp.kd_target != "full" else None
-        loss_fn = make_loss_fn(
-            payload.tensors[TEACHER_W], payload.tensors[TEACHER_B], students, opts, stats=stats,
-            prior=prior, own_weight=float(payload.meta.get("own_weight", 0.0)),
-        )
+        own_weight = float(payload.meta.get("own_weight", 0.0))
+        teacher = (payload.tensors[TEACHER_W], payload.tensors[TEACHER_B])
+        if residual:
+            # generic heads (and the backbone) always train by BSM; frozen applies to the residuals
+            counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
+            heads = residual_heads(model, personal, hp.residual_init, counts)
+            loss_fn = make_residual_loss_fn(HeadProbe(model), heads, counts, *teacher, students, opts, stats,
+                                            prior=prior, own_weight=own_weight)
+            trainable = [*model.parameters(), *(p for k, pair in enumerate(heads) if k not in frozen for p in pair)]
+        else:
+            loss_fn = make_loss_fn(*teacher, students, opts, stats=stats, prior=prior, own_weight=own_weight)
+            trainable = [p for n, p in model.named_parameters() if exit_of_key(n) not in frozen]
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=trainable)
 
         sd = model.state_dict()
-        upload = {k: sd[k].detach().clone() for k in model.backbone_keys()}
+        upload = {k: sd[k].detach().clone() for k in shared}
         upload[HEAD_W] = model.last_head.weight.detach().clone()
         upload[HEAD_B] = model.last_head.bias.detach().clone()
+        if residual:  # h_i is the client's personal last head: generic + residual
+            upload[HEAD_W] += heads[m - 1][0].detach()
+            upload[HEAD_B] += heads[m - 1][1].detach()
+            personal_out = residual_state(heads)
+        else:
+            personal_out = {k: v.detach().clone() for k, v in sd.items() if k.startswith(EXIT_PREFIX)}
         up_meta: dict[str, Any] = {}
         if "select_exit" in payload.meta:
             e = int(payload.meta["select_exit"])
@@ -467,7 +499,7 @@ class CafeDistill(Algorithm):
             up_meta["select_exit"] = e
         return ClientOutput(
             upload=Message(tensors=upload, meta=up_meta),
-            personal={k: v.detach().clone() for k, v in sd.items() if k.startswith(EXIT_PREFIX)},
+            personal=personal_out,
             num_samples=data.num_train,
             samples_processed=seen,
             trained_depth=m,
@@ -477,5 +509,15 @@ class CafeDistill(Algorithm):
 
     # ------------------------------------------------------------- evaluation
     def eval_payload(self, state: ServerState) -> Message:
-        """Only the global backbone: every head an evaluated client runs is personal."""
+        """The global backbone (and, under generic_residual, the generic heads)."""
         return Message(tensors=global_params(state))
+
+    def load_for_eval(
+        self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
+    ) -> None:
+        """Personal heads; under generic_residual W^G + W^P in every exit's final linear layer."""
+        load_params(model, payload.tensors)
+        if self.hp.heads == "generic_residual":
+            load_summed_heads(model, personal)
+        elif personal:
+            load_params(model, personal)

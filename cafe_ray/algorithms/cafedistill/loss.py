@@ -19,7 +19,21 @@ Options (``algorithm.cafedistill.*``, see :class:`KDOptions`):
 - ``kd_target``: KL over the client's own classes only (both distributions
   renormalised there), or the teacher's logits shifted by the client's log label
   prior;
-- ``unselected``: heads outside S_i frozen, or trained by CE on detached features.
+- ``unselected``: heads outside S_i frozen, or trained by CE on detached features;
+- ``kd_last_exit``: the teacher exit m gets the KD term too (its head and, in the
+  plain form, the backbone under it learn toward hbar_i).
+
+``heads: generic_residual`` (:func:`make_residual_loss_fn`) puts L_i on FedRoD's
+two-head form: every exit has a shared generic head E_k^G (trained, with the
+backbone, by the balanced softmax BSM and averaged by the server) and a personal
+residual linear head P_k on f_k, the input of E_k^G's final linear layer. The
+client's exit logits are z_k = E_k^G(x).detach() + P_k(f_k.detach()), and the
+terms above act on them:
+    L_i = sum_k BSM(y, z_k^G) + CE(y, z_m) + sum_{k in S_i} [ CE(y, z_k)
+          + lambda_t * tau^2 * KL( softmax(zbar/tau) || softmax(z_k/tau) ) ]
+with zbar = f_m(x)^T hbar_i. KD only moves the personal heads there, so
+``kd_backbone`` has no effect; with lambda_t = 0 and every head trained it is
+FedRoD-EE's loss, term for term (tested bit for bit).
 
 With lambda_t = 0, every student selected and no option active, L_i is
 computed with the same operations in the same order as FedPer-EE's sum of
@@ -34,6 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cafe_ray.algorithms.fedrod import balanced_softmax_loss, personal_logits
+from cafe_ray.algorithms.heads import HeadProbe
 from cafe_ray.algorithms.training import LossFn
 from cafe_ray.models.base import EarlyExitNet, LastExitHead
 
@@ -55,6 +71,11 @@ class KDOptions:
     gate: str = "none"
     target: str = "full"
     unselected: str = "frozen"
+    last_exit: bool = False  # kd_last_exit: the teacher exit m is distilled from hbar_i too
+
+    def kd_exits(self, students: Sequence[int], m: int) -> tuple[int, ...]:
+        """The exits the KD term covers: S_i, plus m-1 (0-based) under kd_last_exit."""
+        return (*students, m - 1) if self.last_exit else tuple(students)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -235,27 +256,87 @@ def make_loss_fn(
         trained = sorted({*students, m - 1, *unselected})
         total = sum(F.cross_entropy(logits[k], y) for k in trained)
         kd = logits[-1].new_zeros(())
-        if opts.lam > 0 and students:
+        if opts.lam > 0 and opts.kd_exits(students, m):
             w, b = teacher_weight, teacher_bias
             if own_weight:
                 w = w + own_weight * model.last_head.weight.detach()
                 b = b + own_weight * model.last_head.bias.detach()
             zbar = teacher_logits(phi, w, b)
-            kept, gated = 0.0, 0
+            zs: dict[int, torch.Tensor] = {}
             for k in students:
-                z = logits[k]
+                zs[k] = logits[k]
                 if opts.backbone == "detach":
-                    z = model.exits[k](hs[k].detach())
+                    zs[k] = model.exits[k](hs[k].detach())
                 elif opts.backbone == "scaled":
-                    z = model.exits[k](scale_grad(hs[k], opts.backbone_scale))
-                mask = gate_mask(opts.gate, z, zbar, y)
-                s_view, t_view = target_views(opts.target, z, zbar, prior)
-                kd = kd + (kd_per_sample(s_view, t_view, opts.tau) * mask).sum() / y.shape[0]
-                kept += float(mask.sum())
-                gated += int(y.shape[0])
+                    zs[k] = model.exits[k](scale_grad(hs[k], opts.backbone_scale))
+            if opts.last_exit:
+                zs[m - 1] = logits[m - 1]
+            kd = _kd_sum(opts.kd_exits(students, m), zs, zbar, y, opts, prior, stats)
             total = total + opts.lam * kd
-            if stats is not None:
-                stats.add(kd.detach(), int(y.shape[0]), kept, gated)
+        elif stats is not None:
+            stats.add(kd, int(y.shape[0]))
+        return total  # type: ignore[return-value]
+
+    return loss
+
+
+def _kd_sum(
+    students: Sequence[int], student_logits: dict[int, torch.Tensor], zbar: torch.Tensor, y: torch.Tensor,
+    opts: KDOptions, prior: torch.Tensor | None, stats: KDStats | None = None,
+) -> torch.Tensor:
+    """sum_k gated tau^2 KL / B over the students; records it and the gate's kept samples in ``stats``."""
+    kd = zbar.new_zeros(())
+    kept, gated = 0.0, 0
+    for k in students:
+        z = student_logits[k]
+        mask = gate_mask(opts.gate, z, zbar, y)
+        s_view, t_view = target_views(opts.target, z, zbar, prior)
+        kd = kd + (kd_per_sample(s_view, t_view, opts.tau) * mask).sum() / y.shape[0]
+        kept += float(mask.sum())
+        gated += int(y.shape[0])
+    if stats is not None:
+        stats.add(kd.detach(), int(y.shape[0]), kept, gated)
+    return kd
+
+
+def make_residual_loss_fn(
+    probe: HeadProbe,
+    heads: Sequence[tuple[torch.nn.Parameter, torch.nn.Parameter]],
+    counts: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor,
+    students: Sequence[int],
+    opts: KDOptions,
+    stats: KDStats | None = None,
+    *,
+    prior: torch.Tensor | None = None,
+    own_weight: float = 0.0,
+) -> LossFn:
+    """L_i under ``heads: generic_residual`` (module docstring); ``heads[k]`` = (W_k^P, b_k^P).
+
+    ``own_weight`` > 0 (own_head = live) adds w_ii times the client's current
+    personal last head (generic + residual, detached) to the received teacher head.
+    """
+    students = tuple(sorted(students))
+
+    def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m = model.num_exits
+        unselected = frozenset(range(m - 1)) - set(students) if opts.unselected == "ce_detached" else frozenset()
+        logits, feats = probe(x)
+        generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
+        trained = sorted({*students, m - 1, *unselected})
+        z_p = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in trained}
+        total = generic + sum(F.cross_entropy(z_p[k], y) for k in trained)
+        kd = logits[-1].new_zeros(())
+        if opts.lam > 0 and opts.kd_exits(students, m):
+            w, b = teacher_weight, teacher_bias
+            if own_weight:
+                last = probe.linears[m - 1]
+                w = w + own_weight * (last.weight.detach() + heads[m - 1][0].detach())
+                b = b + own_weight * (last.bias.detach() + heads[m - 1][1].detach())
+            zbar = teacher_logits(feats[m - 1], w, b)
+            kd = _kd_sum(opts.kd_exits(students, m), z_p, zbar, y, opts, prior, stats)
+            total = total + opts.lam * kd
         elif stats is not None:
             stats.add(kd, int(y.shape[0]))
         return total  # type: ignore[return-value]

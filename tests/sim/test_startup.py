@@ -1,0 +1,115 @@
+"""Start-up: the run reuses the data preflight loaded and partitioned (same splits), and pools
+started a moment ago are not grown on resources their own actors have not taken yet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cafe_ray.runs import rundir
+from cafe_ray.sim import simulation as simulation_mod
+from cafe_ray.sim.engine import _sequential_factory, run_simulation
+from cafe_ray.sim.preflight import preflight
+from cafe_ray.sim.simulation import Simulation, as_client_splits, load_data
+from tests.sim.conftest import comparable, tiny_cfg
+
+
+def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        pytest.fail("the run loaded or partitioned the data again instead of reusing preflight's")
+
+    monkeypatch.setattr(simulation_mod, "load_dataset", fail)
+    monkeypatch.setattr(simulation_mod, "partition_clients", fail)
+
+
+def _same_splits(a, b) -> bool:  # noqa: ANN001
+    a, b = as_client_splits(a), as_client_splits(b)
+    return all(np.array_equal(getattr(a, k), getattr(b, k))
+               for k in ("train_ptr", "train_idx", "test_ptr", "test_idx", "val_ptr", "val_idx"))
+
+
+@pytest.mark.parametrize("sets", [(), ("data.name=synthetic", "data.partition.kind=iid", "data.num_clients=3000",
+                                       "data.synthetic_samples=9000", "data.val_fraction=0.2")])
+def test_preflight_keeps_exactly_the_data_the_run_would_load(tmp_path, sets):
+    cfg = tiny_cfg(tmp_path, *sets)
+    kept = preflight(cfg, keep_data=True).data
+    ds, splits = load_data(cfg)
+    assert kept is not None and _same_splits(kept[1], splits)
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        assert np.array_equal(getattr(kept[0], k), getattr(ds, k))
+    assert preflight(cfg).data is None  # only kept when asked: `cafe-ray validate` holds nothing
+
+
+def test_run_simulation_reuses_the_preflight_data(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path / "a", "round.num_rounds=2", executor="sequential")
+    reference = Simulation(cfg, tmp_path / "ref", _sequential_factory).run()
+    report = preflight(cfg, keep_data=True)
+    _no_loading(monkeypatch)
+    run_dir, summary = run_simulation(cfg, show_progress=False, checked=report)
+    assert report.data is None  # handed to the run: the caller's report no longer holds the data
+    assert summary["acc_exit"] == reference["acc_exit"]
+    assert comparable(rundir.read_jsonl(run_dir / rundir.METRICS)) == comparable(
+        rundir.read_jsonl(tmp_path / "ref" / rundir.METRICS))
+    assert _same_splits(rundir.load_splits(run_dir / rundir.SPLITS), rundir.load_splits(tmp_path / "ref" / rundir.SPLITS))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_coordinator_uses_the_drivers_object_refs_and_loads_nothing(tmp_path, monkeypatch):
+    """The coordinator actor's body with the refs the driver put: the client actors train on them
+    and every metric equals a run that loaded the data itself."""
+    import ray
+
+    from cafe_ray.sim.engine import Coordinator
+
+    sets = ("round.num_rounds=2", "round.fraction=1.0")
+    reference = Simulation(tiny_cfg(tmp_path / "s", *sets, executor="sequential"), tmp_path / "ref",
+                           _sequential_factory).run()
+    cfg = tiny_cfg(tmp_path / "r", *sets)
+    ds, splits = preflight(cfg, keep_data=True).data
+    refs = [ray.put(ds), ray.put(as_client_splits(splits))]
+    del ds, splits
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(rundir, "capture_warnings", lambda *a, **k: (lambda: None))  # the actor's, not this process's
+    coord = Coordinator(cfg.model_dump_json(), str(tmp_path / "run"), False, refs)
+    summary = coord.run()
+    sim = coord.sim
+    assert not sim.dataset.x_train.flags.writeable and not sim.dataset.x_train.flags.owndata  # the store's views
+    assert sim.executor._data_refs is refs  # the actors got the driver's refs: nothing was put again
+    assert summary["acc_exit"] == reference["acc_exit"]
+    assert comparable(rundir.read_jsonl(tmp_path / "run" / rundir.METRICS)) == comparable(
+        rundir.read_jsonl(tmp_path / "ref" / rundir.METRICS))
+
+
+class _FakeRay:
+    """What RayExecutor._grow asks Ray: free resources, and whether the attach calls are done."""
+
+    def __init__(self, free: dict[str, float]) -> None:
+        self.free, self.placed = free, False
+
+    def available_resources(self) -> dict[str, float]:
+        return dict(self.free)
+
+    def wait(self, refs: list, num_returns: int, timeout: float) -> tuple[list, list]:
+        return (list(refs), []) if self.placed else ([], list(refs))
+
+
+def test_pools_do_not_grow_on_the_cpus_of_actors_not_placed_yet(tmp_path):
+    """iot_mix wants 3.5 CPUs of actors on a 2-CPU machine, so its pools start shrunk to one actor
+    each (1.75 CPUs). Until Ray has placed those actors it still shows their CPUs as free: growing
+    on them would add actors that never get a CPU, and a round that waits for them forever."""
+    from cafe_ray.sim.executor import RayExecutor
+    from cafe_ray.sim.profiles import resolve_catalog
+
+    wanted = resolve_catalog(tiny_cfg(tmp_path, "profiles.catalog=iot_mix").profiles).classes
+    ex = RayExecutor.__new__(RayExecutor)  # the growth rule alone: no cluster needed
+    fake = _FakeRay({"CPU": 2.0})  # nothing deducted yet: the pools' actors are not placed
+    created: list[str] = []
+    ex.ray, ex.wanted, ex.notes = fake, list(wanted), []
+    ex.pools = {c.name: ["actor"] for c in wanted}
+    ex._attached = ["attach call"] * 3
+    ex._new_actor = lambda c: created.append(c.name) or "new actor"
+    ex._grow()
+    assert created == [] and all(len(p) == 1 for p in ex.pools.values())
+    fake.placed, fake.free = True, {"CPU": 0.25}  # placed: what is left is really free
+    ex._grow()
+    assert created == ["single_board"] and ex.notes == ["nodes joined; pools grown: single_board 1 -> 2"]
