@@ -82,7 +82,7 @@ def _phead_key(k: int, part: str) -> str:
     return f"{PHEAD_PREFIX}{k}.{part}"
 
 
-PRIOR_FLOOR = 1e-4  # personal_init=prior: a class the client never saw gets log(1e-4), not -inf
+PRIOR_FLOOR = 1e-4  # a class the client never saw gets a log prior of log(1e-4), not -inf
 
 
 def residual_heads(

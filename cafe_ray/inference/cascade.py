@@ -49,9 +49,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cafe_ray.inference.learned import policy_paths, read_policy_files, write_policy_files
 from cafe_ray.inference.policies import ExitPolicy, confidence_features
 from cafe_ray.inference.trace import ExitTrace
 from cafe_ray.models import ExitCost
@@ -416,32 +416,15 @@ def _mono(macs: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------ saving
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "policy.safetensors"
-    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-
-
 def save_cascade(net: CascadeNet, path: str | Path, lam: float | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.safetensors`` + ``<stem>.json`` (``lam``: the default operating point)."""
-    weights, sidecar = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
     spec = net.spec if lam is None else CascadeSpec(**{**net.spec.__dict__, "lam": float(lam)})
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(weights))
-    sidecar.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-    return weights, sidecar
+    return write_policy_files(net, spec.to_json(), path)
 
 
 def load_cascade(path: str | Path) -> CascadeNet:
-    weights, sidecar = _paths(path)
-    for f in (weights, sidecar):
-        if not f.is_file():
-            raise FileNotFoundError(f"cascade policy: {f} not found; a policy is NAME.safetensors + NAME.json, "
-                                    "as written by `cafe-ray policy fit`")
-    net = CascadeNet(CascadeSpec.from_json(json.loads(sidecar.read_text())))
-    state = load_file(str(weights))
+    spec, state, weights = read_policy_files(path, "cascade policy", "cafe-ray policy fit")
+    net = CascadeNet(CascadeSpec.from_json(spec))
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     if {k: tuple(v.shape) for k, v in state.items()} != expected:
         raise ValueError(f"cascade policy {weights}: tensors {sorted(state)} do not match the sidecar's "
@@ -559,7 +542,7 @@ def load_exit_policy(path: str | Path) -> ExitPolicy:
     :class:`CascadePolicy`, told apart by the sidecar's ``format``."""
     from cafe_ray.inference.learned import LearnedPolicy
 
-    _, sidecar = _paths(path)
+    _, sidecar = policy_paths(path)
     if sidecar.is_file():
         try:
             fmt = json.loads(sidecar.read_text()).get("format")

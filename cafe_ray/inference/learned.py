@@ -95,7 +95,7 @@ class ExitMLP(nn.Module):
         return self.net((obs - self.shift) / self.scale)  # (B, 2)
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
+def policy_paths(path: str | Path) -> tuple[Path, Path]:
     """(weights, sidecar) of a policy given either file, the stem, or a folder with policy.*."""
     p = Path(path)
     if p.is_dir():
@@ -104,24 +104,34 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
+def write_policy_files(module: nn.Module, sidecar_json: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """``<stem>.safetensors`` (the module's tensors) + ``<stem>.json`` (its spec): the policy format, no pickle."""
+    weights, sidecar = policy_paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(weights))
+    sidecar.write_text(json.dumps(sidecar_json, indent=2) + "\n")
+    return weights, sidecar
+
+
+def read_policy_files(path: str | Path, kind: str, command: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(sidecar JSON, tensors, weights path) of a saved policy; names ``command`` when a file is missing."""
+    weights, sidecar = policy_paths(path)
+    for f in (weights, sidecar):
+        if not f.is_file():
+            raise FileNotFoundError(f"{kind}: {f} not found; a policy is NAME.safetensors + NAME.json, "
+                                    f"as written by `{command}`")
+    return json.loads(sidecar.read_text()), load_file(str(weights)), weights
+
+
 def save_policy(mlp: ExitMLP, path: str | Path) -> tuple[Path, Path]:
     """Write ``<stem>.safetensors`` + ``<stem>.json``; returns both paths."""
-    weights, sidecar = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in mlp.state_dict().items()}, str(weights))
-    sidecar.write_text(json.dumps(mlp.spec.to_json(), indent=2) + "\n")
-    return weights, sidecar
+    return write_policy_files(mlp, mlp.spec.to_json(), path)
 
 
 def load_policy_mlp(path: str | Path) -> ExitMLP:
     """Rebuild the MLP from its sidecar and weights (no pickle, no RLlib)."""
-    weights, sidecar = _paths(path)
-    for f in (weights, sidecar):
-        if not f.is_file():
-            raise FileNotFoundError(f"learned policy: {f} not found; a policy is NAME.safetensors + NAME.json, "
-                                    "as written by `cafe-ray policy train`")
-    mlp = ExitMLP(PolicySpec.from_json(json.loads(sidecar.read_text())))
-    state = load_file(str(weights))
+    spec, state, weights = read_policy_files(path, "learned policy", "cafe-ray policy train")
+    mlp = ExitMLP(PolicySpec.from_json(spec))
     expected = set(mlp.state_dict())
     if set(state) != expected:
         raise ValueError(f"learned policy {weights}: tensors {sorted(state)} do not match the sidecar's "

@@ -113,7 +113,7 @@ class Simulation:
         )
         try:
             dataset, splits = load_data(cfg) if data is None else (data[0], as_client_splits(data[1]))
-            data = None
+            data = None  # the executor's copy below is the one kept
             # keep the executor's copy (Ray: zero-copy views of the object store), not a second one
             self.dataset, self.splits = self.executor.attach(dataset, splits)
         except BaseException:

@@ -53,7 +53,6 @@ from cafe_ray.config import (
     apply_overrides,
     build_config,
     fill_legacy,
-    load_saved_config,
 )
 from cafe_ray.runs import rundir
 
@@ -276,7 +275,7 @@ def same_run(path: Path, cfg: Any) -> bool:
     cfg_file = path / rundir.CONFIG
     try:
         raw = fill_legacy(yaml.safe_load(cfg_file.read_text()) or {})
-        saved = load_saved_config(cfg_file)
+        saved = build_config(raw, str(cfg_file))
     except (ConfigError, OSError, yaml.YAMLError):
         return False
     now = cfg.model_dump(mode="json")

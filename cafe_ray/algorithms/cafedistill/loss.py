@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cafe_ray.algorithms.fedrod import balanced_softmax_loss, personal_logits
+from cafe_ray.algorithms.fedrod import PRIOR_FLOOR, balanced_softmax_loss, personal_logits
 from cafe_ray.algorithms.heads import HeadProbe
 from cafe_ray.algorithms.training import LossFn
 from cafe_ray.models.base import EarlyExitNet, LastExitHead
@@ -57,7 +57,6 @@ KD_BACKBONE = ("full", "detach", "scaled")
 KD_GATES = ("none", "teacher_correct", "teacher_confident")
 KD_TARGETS = ("full", "own_classes", "prior_corrected")
 UNSELECTED = ("frozen", "ce_detached")
-PRIOR_FLOOR = 1e-4  # prior_corrected: a class the client never saw gets log(1e-4), not -inf
 
 
 @dataclass(frozen=True)
