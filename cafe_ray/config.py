@@ -106,7 +106,7 @@ CAFEDISTILL_SPEC_PRESET: dict[str, Any] = {
     "lam": 1.0, "tau": 3.0, "mu": 0.5, "kd_backbone": "full", "kd_warmup": "none", "kd_start_round": 0,
     "kd_needs_trained_teacher": False, "kd_gate": "none", "kd_target": "full", "center_heads": False,
     "own_head": "stored", "unselected": "frozen", "heads": "personal", "kd_last_exit": False,
-    "residual_init": "zero",
+    "residual_init": "zero", "kd_shared": "none",
     "selection": {"similarity": "update_cosine", "schedule_clock": "global", "ramp": 0.5},
 }
 
@@ -118,6 +118,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "algorithm.cafedistill.kd_last_exit": False,
     "algorithm.cafedistill.selection.ramp": 0.5,
     "algorithm.cafedistill.residual_init": "zero",
+    "algorithm.cafedistill.kd_shared": "none",
 }
 
 
@@ -128,8 +129,9 @@ class CafeDistillConfig(_Strict):
                     "'Choosing CAFEDistill's defaults'); spec = the specification's original defaults "
                     "(lam 1, tau 3, mu 0.5, KD into the backbone from round 0, frozen unselected heads, "
                     "update_cosine). Fields set explicitly override the preset")
-    lam: float = Field(0.1, ge=0, description="lambda: KD weight (0 = no distillation); the KD term is "
-                                                "lambda * tau^2 * KL, so lambda*tau^2 is the effective weight")
+    lam: float = Field(3.0, ge=0, description="lambda: KD weight (0 = no distillation); the KD term is "
+                                                "lambda * tau^2 * KL, so lambda*tau^2 is the effective weight "
+                                                "(3 chosen on validation with kd_shared: personal; 0.1 before)")
     tau: float = Field(3.0, gt=0, description="tau: distillation temperature")
     mu: float = Field(2.0, gt=0, description="mu: teacher-weight QP regulariser (small = own teacher, "
                                                "large = uniform over the pool)")
@@ -179,6 +181,15 @@ class CafeDistillConfig(_Strict):
                     "generic_residual (every exit also has a shared generic head trained by balanced "
                     "softmax and averaged, as FedRoD; a client's exit logits are generic + its personal "
                     "residual head on detached features, and CE, KD and the schedule act on those)")
+    kd_shared: Literal["none", "personal", "generic"] = Field(
+        "personal",
+        description="heads=generic_residual: what KD reaches beyond the residual heads. none (KD moves the "
+                    "students' residual heads only); personal (the KD gradient of a student's personal "
+                    "logits also flows into its generic head and the backbone under it); generic (an extra "
+                    "KD term, same lambda_t, tau and gate, distils the generic last exit, the average of "
+                    "every client's last head, into the students' generic exits and the backbone). With "
+                    "heads=personal there is no generic stack: kd_backbone sets the KD path and 'generic' "
+                    "is an error")
     unselected: Literal["frozen", "ce_detached"] = Field(
         "ce_detached",
         description="student heads outside S_i: frozen (spec) or trained by CE on detached features "
@@ -202,6 +213,14 @@ class CafeDistillConfig(_Strict):
             elif key not in out:
                 out[key] = value
         return out
+
+    @model_validator(mode="after")
+    def _kd_shared_needs_generic_heads(self) -> CafeDistillConfig:
+        if self.kd_shared == "generic" and self.heads != "generic_residual":
+            raise ValueError(
+                "algorithm.cafedistill.kd_shared='generic' needs heads: generic_residual (personal heads "
+                "have no generic exits to distil); set kd_shared: personal or none")
+        return self
 
 
 class FedRepConfig(_Strict):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cafe_ray.algorithms.base import ClientContext, ClientData
+from cafe_ray.algorithms.sgd import SGD
 from cafe_ray.config import TrainConfig
 from cafe_ray.models.base import EarlyExitNet
 
@@ -48,9 +49,7 @@ def local_sgd(
     trainable = [p for p in trainable if p.requires_grad]
     if not trainable or data.num_train == 0:
         return 0.0, 0
-    opt = torch.optim.SGD(
-        trainable, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
-    )
+    opt = SGD(trainable, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     gen = client_generator(ctx, stream)
     n = data.num_train
     model.train()

@@ -143,8 +143,6 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
             return ClientData(torch.from_numpy(ds.x_train[s.train_idx]), torch.from_numpy(ds.y_train[s.train_idx]),
                               torch.from_numpy(ds.x_test[s.test_idx]), torch.from_numpy(ds.y_test[s.test_idx]))
 
-        # warm: the first optimizer imports torch._dynamo; the engine's actors do it at start-up
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).zero_grad()
         T = cfg.round.num_rounds
         t0 = time.perf_counter()
         for t in range(T):
@@ -235,7 +233,7 @@ def cohort_vs_plain(cfg: ExperimentConfig, repeats: int = 3) -> list[CohortResul
     try:
         plain = ClientRunner(cfg, ds, splits, tempfile.mkdtemp())
         vec = ClientRunner(vec_cfg, ds, splits, tempfile.mkdtemp())
-        plain.fit(jobs[0])  # warm-up (optimizer import) outside the timing
+        plain.fit(jobs[0])  # warm-up (first-call allocations) outside the timing
         for _ in range(repeats):
             load = load_avg()
             t = time.perf_counter()

@@ -143,12 +143,34 @@ _NO_DOWNLOAD = ("cafe-ray does not download this dataset, and downloads are impo
 
 
 # --------------------------------------------------------------------- digits
-def _digits(cfg: DataConfig, seed: int) -> ArrayDataset:
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float64, labels) of scikit-learn's bundled digits, as ``load_digits``.
+
+    Read straight from the CSV that scikit-learn ships, found without importing
+    scikit-learn: the import costs 0.7-1.5 s, a third of a run's set-up on the
+    embedded default. Falls back to ``load_digits`` if the file is not where it
+    has always been.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
-    y = d.target.astype(np.int64)
+    return d.images, d.target
+
+
+def _digits(cfg: DataConfig, seed: int) -> ArrayDataset:
+    images, target = read_digits()
+    x = (images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
+    y = target.astype(np.int64)
     test = stratified_subsample(y, round(0.2 * len(y)), _rng(seed, _SPLIT))
     train = np.setdiff1d(np.arange(len(y)), test)
     xtr, ytr = x[train], y[train]

@@ -346,11 +346,11 @@ def plot_curves(evals: Sequence[RunEvaluation], path: str | Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"accuracy vs MACs ({evals[0].split} split; * full depth, o threshold {REFERENCE_THRESHOLD})")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    # below the axes: run labels are long and the curves fill the plot area
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

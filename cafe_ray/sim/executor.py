@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections import deque
@@ -137,10 +136,6 @@ def unpack_result(r: FitResult) -> FitResult:
     return replace(r, output=replace(r.output, upload=replace(up, tensors=tensors)))
 
 
-def _warm_optimizer() -> None:
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).zero_grad()
-
-
 class _ClientActor:
     """Ray actor body: a ClientRunner plus where it runs (for reporting).
 
@@ -156,9 +151,6 @@ class _ClientActor:
         from cafe_ray.config import ExperimentConfig
 
         torch.set_num_threads(1)  # once, not per job: deterministic and no oversubscription
-        # the first torch.optim optimizer imports torch._dynamo (~1-3 s): do it now, while
-        # the coordinator is still loading the data, not in round 0
-        threading.Thread(target=_warm_optimizer, daemon=True).start()
         ctx = ray.get_runtime_context()
         self.worker_info = {
             "pid": os.getpid(), "host": socket.gethostname(), "node_id": ctx.get_node_id(),

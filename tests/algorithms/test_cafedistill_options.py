@@ -485,3 +485,48 @@ def test_prior_initialised_residuals_equal_fedrod_with_prior_init_without_kd() -
     for cid in p_fr:
         for k, v in p_fr[cid].items():
             assert torch.equal(v, p_cd[cid][k]), (cid, k)
+
+
+def _residual_grads(model: EarlyExitNet, shared: str, lam: float) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """(model grads, residual-head grads) of L_i under heads=generic_residual, student exit 0."""
+    from cafe_ray.algorithms.cafedistill.loss import make_residual_loss_fn
+    from cafe_ray.algorithms.fedrod import residual_heads
+    from cafe_ray.algorithms.heads import HeadProbe
+
+    x, y = batch()
+    counts = torch.bincount(y, minlength=4).float()
+    w, b = teacher(model)
+    model = copy.deepcopy(model)
+    heads = residual_heads(model, None)
+    opts = KDOptions(lam=lam, tau=3.0, unselected="ce_detached", shared=shared)
+    loss = make_residual_loss_fn(HeadProbe(model), heads, counts, w, b, (0,), opts)(model, x, y)
+    g = grads(model, loss)
+    return g, [p.grad.clone() for pair in heads for p in pair]
+
+
+@pytest.mark.parametrize("shared", ["personal", "generic"])
+def test_kd_shared_reaches_the_student_generic_head_and_the_stages_under_it(tiny_een: EarlyExitNet, shared: str) -> None:
+    """kd_shared: KD moves stage 0 and exit 0's generic head; deeper stages and heads get exactly nothing."""
+    g0, _ = _residual_grads(tiny_een, shared, 0.0)
+    g1, _ = _residual_grads(tiny_een, shared, 1.0)
+    moved = {n for n in g0 if not torch.equal(g0[n], g1[n])}
+    assert moved, "the KD term must reach the shared stack"
+    assert all(n.startswith(("stages.0.", "exits.0.")) for n in moved), moved
+    assert any(n.startswith("stages.0.") for n in moved) and any(n.startswith("exits.0.") for n in moved)
+
+
+def test_kd_shared_generic_adds_a_term_that_leaves_the_residual_heads_alone(tiny_een: EarlyExitNet) -> None:
+    """generic: the residual heads' gradients equal those of kd_shared none; the backbone's do not."""
+    g_none, h_none = _residual_grads(tiny_een, "none", 1.0)
+    g_gen, h_gen = _residual_grads(tiny_een, "generic", 1.0)
+    for a, b in zip(h_none, h_gen, strict=True):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(g_none[n], g_gen[n]) for n in g_none if n.startswith("stages.0."))
+
+
+def test_kd_shared_needs_generic_residual_heads() -> None:
+    from cafe_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kd_shared='generic' needs heads: generic_residual"):
+        build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"heads": "personal", "kd_shared": "generic"}}})
+    assert build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"preset": "spec"}}}).algorithm.cafedistill.kd_shared == "none"

@@ -222,3 +222,21 @@ def test_agnews_tokenizer_and_bad_label(tmp_path: Path) -> None:
     (folder / "train.csv").write_text('"7","title","desc"\n')
     with pytest.raises(CorruptDatasetError, match=r"train.csv:1"):
         load_dataset(DataConfig(name="agnews", root=str(tmp_path)))
+
+
+def test_digits_read_from_the_bundled_csv_equal_load_digits_without_importing_sklearn() -> None:
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from cafe_ray.data.datasets import read_digits
+
+    images, target = read_digits()
+    ref = load_digits()
+    assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)
+    assert np.array_equal(target, ref.target)
+    code = ("import sys\nfrom cafe_ray.data.datasets import read_digits\nread_digits()\n"
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -33,7 +33,12 @@ terms above act on them:
           + lambda_t * tau^2 * KL( softmax(zbar/tau) || softmax(z_k/tau) ) ]
 with zbar = f_m(x)^T hbar_i. KD only moves the personal heads there, so
 ``kd_backbone`` has no effect; with lambda_t = 0 and every head trained it is
-FedRoD-EE's loss, term for term (tested bit for bit).
+FedRoD-EE's loss, term for term (tested bit for bit). ``kd_shared`` lets KD reach
+the shared stack: ``personal`` computes the KD term on E_k^G(x) + P_k(f_k) without
+the detaches (its gradient reaches E_k^G and the stages under exit k);
+``generic`` adds lambda_t * sum_{k in S_i} tau^2 KL(softmax(z_m^G/tau) || softmax(z_k^G/tau))
+(z_m^G detached, same gate), the generic last exit, which averages every
+client's last head, teaching the generic students and the backbone.
 
 With lambda_t = 0, every student selected and no option active, L_i is
 computed with the same operations in the same order as FedPer-EE's sum of
@@ -43,7 +48,7 @@ per-exit CE, so the two are bit-identical (tested).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +62,7 @@ KD_BACKBONE = ("full", "detach", "scaled")
 KD_GATES = ("none", "teacher_correct", "teacher_confident")
 KD_TARGETS = ("full", "own_classes", "prior_corrected")
 UNSELECTED = ("frozen", "ce_detached")
+KD_SHARED = ("none", "personal", "generic")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class KDOptions:
     target: str = "full"
     unselected: str = "frozen"
     last_exit: bool = False  # kd_last_exit: the teacher exit m is distilled from hbar_i too
+    shared: str = "none"  # kd_shared (generic_residual only): none | personal | generic
 
     def kd_exits(self, students: Sequence[int], m: int) -> tuple[int, ...]:
         """The exits the KD term covers: S_i, plus m-1 (0-based) under kd_last_exit."""
@@ -82,6 +89,7 @@ class KDOptions:
             ("kd_gate", self.gate, KD_GATES),
             ("kd_target", self.target, KD_TARGETS),
             ("unselected", self.unselected, UNSELECTED),
+            ("kd_shared", self.shared, KD_SHARED),
         ):
             if value not in allowed:
                 raise ValueError(f"algorithm.cafedistill.{name}: {value!r} is not one of {allowed}")
@@ -334,7 +342,15 @@ def make_residual_loss_fn(
                 w = w + own_weight * (last.weight.detach() + heads[m - 1][0].detach())
                 b = b + own_weight * (last.bias.detach() + heads[m - 1][1].detach())
             zbar = teacher_logits(feats[m - 1], w, b)
-            kd = _kd_sum(opts.kd_exits(students, m), z_p, zbar, y, opts, prior, stats)
+            kd_exits = opts.kd_exits(students, m)
+            z_kd = z_p
+            if opts.shared == "personal":  # the KD gradient also reaches E_k^G and the stages under it
+                z_kd = {k: logits[k] + F.linear(feats[k], *heads[k]) for k in kd_exits}
+            kd = _kd_sum(kd_exits, z_kd, zbar, y, opts, prior, stats)
+            if opts.shared == "generic" and students:
+                # the generic last exit (every client's last head, averaged) teaches the generic students
+                z_g = {k: logits[k] for k in students}
+                kd = kd + _kd_sum(students, z_g, logits[m - 1].detach(), y, replace(opts, target="full"), None)
             total = total + opts.lam * kd
         elif stats is not None:
             stats.add(kd, int(y.shape[0]))
