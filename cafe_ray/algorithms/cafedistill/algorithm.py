@@ -36,7 +36,7 @@ lambda_t (:meth:`CafeDistill.kd_weights`: warm-up on R(t) or from a round, and
 no KD while no trained teacher head exists), ``center_heads`` (D_ij on h - h_init),
 ``own_head: live`` (the server sends sum_{j!=i} w_ij h_j and w_ii, the client adds
 w_ii times its current head), ``schedule_clock`` (:meth:`CafeDistill.clocks`) and,
-in loss.py, ``kd_backbone``, ``kd_gate``, ``kd_target`` and ``unselected``.
+in loss.py, ``kd_backbone``, ``kd_gate``, ``kd_target``, ``unselected`` and ``kd_shared``.
 - ``selhead/<cid>/<e>`` (``head_cosine`` only): client cid's latest flattened
   head of exit e.
 
@@ -46,7 +46,9 @@ heads, averaged like FedRoD-EE's), every client keeps a personal residual linear
 head per exit (``phead.{k}.*``, :mod:`cafe_ray.algorithms.fedrod`), its exit
 logits are generic + residual, and h_i is its generic + residual last head.
 Selection, teacher weights and traffic-per-client stay as above (the upload adds
-the generic heads, as FedRoD-EE's does).
+the generic heads, as FedRoD-EE's does). ``kd_shared: personal`` (the default) lets
+the KD gradient of the students' personal logits into their generic heads and the
+backbone stages under them; ``none`` keeps it in the residual heads.
 
 Decisions where the specification is open (each documented where it is made):
 - the schedule's t is 1-based: t = round + 1 (see schedule.py);
