@@ -31,9 +31,9 @@ client's exit logits are z_k = E_k^G(x).detach() + P_k(f_k.detach()), and the
 terms above act on them:
     L_i = sum_k BSM(y, z_k^G) + CE(y, z_m) + sum_{k in S_i} [ CE(y, z_k)
           + lambda_t * tau^2 * KL( softmax(zbar/tau) || softmax(z_k/tau) ) ]
-with zbar = f_m(x)^T hbar_i. KD only moves the personal heads there, so
-``kd_backbone`` has no effect; with lambda_t = 0 and every head trained it is
-FedRoD-EE's loss, term for term (tested bit for bit). ``kd_shared`` lets KD reach
+with zbar = f_m(x)^T hbar_i (``kd_backbone`` has no effect in this form). With
+lambda_t = 0 and every head trained it is FedRoD-EE's loss, term for term (tested
+bit for bit). Under ``kd_shared: none`` KD moves only the personal heads; ``kd_shared`` lets KD reach
 the shared stack: ``personal`` computes the KD term on E_k^G(x) + P_k(f_k) without
 the detaches (its gradient reaches E_k^G and the stages under exit k);
 ``generic`` adds lambda_t * sum_{k in S_i} tau^2 KL(softmax(z_m^G/tau) || softmax(z_k^G/tau))
