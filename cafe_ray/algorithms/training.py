@@ -59,7 +59,7 @@ def local_sgd(
         for start in range(0, n, train.batch_size):
             idx = order[start : start + train.batch_size]
             x, y = data.x_train[idx], data.y_train[idx]
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = loss_fn(model, x, y)
             loss.backward()
             opt.step()

@@ -155,7 +155,8 @@ def read_digits() -> tuple[np.ndarray, np.ndarray]:
     import importlib.util
 
     spec = importlib.util.find_spec("sklearn")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
         path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
         if path.is_file():
             with gzip.open(path, "rt") as f:

@@ -29,6 +29,7 @@ from cafe_ray.inference.budget import BudgetThreshold
 from cafe_ray.inference.evaluate import PolicyResult, evaluate_policy, pooled, sweep, threshold_grid
 from cafe_ray.inference.learned import LearnedPolicy
 from cafe_ray.inference.policies import FullDepth, Threshold
+from cafe_ray.inference.tables import markdown_rows, rich_rows
 from cafe_ray.runs import RunArtifacts
 
 ROWS = ("full", "learned", "threshold 0.6", "threshold @ learned MACs", "budget @ learned MACs")
@@ -126,12 +127,8 @@ def _rows(c: PolicyComparison) -> list[list[str]]:
 
 
 def rich_comparison(c: PolicyComparison) -> Table:
-    t = Table(title=f"exit policies on {c.split} ({len(c.clients)} clients, pooled): {Path(c.policy).name}")
-    for col in _COLS:
-        t.add_column(col, justify="left" if col == "policy" else "right")
-    for row in _rows(c):
-        t.add_row(*row)
-    return t
+    return rich_rows(f"exit policies on {c.split} ({len(c.clients)} clients, pooled): {Path(c.policy).name}",
+                     _COLS, _rows(c), left=("policy",))
 
 
 def markdown_comparison(c: PolicyComparison) -> str:
@@ -140,8 +137,7 @@ def markdown_comparison(c: PolicyComparison) -> str:
              f"Reduction = 1 - mean MACs / {c.full_macs:,} (full depth). `threshold @ learned MACs` is the best "
              f"threshold tuned on {c.split} itself (an oracle) with mean MACs <= the learned policy's; "
              f"`budget @ learned MACs` is calibrated on {c.calib_split} to the learned policy's {c.calib_split} MACs.",
-             "", "| " + " | ".join(_COLS) + " |", "|" + "|".join("---" for _ in _COLS) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(c)]
+             "", *markdown_rows(_COLS, _rows(c))]
     return "\n".join(lines) + "\n"
 
 

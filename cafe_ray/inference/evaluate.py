@@ -29,6 +29,7 @@ from rich.table import Table
 
 from cafe_ray.inference.dynamic import predict_batch
 from cafe_ray.inference.policies import ExitPolicy, FullDepth, Threshold
+from cafe_ray.inference.tables import markdown_rows, rich_rows
 from cafe_ray.models import EarlyExitNet, ExitCost
 from cafe_ray.runs import RunArtifacts
 
@@ -287,18 +288,12 @@ def table_rows(evals: Sequence[RunEvaluation]) -> list[list[str]]:
 
 
 def rich_table(evals: Sequence[RunEvaluation]) -> Table:
-    t = Table(title="dynamic inference: accuracy vs mean MACs per sample (pooled over clients)")
-    for c in _COLUMNS:
-        t.add_column(c, justify="left" if c in ("run", "split") else "right")
-    for row in table_rows(evals):
-        t.add_row(*row)
-    return t
+    return rich_rows("dynamic inference: accuracy vs mean MACs per sample (pooled over clients)",
+                     _COLUMNS, table_rows(evals), left=("run", "split"))
 
 
 def markdown_table(evals: Sequence[RunEvaluation]) -> str:
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join("---" for _ in _COLUMNS) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(evals)]
-    return "\n".join(lines)
+    return "\n".join(markdown_rows(_COLUMNS, table_rows(evals)))
 
 
 def markdown_report(evals: Sequence[RunEvaluation]) -> str:

@@ -43,6 +43,7 @@ from cafe_ray.inference.budget import calibrate_threshold
 from cafe_ray.inference.cascade import CascadePolicy, client_prior, load_exit_policy
 from cafe_ray.inference.dynamic import predict_batch
 from cafe_ray.inference.policies import ExitPolicy
+from cafe_ray.inference.tables import markdown_rows, rich_rows
 from cafe_ray.inference.trace import ExitTrace
 from cafe_ray.runs import RunArtifacts
 
@@ -354,13 +355,9 @@ def _rows(r: EqualMacReport) -> list[list[str]]:
 
 
 def rich_equal_macs(r: EqualMacReport) -> Table:
-    t = Table(title=f"{r.kind} policy vs thresholds at equal MACs on {r.split} ({len(r.clients)} clients, "
-                    f"{r.n} samples; accuracy differences in points, paired bootstrap {r.resamples}x)")
-    for col in _COLS:
-        t.add_column(col, justify="right")
-    for row in _rows(r):
-        t.add_row(*row)
-    return t
+    return rich_rows(f"{r.kind} policy vs thresholds at equal MACs on {r.split} ({len(r.clients)} clients, "
+                     f"{r.n} samples; accuracy differences in points, paired bootstrap {r.resamples}x)",
+                     _COLS, _rows(r))
 
 
 def markdown_equal_macs(r: EqualMacReport) -> str:
@@ -372,8 +369,7 @@ def markdown_equal_macs(r: EqualMacReport) -> str:
              f"Thresholds are calibrated on `{r.calib_split}` to the policy's `{r.calib_split}` MACs (global: one "
              "threshold for every client; per-client: one per client); the curve column interpolates the global "
              f"threshold's `{r.split}` curve at the policy's `{r.split}` MACs (exactly equal cost).", "",
-             "| " + " | ".join(_COLS) + " |", "|" + "|".join("---" for _ in _COLS) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(r)]
+             *markdown_rows(_COLS, _rows(r))]
     if r.skipped_budgets:
         lines += ["", f"Budgets {r.skipped_budgets} were skipped: below the first exit's cost."]
     return "\n".join(lines) + "\n"

@@ -34,6 +34,18 @@ from tests.inference.helpers import HAND_CASCADE, HAND_COST, as_input, sliced_ee
 from tests.inference.test_learned import random_mlp
 
 
+def _exit_probs(conf: np.ndarray, pred0: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(n, 3 exits, 3 classes): exit 0 answers pred0 with confidence conf, exits 1-2 the label at 0.95."""
+    n = len(labels)
+    probs = np.zeros((n, 3, 3))
+    probs[:, 0, :] = ((1 - conf) / 2)[:, None]
+    probs[np.arange(n), 0, pred0] = conf
+    for k in (1, 2):
+        probs[:, k, :] = 0.025
+        probs[np.arange(n), k, labels] = 0.95
+    return probs
+
+
 def crafted_trace(n: int, seed: int) -> ExitTrace:
     """3 exits, 3 classes. Exit 0's confidence is drawn alike for right and wrong answers, but every
     answer 'class 0' at exit 0 is wrong (the label is 1); exits 1 and 2 are right and sure. A
@@ -44,12 +56,7 @@ def crafted_trace(n: int, seed: int) -> ExitTrace:
     wrong = rng.random(n) < 1 / 3
     labels = np.where(wrong, 1, rng.integers(1, 3, n))
     pred0 = np.where(wrong, 0, labels)
-    probs = np.zeros((n, 3, 3))
-    probs[:, 0, :] = ((1 - conf) / 2)[:, None]
-    probs[np.arange(n), 0, pred0] = conf
-    for k in (1, 2):
-        probs[:, k, :] = 0.025
-        probs[np.arange(n), k, labels] = 0.95
+    probs = _exit_probs(conf, pred0, labels)
     return ExitTrace(np.log(probs).astype(np.float32), labels, np.array(HAND_CASCADE))
 
 
@@ -68,12 +75,7 @@ def prior_trace(n: int, seed: int) -> tuple[ExitTrace, np.ndarray]:
     labels = common.copy()
     pred0 = np.where(wrong, rare, common)
     conf = rng.uniform(0.5, 0.95, n)
-    probs = np.zeros((n, 3, 3))
-    probs[:, 0, :] = ((1 - conf) / 2)[:, None]
-    probs[np.arange(n), 0, pred0] = conf
-    for k in (1, 2):
-        probs[:, k, :] = 0.025
-        probs[np.arange(n), k, labels] = 0.95
+    probs = _exit_probs(conf, pred0, labels)
     prior_a, prior_b = label_prior([0] * 5 + [1] * 90 + [2] * 5, 3), label_prior([0] * 5 + [1] * 5 + [2] * 90, 3)
     priors = np.where(client_b[:, None], prior_b[None], prior_a[None])
     return ExitTrace(np.log(probs).astype(np.float32), labels, np.array(HAND_CASCADE)), priors
