@@ -74,7 +74,8 @@ def simulate(
 ) -> None:
     """Run a federated simulation (or resume one) and write its run directory.
 
-    Everything knowable without training is checked before Ray starts. Ctrl-C or
+    Everything knowable without training is checked before the run starts: all of it before
+    Ray starts except building the model, which runs while Ray starts. Ctrl-C or
     SIGTERM stops the run, shuts down the local Ray it started and prints the
     command that resumes it; exit codes: 2 error, 130 Ctrl-C, 143 SIGTERM.
     """
@@ -89,7 +90,8 @@ def simulate(
         _fail("--resume continues a run with its saved config; drop CONFIG and --set")
     try:  # before Ray (and before importing it): a bad input fails in seconds
         run_cfg = cfg if resume is None else resume_config(resume)
-        report = preflight(run_cfg, address=address, run_dir=resume, keep_data=True)  # the run reuses its data
+        # the run reuses its data; the model (torch) is built in a thread while Ray starts
+        report = preflight(run_cfg, address=address, run_dir=resume, keep_data=True, model_in_background=True)
     except (ConfigError, FileNotFoundError) as err:
         _fail(describe(err), 2, err)
     except KeyboardInterrupt as err:

@@ -157,10 +157,11 @@ class CafeDistillConfig(_Strict):
                     "teacher's argmax is the label); teacher_confident (only where the teacher's "
                     "probability of the label exceeds the student's)")
     kd_target: Literal["full", "own_classes", "prior_corrected"] = Field(
-        "full",
+        "own_classes",
         description="label-aware KD target: full (KL over every class); own_classes (KL restricted to "
-                    "and renormalised over the classes in the client's training labels); prior_corrected "
-                    "(teacher logits + log of the client's label prior)")
+                    "and renormalised over the classes in the client's training labels; chosen on "
+                    "validation in session 5, full before); prior_corrected (teacher logits + log of "
+                    "the client's label prior)")
     center_heads: bool = Field(
         True, description="teacher weights from D_ij = 1 - cos(h_i - h_init, h_j - h_init): distances of "
                           "what training changed, not of the shared initial weights")
@@ -291,6 +292,14 @@ class ScaleFLConfig(_Strict):
     kd_start: float = Field(0.25, ge=0, le=1, description="KD is on once round >= kd_start * T (ScaleFL: 25%)")
     depth_weighted: bool = Field(True, description="weight exit j's loss by j+1 (ScaleFL), rescaled to mean 1 "
                                                    "over the trained exits")
+
+
+# The built-in algorithms' registry names, known without importing them (and torch): preflight
+# checks algorithm.name against these before Ray starts; a test keeps them equal to the registry.
+BUILTIN_ALGORITHMS: tuple[str, ...] = (
+    "cafedistill", "depthfl", "ditto_ee", "fedamp_ee", "fedavg_ee", "fedbabu_ee", "fedpac_ee", "fedper_ee",
+    "fedprox_ee", "fedrep_ee", "fedrod_ee", "local_ee", "pfedgraph_ee", "scalefl",
+)
 
 
 class AlgorithmConfig(_Strict):

@@ -190,6 +190,18 @@ def test_bad_input_fails_before_ray_starts(cli, sets, field):
     assert _no_leftovers(cli, p)
 
 
+@pytest.mark.parametrize("sets", [["model.name=transformer4"], ["executor=sequential", "model.name=transformer4"]])
+def test_a_model_that_cannot_be_built_stops_before_the_run(cli, sets):
+    """The model is built in a thread while Ray starts (start-up): its error still ends the command
+    with one line naming the field, no run directory, and no Ray process left behind."""
+    p = cli(*[a for s in sets for a in ("--set", s)])
+    rc, _, err = _finish(p)
+    assert rc == 2, err
+    assert "model.name=transformer4: cannot build it for digits" in _one_error_line(err)
+    assert not cli.runs.exists() or not any(cli.runs.iterdir())
+    assert _no_leftovers(cli, p)
+
+
 def test_debug_shows_the_traceback(cli):
     rc, _, err = _finish(cli("--debug", "simulate", "--set", "algorithm.name=fedfoo", "--no-progress"))
     assert rc == 2 and "Traceback" in err and "algorithm.name='fedfoo'" in err

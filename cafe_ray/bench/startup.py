@@ -64,7 +64,7 @@ def _probe(config: str, out: str, preload: bool = True) -> dict[str, float]:
     from cafe_ray.sim.preflight import preflight  # the CLI's order: preflight, then the engine
 
     cfg = load_config(Path(config), [f"output_dir={out}", "round.num_rounds=2"])
-    report = preflight(cfg, keep_data=True)  # as `cafe-ray simulate` calls it
+    report = preflight(cfg, keep_data=True, model_in_background=True)  # as `cafe-ray simulate` calls it
     from cafe_ray.sim import engine
 
     t_ray = time.time()

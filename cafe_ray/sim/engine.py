@@ -13,7 +13,7 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,16 +32,22 @@ from cafe_ray.sim.errors import (  # noqa: F401 - RunFailed, RunInterrupted: re-
     one_line,
     unwrap,
 )
-from cafe_ray.sim.executor import RayExecutor, SequentialExecutor
 from cafe_ray.sim.preflight import PreflightReport
-from cafe_ray.sim.simulation import Simulation
+
+if TYPE_CHECKING:  # imported where used: the driver of a Ray run never imports torch (start-up)
+    from cafe_ray.sim.executor import RayExecutor, SequentialExecutor
+    from cafe_ray.sim.simulation import Simulation
 
 
 def _ray_factory(**kw: Any) -> RayExecutor:
+    from cafe_ray.sim.executor import RayExecutor
+
     return RayExecutor(**kw)
 
 
 def _sequential_factory(*, cfg, dataset, splits, store_root, classes, client_class) -> SequentialExecutor:  # noqa: ANN001
+    from cafe_ray.sim.executor import SequentialExecutor
+
     return SequentialExecutor(cfg, dataset, splits, store_root, client_class)
 
 
@@ -66,6 +72,8 @@ class Coordinator:
     def run(self) -> dict[str, Any]:
         import ray
         import torch
+
+        from cafe_ray.sim.simulation import Simulation
 
         # the coordinator (0 CPUs of its own) aggregates between rounds: one thread, so that
         # it never takes the CPUs of the client actors on a compute-bound workload
@@ -97,6 +105,8 @@ def run_here(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False
     Tune trial (cafe_ray.studies.sweep): the client actors become this process's children and
     land in its placement group. Returns the summary.
     """
+    from cafe_ray.sim.simulation import Simulation
+
     factory = _sequential_factory if cfg.executor == "sequential" else _ray_factory
     return Simulation(cfg, run_dir, factory, resume=resume).run(on_round)
 
@@ -119,8 +129,9 @@ _LOCAL: dict[str, Any] = {}  # the local Ray this process started: session dir, 
 # CPU as soon as the driver connects, so the coordinator and the first client actors land on
 # processes that imported torch and the engine while the driver was still setting up the run
 # (0.5-0.6 s less to the end of round 0 on a quiet 2-core machine: docs/benchmarks.md). Only
-# simulations ask for it: every worker of that cluster pays the import (Serve's too).
-PRELOAD_MODULES: tuple[str, ...] = ("cafe_ray.sim.engine",)
+# simulations ask for it: every worker of that cluster pays the import (Serve's too). The
+# driver itself imports neither torch nor these (engine imports them lazily).
+PRELOAD_MODULES: tuple[str, ...] = ("cafe_ray.sim.engine", "cafe_ray.sim.simulation", "cafe_ray.sim.executor")
 
 
 def ensure_ray(address: str | None, preload: bool = False) -> bool:
@@ -219,7 +230,7 @@ def run_simulation(
     leaves no run directory behind.
     """
     console = console or Console()
-    report = checked
+    report = checked.finish() if checked is not None else None  # a model check still running
     if report is None:
         from cafe_ray.sim.preflight import preflight, resume_config
 
@@ -241,6 +252,8 @@ def run_simulation(
     actor = fut = None
     try:
         if cfg.executor == "sequential":
+            from cafe_ray.sim.simulation import Simulation
+
             restore = rundir.capture_warnings(run_dir, "driver", echo=False)
             try:
                 sim = Simulation(cfg, run_dir, _sequential_factory, resume=resume, data=data)

@@ -1,5 +1,8 @@
 """Check everything about an experiment that can be known without training, before Ray starts.
 
+(``simulate`` builds the model, the one check that needs torch, in a thread while Ray
+starts: ``model_in_background``; the run waits for it before creating anything.)
+
 A mistake found here costs the user a few seconds and one line naming the field;
 the same mistake found inside the coordinator cost a Ray start-up and a long
 traceback. ``cafe-ray simulate`` and ``cafe-ray validate`` both call
@@ -18,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import uuid
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +45,20 @@ class PreflightReport:
     # (dataset, client splits) as loaded and partitioned here, kept with keep_data=True so the
     # run reuses them instead of loading and partitioning the data a second time
     data: tuple | None = field(default=None, repr=False, compare=False)
+    # the model check still running in a thread (preflight(..., model_in_background=True))
+    pending: Future | None = field(default=None, repr=False, compare=False)
+
+    def finish(self) -> PreflightReport:
+        """Wait for a check still running in the background and raise its ConfigError, if any."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+        return self
 
 
 def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_output_dir: bool = True,
-              check_data: bool = True, run_dir: str | Path | None = None, keep_data: bool = False) -> PreflightReport:
+              check_data: bool = True, run_dir: str | Path | None = None, keep_data: bool = False,
+              model_in_background: bool = False) -> PreflightReport:
     """Raise :class:`ConfigError` naming the field and the fix for the first problem found.
 
     ``address``: a remote Ray cluster; its nodes read the data, so a dataset missing
@@ -52,6 +67,9 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
     ``run_dir``: resuming this run directory, which must be writable (not output_dir).
     ``keep_data=True``: keep the loaded dataset and its splits in ``report.data`` for
     :func:`cafe_ray.sim.engine.run_simulation`, which then does not load them again.
+    ``model_in_background=True``: build the model (which imports torch, about 1 s) in a
+    thread while the caller starts Ray; the caller must call ``report.finish()`` before
+    the run starts (``run_simulation`` does), which raises the model's ConfigError.
     """
     report = PreflightReport()
     _check_algorithm(cfg, report)
@@ -64,7 +82,7 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
                                "a run writes checkpoints and client states there")
     if check_data:
         try:
-            _check_data(cfg, report, keep_data)
+            _check_data(cfg, report, keep_data, model_in_background)
         except ConfigError as err:
             if address is None:
                 raise
@@ -87,10 +105,19 @@ def resume_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 # --------------------------------------------------------------------- checks
-def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
-    from cafe_ray.algorithms import available
+def algorithm_names() -> list[str]:
+    """The built-in names, plus any registered in this process, without importing the algorithms
+    (torch, about 1 s): a registration needs ``cafe_ray.algorithms.base`` imported already."""
+    import sys
 
-    names = available()
+    from cafe_ray.config import BUILTIN_ALGORITHMS
+
+    base = sys.modules.get("cafe_ray.algorithms.base")
+    return sorted({*BUILTIN_ALGORITHMS, *(base.available() if base is not None else ())})
+
+
+def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
+    names = algorithm_names()
     if cfg.algorithm.name not in names:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r}: unknown algorithm; available: "
                           f"{', '.join(names)} (see `cafe-ray algorithms`)")
@@ -143,7 +170,8 @@ def check_output_dir(output_dir: str | Path, keep: bool = True, field: str = "ou
     return free
 
 
-def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = False) -> None:
+def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = False,
+                model_in_background: bool = False) -> None:
     """Load and partition the data exactly as the coordinator will (or index it, for TinyImageNet)."""
     from cafe_ray.data import load_dataset, partition_clients
     from cafe_ray.data.base import DatasetNotFoundError
@@ -163,7 +191,10 @@ def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = Fal
             ds = load_dataset(d, seed=cfg.seed)
             report.train_samples = len(ds.y_train)
             splits = partition_clients(ds, d, seed=cfg.seed)
-            _check_model(cfg, ds)
+            if model_in_background:
+                report.pending = _in_thread(_check_model, cfg, ds)
+            else:
+                _check_model(cfg, ds)
             if keep:
                 report.data = (ds, splits)
         report.warnings += [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
@@ -191,6 +222,20 @@ def _tinyimagenet_size(cfg: ExperimentConfig) -> int:
     raise AssertionError("unreachable: the loader found what the index did not")
 
 
+def _in_thread(fn, *args) -> Future:  # noqa: ANN001
+    """``fn(*args)`` in a daemon thread; the future holds its exception."""
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(err)
+
+    threading.Thread(target=run, name="cafe-ray-preflight", daemon=True).start()
+    return fut
+
+
 def _check_model(cfg: ExperimentConfig, ds) -> None:  # noqa: ANN001 - an ArrayDataset
     from cafe_ray.sim.runner import make_model
 
@@ -209,12 +254,21 @@ def local_resources() -> dict[str, float]:
         cpus = float(get_num_cpus())
     except Exception:  # noqa: BLE001 - private API: fall back to the affinity mask
         cpus = float(len(os.sched_getaffinity(0)))
-    try:
-        import torch
+    try:  # Ray's own count (as ray.init makes it), without importing torch
+        from ray._private.accelerators import get_accelerator_manager_for_resource
 
-        gpus = float(torch.cuda.device_count())
-    except Exception:  # noqa: BLE001
-        gpus = 0.0
+        manager = get_accelerator_manager_for_resource("GPU")
+        gpus = float(manager.get_current_node_num_accelerators())
+        visible = manager.get_current_process_visible_accelerator_ids()
+        if visible is not None:
+            gpus = min(gpus, float(len(visible)))
+    except Exception:  # noqa: BLE001 - private API: fall back to torch
+        try:
+            import torch
+
+            gpus = float(torch.cuda.device_count())
+        except Exception:  # noqa: BLE001
+            gpus = 0.0
     return {"CPU": cpus, "GPU": gpus}
 
 

@@ -113,3 +113,54 @@ def test_pools_do_not_grow_on_the_cpus_of_actors_not_placed_yet(tmp_path):
     fake.placed, fake.free = True, {"CPU": 0.25}  # placed: what is left is really free
     ex._grow()
     assert created == ["single_board"] and ex.notes == ["nodes joined; pools grown: single_board 1 -> 2"]
+
+
+def test_builtin_algorithm_names_match_the_registry():
+    """preflight checks algorithm.name against BUILTIN_ALGORITHMS without importing the algorithms."""
+    from cafe_ray.algorithms import available
+    from cafe_ray.config import BUILTIN_ALGORITHMS
+    from cafe_ray.sim.preflight import algorithm_names
+
+    assert sorted(BUILTIN_ALGORITHMS) == available()
+    assert algorithm_names() == available()
+
+
+def test_a_registered_algorithm_passes_preflight(tmp_path):
+    from cafe_ray.algorithms import base
+    from cafe_ray.algorithms.fedavg import FedAvgEE
+
+    class Mine(FedAvgEE):
+        name = "mine_ee"
+
+    base.register(Mine)
+    try:
+        preflight(tiny_cfg(tmp_path, "algorithm.name=mine_ee", executor="sequential"))
+    finally:
+        base._REGISTRY.pop("mine_ee")
+
+
+def test_the_driver_checks_and_starts_a_run_without_importing_torch(tmp_path):
+    """`cafe-ray simulate`'s driver side up to ray.init (CLI, config, preflight, engine) imports no
+    torch but for the model check, which runs in a thread while Ray starts (the workers import
+    torch themselves, preloaded): the driver would otherwise pay about 1 s before Ray starts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; import cafe_ray.cli; from cafe_ray.config import load_config; "
+            "from cafe_ray.sim import preflight as P; from cafe_ray.sim import engine; "
+            "P._check_model = lambda cfg, ds: None; "
+            f"cfg = load_config(Path('simulations/quickstart.yaml'), ['output_dir={tmp_path}']); "
+            "r = P.preflight(cfg, keep_data=True); assert r.data is not None; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_model_check_in_the_background_raises_on_finish(tmp_path):
+    from cafe_ray.config import ConfigError
+
+    report = preflight(tiny_cfg(tmp_path, "model.name=transformer4"), model_in_background=True)
+    with pytest.raises(ConfigError, match="model.name=transformer4: cannot build it"):
+        report.finish()
+    assert report.finish() is report  # waited once: nothing pending any more
+    assert preflight(tiny_cfg(tmp_path), model_in_background=True).finish().pending is None
