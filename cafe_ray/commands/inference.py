@@ -39,6 +39,10 @@ def register(app: typer.Typer) -> None:
         calibrate_on: Annotated[str, typer.Option(
             "--calibrate-on", help="Also choose the <=1-point threshold on this split and report it on --split "
                                    "('val' needs data.val_fraction > 0 for --split test; 'none' to skip).")] = "val",
+        calibrate_confidence: Annotated[float | None, typer.Option(
+            "--calibrate-confidence", help="Choose the calibrated threshold with a one-sided bound on the paired "
+                                           "accuracy drop at this confidence, e.g. 0.9 (default: the point "
+                                           "estimate).")] = None,
     ) -> None:
         """Accuracy vs mean MACs per sample as the exit threshold sweeps; cost reduction table + plot."""
         from cafe_ray.inference.evaluate import evaluate_run, label_runs, rich_table, write_report
@@ -46,6 +50,8 @@ def register(app: typer.Typer) -> None:
         _check_split(split)
         if steps < 2:
             _fail(f"--steps must be >= 2, got {steps}")
+        if calibrate_confidence is not None and not 0 < calibrate_confidence < 1:
+            _fail(f"--calibrate-confidence must be in (0, 1), e.g. 0.9; got {calibrate_confidence}")
         evals = []
         from cafe_ray.inference.evaluate import calibration_is_disjoint
         from cafe_ray.runs import RunArtifacts
@@ -58,7 +64,8 @@ def register(app: typer.Typer) -> None:
                     console.print(f"[yellow]note:[/] {rd}: no validation-calibrated point ('{calib}' overlaps "
                                   f"'{split}'; set data.val_fraction > 0 or use --split holdout)")
                     calib = None
-                evals.append(evaluate_run(art, split=split, steps=steps, calibrate_on=calib))
+                evals.append(evaluate_run(art, split=split, steps=steps, calibrate_on=calib,
+                                          calibrate_confidence=calibrate_confidence))
             except (FileNotFoundError, ValueError) as err:
                 _fail(str(err))
         label_runs(evals)

@@ -12,15 +12,20 @@ reduction is net of the early exits' own overhead. It is reported at the cheapes
 whose accuracy is within 1 point of full depth, and at threshold 0.6. The cheapest point is
 an oracle when read off the evaluated split itself; ``calibrate_on="val"`` also picks that
 threshold on the validation split and reports what it gives on the evaluated split (the
-deployable number).
+deployable number). ``calibrate_confidence`` makes that choice conservative: a threshold
+qualifies only if a one-sided bound on its paired per-sample accuracy drop (normal
+approximation, at that confidence) stays within the point, so a small validation split does
+not promise what the test split will not keep.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -55,18 +60,25 @@ class PolicyResult:
 def evaluate_policy(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor, policy: ExitPolicy, cost: ExitCost,
                     batch_size: int = 1024) -> PolicyResult:
     """Accuracy, exact mean MACs and exit histogram of ``policy`` on (x, y)."""
+    return _run_policy(model, x, y, policy, cost, batch_size)[0]
+
+
+def _run_policy(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor, policy: ExitPolicy, cost: ExitCost,
+                batch_size: int = 1024) -> tuple[PolicyResult, np.ndarray]:
+    """:func:`evaluate_policy` and whether each sample was right (for paired comparisons)."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
     if x.shape[0] == 0:
         raise ValueError("cannot evaluate on 0 samples")
-    correct, macs, counts = 0, 0, np.zeros(model.num_exits, dtype=np.int64)
+    right, macs, counts = [], 0, np.zeros(model.num_exits, dtype=np.int64)
     for i in range(0, x.shape[0], batch_size):
         p = predict_batch(model, x[i : i + batch_size], policy, cost)
-        correct += int((p.labels == y[i : i + batch_size]).sum())
+        right.append((p.labels == y[i : i + batch_size]).numpy())
         macs += int(p.macs.sum())
         counts += np.bincount(p.exits.numpy(), minlength=model.num_exits)
     n = int(x.shape[0])
-    return PolicyResult(correct / n, macs / n, n, tuple(int(c) for c in counts))
+    correct = np.concatenate(right)
+    return PolicyResult(int(correct.sum()) / n, macs / n, n, tuple(int(c) for c in counts)), correct
 
 
 def pooled(results: Sequence[PolicyResult]) -> PolicyResult:
@@ -84,6 +96,8 @@ def pooled(results: Sequence[PolicyResult]) -> PolicyResult:
 class CurvePoint:
     threshold: float | None  # None: full depth (no early exit)
     result: PolicyResult
+    # per sample, right or not (same sample order at every point of a curve): paired bounds
+    correct: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -101,8 +115,8 @@ def threshold_grid(steps: int = DEFAULT_STEPS) -> list[float]:
 def sweep(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor, cost: ExitCost,
           thresholds: Sequence[float]) -> list[CurvePoint]:
     """One point per threshold, then the full-depth point last."""
-    pts = [CurvePoint(t, evaluate_policy(model, x, y, Threshold(t), cost)) for t in thresholds]
-    return [*pts, CurvePoint(None, evaluate_policy(model, x, y, FullDepth(), cost))]
+    return [CurvePoint(t, *_run_policy(model, x, y, Threshold(t) if t is not None else FullDepth(), cost))
+            for t in [*thresholds, None]]
 
 
 def pool_curves(curves: Sequence[Sequence[CurvePoint]]) -> list[CurvePoint]:
@@ -111,7 +125,9 @@ def pool_curves(curves: Sequence[Sequence[CurvePoint]]) -> list[CurvePoint]:
     for pts in zip(*curves, strict=True):
         if len({p.threshold for p in pts}) != 1:
             raise ValueError("pool_curves: clients were swept on different thresholds")
-        out.append(CurvePoint(pts[0].threshold, pooled([p.result for p in pts])))
+        correct = (np.concatenate([p.correct for p in pts]) if all(p.correct is not None for p in pts)
+                   else None)
+        out.append(CurvePoint(pts[0].threshold, pooled([p.result for p in pts]), correct))
     return out
 
 
@@ -126,19 +142,43 @@ class Saving:
     delta_accuracy: float  # accuracy - full-depth accuracy
 
 
+def accuracy_drop_bound(full_correct: np.ndarray, correct: np.ndarray, confidence: float) -> float:
+    """One-sided upper bound, at ``confidence``, on the accuracy lost against full depth.
+
+    Paired over the same samples: d_i = right at full depth - right here, bound =
+    mean(d) + z * sd(d) / sqrt(n) (normal approximation). Samples both get right, or both
+    wrong, add nothing to sd: what counts is how many answers the early exits change.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if full_correct.shape != correct.shape or full_correct.size == 0:
+        raise ValueError("accuracy_drop_bound: the two need the same, non-empty samples")
+    d = full_correct.astype(float) - correct.astype(float)
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    return float(d.mean()) + NormalDist().inv_cdf(confidence) * sd / math.sqrt(d.size)
+
+
 def savings(points: Sequence[CurvePoint], full_macs: int, tolerance: float = TOLERANCE,
-            at: float = REFERENCE_THRESHOLD) -> dict[str, Saving]:
-    """``within_1pt``: the cheapest point with accuracy >= full depth - tolerance; ``at_0.6``."""
+            at: float = REFERENCE_THRESHOLD, confidence: float | None = None) -> dict[str, Saving]:
+    """``within_1pt``: the cheapest point with accuracy >= full depth - tolerance; ``at_0.6``.
+
+    ``confidence``: a point qualifies only if :func:`accuracy_drop_bound` at that confidence
+    is within ``tolerance`` (needs the points' per-sample ``correct``).
+    """
     full = next((p for p in points if p.threshold is None), None)
     if full is None:
         raise ValueError("savings: the curve has no full-depth point (threshold None)")
+    if confidence is not None and any(p.correct is None for p in points):
+        raise ValueError("savings: a confidence bound needs every point's per-sample results (sweep keeps them)")
 
     def saving(p: CurvePoint) -> Saving:
         r = p.result
         return Saving(p.threshold, r.accuracy, r.mean_macs, 1.0 - r.mean_macs / full_macs,
                       r.accuracy - full.result.accuracy)
 
-    ok = [p for p in points if p.result.accuracy >= full.result.accuracy - tolerance - 1e-12]
+    ok = [p for p in points if p.result.accuracy >= full.result.accuracy - tolerance - 1e-12
+          and (confidence is None or p.threshold is None
+               or accuracy_drop_bound(full.correct, p.correct, confidence) <= tolerance + 1e-12)]
     best = min(ok, key=lambda p: (p.result.mean_macs, -p.result.accuracy))
     out = {"within_1pt": saving(best)}
     ref = next((p for p in points if p.threshold is not None and abs(p.threshold - at) < 1e-9), None)
@@ -172,6 +212,7 @@ class RunEvaluation:
     points: list[CurvePoint]  # pooled over clients
     savings: dict[str, Saving]
     label: str = field(default="")
+    calibrate_confidence: float | None = None  # the bound the calibrated point was chosen with
 
     @property
     def full(self) -> PolicyResult:
@@ -183,6 +224,7 @@ class RunEvaluation:
 
         return {
             "run_dir": self.run_dir, "algorithm": self.algorithm, "label": self.label, "split": self.split,
+            "calibrate_confidence": self.calibrate_confidence,
             "exit_cascade_macs": self.exit_cascade, "full_depth_macs": self.full_macs,
             "aggregate": {"points": pts(self.points), "savings": {k: asdict(v) for k, v in self.savings.items()}},
             "clients": [{"client": c.client_id, "n": c.n, "points": pts(c.points),
@@ -204,12 +246,17 @@ def calibration_is_disjoint(art: RunArtifacts, split: str, calibrate_on: str) ->
 
 
 def evaluate_run(run: str | Path | RunArtifacts, split: str = "test", steps: int = DEFAULT_STEPS,
-                 clients: Sequence[int] | None = None, calibrate_on: str | None = None) -> RunEvaluation:
+                 clients: Sequence[int] | None = None, calibrate_on: str | None = None,
+                 calibrate_confidence: float | None = None) -> RunEvaluation:
     """Sweep ``threshold_grid(steps)`` + full depth for every client (or ``clients``) on ``split``.
 
     ``calibrate_on`` (e.g. "val"): also choose the <=1-point threshold on that split and
     report it on ``split`` as ``savings["calibrated_1pt"]``; refused when the two overlap.
+    ``calibrate_confidence`` (e.g. 0.9): choose it with a one-sided bound on the accuracy
+    drop instead of the point estimate (:func:`savings`).
     """
+    if calibrate_confidence is not None and not 0 < calibrate_confidence < 1:
+        raise ValueError(f"calibrate_confidence must be in (0, 1), got {calibrate_confidence}")
     art = run if isinstance(run, RunArtifacts) else RunArtifacts(run)
     if calibrate_on is not None and not calibration_is_disjoint(art, split, calibrate_on):
         raise ValueError(f"{art.run_dir}: cannot calibrate on {calibrate_on!r} and report on {split!r}: they "
@@ -235,15 +282,18 @@ def evaluate_run(run: str | Path | RunArtifacts, split: str = "test", steps: int
     agg = pool_curves([c.points for c in curves])
     sav = savings(agg, full_macs)
     if calib:
-        sav["calibrated_1pt"] = calibrated_saving(pool_curves(calib), agg, full_macs)
+        sav["calibrated_1pt"] = calibrated_saving(pool_curves(calib), agg, full_macs,
+                                                  confidence=calibrate_confidence)
     return RunEvaluation(str(art.run_dir), art.cfg.algorithm.name, split, [int(v) for v in cost.cascade],
-                         full_macs, curves, agg, sav)
+                         full_macs, curves, agg, sav,
+                         calibrate_confidence=calibrate_confidence if calib else None)
 
 
 def calibrated_saving(calibration: Sequence[CurvePoint], evaluated: Sequence[CurvePoint], full_macs: int,
-                      tolerance: float = TOLERANCE) -> Saving:
-    """The <=1-point threshold chosen on ``calibration``, read on ``evaluated`` (same grid)."""
-    t = savings(calibration, full_macs, tolerance)["within_1pt"].threshold
+                      tolerance: float = TOLERANCE, confidence: float | None = None) -> Saving:
+    """The <=1-point threshold chosen on ``calibration`` (with a bound at ``confidence``, if
+    given), read on ``evaluated`` (same grid)."""
+    t = savings(calibration, full_macs, tolerance, confidence=confidence)["within_1pt"].threshold
     point = next(p for p in evaluated if p.threshold == t)
     full = next(p for p in evaluated if p.threshold is None).result
     r = point.result
@@ -297,10 +347,13 @@ def markdown_table(evals: Sequence[RunEvaluation]) -> str:
 
 
 def markdown_report(evals: Sequence[RunEvaluation]) -> str:
+    conf = next((e.calibrate_confidence for e in evals if e.calibrate_confidence), None)
     parts = ["# Dynamic inference: accuracy vs MACs", "",
              "Reduction = 1 - mean MACs / full-depth MACs (every stage + the last head). "
              "`<=1pt`: the cheapest swept threshold within 1 accuracy point of full depth on this split "
-             "(an oracle); `val-calibrated`: that threshold chosen on the validation split, read here.", "",
+             "(an oracle); `val-calibrated`: that threshold chosen on the validation split, read here"
+             + (f" (a threshold qualifies there only if a one-sided {100 * conf:g}% bound on its paired "
+                "accuracy drop is within the point)" if conf else "") + ".", "",
              markdown_table(evals), ""]
     for e in evals:
         parts += [f"## {e.label or e.algorithm}: sweep ({e.run_dir})", "",

@@ -14,6 +14,7 @@ from cafe_ray.inference.evaluate import (
     PolicyResult,
     evaluate_policy,
     evaluate_run,
+    pool_curves,
     pooled,
     savings,
     sweep,
@@ -170,3 +171,68 @@ def test_calibration_refused_when_val_overlaps_test(run_dir):
         evaluate_run(run_dir, split="test", steps=3, calibrate_on="val")
     ev = evaluate_run(run_dir, split="holdout", steps=3, calibrate_on="val")  # halves of test: disjoint
     assert "calibrated_1pt" in ev.savings
+
+
+def test_accuracy_drop_bound_by_hand():
+    from statistics import NormalDist
+
+    from cafe_ray.inference.evaluate import accuracy_drop_bound
+
+    full = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1], dtype=bool)
+    here = np.array([1, 0, 1, 1, 1, 1, 0, 1, 1, 1], dtype=bool)  # d = 0,1,0,0,-1,0,1,0,0,0
+    d = np.array([0, 1, 0, 0, -1, 0, 1, 0, 0, 0], dtype=float)
+    want = d.mean() + NormalDist().inv_cdf(0.9) * d.std(ddof=1) / np.sqrt(10)
+    assert accuracy_drop_bound(full, here, 0.9) == pytest.approx(want)
+    assert accuracy_drop_bound(full, full, 0.9) == 0.0  # no answer changed: no doubt either
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+        accuracy_drop_bound(full, here, 1.0)
+    with pytest.raises(ValueError, match="same, non-empty samples"):
+        accuracy_drop_bound(full, here[:5], 0.9)
+
+
+def test_a_confidence_bound_skips_a_point_whose_small_drop_is_noise():
+    """Same point estimates, two ways to get there: a cheap threshold that changes many answers
+    (wins and losses cancel) qualifies on the point estimate but not under a 90% bound."""
+
+    def pt(t, macs, correct):
+        c = np.array(correct, dtype=bool)
+        return CurvePoint(t, PolicyResult(float(c.mean()), macs, c.size, (0,)), c)
+
+    n = 1000
+    full = np.ones(n, dtype=bool)
+    full[:100] = False  # 90% at full depth
+    noisy = full.copy()
+    noisy[:100] = True  # wins 100 answers ...
+    noisy[100:205] = False  # ... and loses 105: -0.5 points, 205 answers changed
+    steady = full.copy()
+    steady[100:105] = False  # -0.5 points, 5 answers changed
+    pts = [pt(0.2, 300.0, noisy), pt(0.6, 500.0, steady), pt(None, 1000.0, full)]
+    assert savings(pts, full_macs=1000)["within_1pt"].threshold == 0.2
+    assert savings(pts, full_macs=1000, confidence=0.9)["within_1pt"].threshold == 0.6
+    with pytest.raises(ValueError, match="per-sample results"):
+        savings([CurvePoint(p.threshold, p.result) for p in pts], full_macs=1000, confidence=0.9)
+
+
+def test_pooled_curves_keep_per_sample_results_in_client_order():
+    x = as_input(torch.randn(30, 3, 3, generator=torch.Generator().manual_seed(0)) * 3)
+    y = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(1))
+    a = sweep(sliced_een(3, 3), x[:10], y[:10], HAND_COST, [0.0, 0.6])
+    b = sweep(sliced_een(3, 3), x[10:], y[10:], HAND_COST, [0.0, 0.6])
+    whole = sweep(sliced_een(3, 3), x, y, HAND_COST, [0.0, 0.6])
+    for p, w in zip(pool_curves([a, b]), whole, strict=True):
+        assert np.array_equal(p.correct, w.correct) and p.result.accuracy == pytest.approx(w.correct.mean())
+
+
+def test_cli_evaluate_with_a_confidence_bound(tmp_path_factory, tmp_path):
+    from tests.inference.helpers import tiny_run
+
+    rd = tiny_run(tmp_path_factory.getbasetemp() / "inference-runs", "fedper_ee", "data.val_fraction=0.3")
+    res = CliRunner().invoke(app, ["evaluate", str(rd), "--out", str(tmp_path), "--steps", "5",
+                                   "--calibrate-confidence", "0.9"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "inference.json").read_text())
+    assert data["runs"][0]["calibrate_confidence"] == 0.9
+    assert "calibrated_1pt" in data["runs"][0]["aggregate"]["savings"]
+    assert "one-sided 90% bound" in (tmp_path / "inference.md").read_text()
+    bad = CliRunner().invoke(app, ["evaluate", str(rd), "--calibrate-confidence", "1.5"])
+    assert bad.exit_code == 2 and "--calibrate-confidence must be in (0, 1)" in bad.output
