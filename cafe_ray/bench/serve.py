@@ -360,23 +360,29 @@ class ServeBench:
 def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8, num_clients: int = 8,
               samples: int = 64, threshold: float | None = None, rounds: int = 2, port: int | None = None,
               replicas: int = 1, threads: int = 1, address: str | None = None, url: str | None = None,
-              external: bool = False, body_format: str = "json", say: Any = print) -> ServeBench:
+              external: bool = False, body_format: str = "json", say: Any = print,
+              direct_ingress: bool = False) -> ServeBench:
     """Serve ``run_dir`` and load it from a spawned process; see the module doc.
 
     ``url``: load a server that already serves ``run_dir`` there (nothing is started).
     ``address``: deploy on that Ray cluster (its running Serve proxy is used as it is; ``port``
     must match it if given). ``external``: the load generator is ``hey`` (Debian package) instead
     of the Python client. ``body_format``: ``json`` (nested lists), ``b64`` (``inputs_b64``) or
-    ``npy`` (an ``application/x-npy`` body)."""
+    ``npy`` (an ``application/x-npy`` body). ``direct_ingress``: load the replica's own HTTP
+    port (:mod:`cafe_ray.serve.ingress`, enabled before this process imported Ray Serve)."""
     import ray
     from ray import serve
 
     from cafe_ray.runs import RunArtifacts
+    from cafe_ray.serve import ingress
     from cafe_ray.serve.app import proxy_url, running_proxy, start
     from cafe_ray.serve.config import ServeConfig
 
     if body_format not in FORMATS:
         raise ValueError(f"body format {body_format!r}: use one of {', '.join(FORMATS)}")
+    if direct_ingress and (url is not None or address is not None or not ingress.enabled()):
+        raise ValueError("direct_ingress: a local Ray started here, with cafe_ray.serve.ingress.enable_direct_ingress() "
+                         "called before Ray Serve was imported; not with url or address")
     if external:
         hey_path()  # fail before any work if hey is missing
     run = RunArtifacts(run_dir)
@@ -397,6 +403,11 @@ def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8
                           route_prefix="/cafe-ray-bench")
         start(cfg, address, require={"port"} if port else set())
         url = proxy_url(*running_proxy(), cfg.route_prefix)
+        if direct_ingress:
+            direct = ingress.replica_urls(running_proxy()[0], cfg.run_dir, cfg.replicas, cfg.route_prefix)
+            if not direct:
+                raise ValueError("direct ingress: no replica answered on its own port (Ray Serve >= 2.56 needed)")
+            url = direct[0]
     say(f"{'serving' if cfg else 'loading'} {run_dir} at {url}; load: {concurrency} concurrent clients "
         f"({'hey' if external else 'httpx'}), {requests} requests x {samples} sample(s) per phase, {rounds} round(s)")
     ids = [int(c) for c in work.client_ids]

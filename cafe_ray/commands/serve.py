@@ -70,9 +70,21 @@ def register(app: typer.Typer) -> None:
                                                   "application, e.g. /digits.")] = "/",
         access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Serve's per-request "
                                                  "access log lines (off: less work per request).")] = True,
+        direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Each replica also answers HTTP "
+                                                     "on its own port, without the proxy hop (Ray Serve's "
+                                                     "experimental direct ingress; a local Ray only); the "
+                                                     "replicas' URLs are printed.")] = False,
     ) -> None:
         """Serve a run's personalized early-exit models over HTTP (Ray Serve) until Ctrl-C."""
         from pydantic import ValidationError
+
+        from cafe_ray.serve import ingress
+
+        if direct_ingress:
+            if address is not None:
+                _fail("--direct-ingress needs the local Ray this command starts; on a cluster, start every node "
+                      f"with {ingress.ENV}=1 in its environment (before `ray start`) and drop --direct-ingress")
+            ingress.enable_direct_ingress()  # before Ray Serve is imported and before Ray starts
         from ray import serve
 
         from cafe_ray.serve.app import proxy_url, running_proxy, start
@@ -91,7 +103,7 @@ def register(app: typer.Typer) -> None:
                             for e in err.errors()))
         try:
             start(cfg, address, require=given)
-        except (FileNotFoundError, ValueError) as err:
+        except (FileNotFoundError, ValueError, RuntimeError) as err:  # RuntimeError: Serve could not deploy
             _fail(str(err))
         real_host, real_port = running_proxy()
         if real_host not in LOOPBACK:
@@ -102,6 +114,13 @@ def register(app: typer.Typer) -> None:
             console.print(f"Serve was already running on this cluster: using its proxy on {real_host}:{real_port}")
         console.print(f"serving [bold]{cfg.run_dir}[/] at [bold]{url}[/]  "
                       f"(docs {url}/docs, schema {url}/openapi.json); Ctrl-C to stop", soft_wrap=True)
+        if direct_ingress:
+            direct = ingress.replica_urls(real_host, cfg.run_dir, cfg.replicas, cfg.route_prefix)
+            for i, u in enumerate(direct, 1):
+                console.print(f"direct ingress: replica {i} at [bold]{u}[/] (no proxy hop)", soft_wrap=True)
+            if len(direct) < cfg.replicas:
+                err_console.print(f"[yellow]warning:[/] direct ingress: {len(direct)} of {cfg.replicas} replicas "
+                                  "answered on their own port; the proxy URL above serves them all")
         def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
             raise KeyboardInterrupt
 
@@ -147,10 +166,20 @@ def register(app: typer.Typer) -> None:
                                           "(inputs_b64, raw float32) or npy (application/x-npy).")] = "json",
         profile: Annotated[bool, typer.Option("--profile", help="Only time the in-replica steps of one request "
                                               "(decode, validate, forward, encode) in this process.")] = False,
+        direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Send the load to the replica's "
+                                                     "own HTTP port (Ray Serve's experimental direct ingress), "
+                                                     "not through the proxy; a local Ray only.")] = False,
     ) -> None:
         """HTTP load on loopback from a separate process: threshold policy vs full depth."""
         import os
 
+        from cafe_ray.serve import ingress
+
+        if direct_ingress:
+            if url is not None or address is not None:
+                _fail("--direct-ingress deploys on the local Ray this command starts; it cannot be combined with "
+                      "--url or --address (give --url the replica's own URL instead)")
+            ingress.enable_direct_ingress()  # before Ray Serve is imported and before Ray starts
         from cafe_ray.bench.serve import markdown, run_bench, train_bench_run
 
         rd = run_dir
@@ -182,7 +211,7 @@ def register(app: typer.Typer) -> None:
             res = run_bench(rd, requests=requests, concurrency=concurrency, num_clients=clients, samples=samples,
                             threshold=threshold, rounds=rounds, threads=threads, address=address, port=port,
                             url=None if url is None else url.rstrip("/"), external=external, body_format=body,
-                            say=console.print)
+                            say=console.print, direct_ingress=direct_ingress)
         except (FileNotFoundError, ValueError) as err:
             _fail(str(err))
         typer.echo(markdown(res))
