@@ -28,6 +28,17 @@ MAX_BATCH = 8
 MAX_BODY = 64 * 1024  # bytes: a small body cap, so the tests can cross it cheaply
 
 
+def read_until(proc, done) -> str:  # noqa: ANN001 - a text-mode Popen; done(line) -> bool
+    """A CLI subprocess's output up to and including the first line ``done`` accepts, whitespace
+    collapsed (rich wraps long lines)."""
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if done(line):
+            break
+    return " ".join("".join(lines).split())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cafe_ray.cli import app
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, read_until
 
 runner = CliRunner()
 
@@ -52,13 +52,8 @@ def test_serve_uses_the_running_proxy_and_prints_its_real_url(served, serve_run_
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     want = f"http://127.0.0.1:{cfg.port}/reuse"
-    lines: list[str] = []
     try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            if "serving" in line and " at " in line:
-                break
-        text = _flat("".join(lines))
+        text = read_until(proc, lambda line: "serving" in line and " at " in line)
         assert f"at {want}" in text, text
         assert f"using its proxy on 127.0.0.1:{cfg.port}" in text
         r = httpx.get(f"{want}/healthz", timeout=60)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cafe_ray.cli import app
 from cafe_ray.serve import ingress
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, read_until
 
 runner = CliRunner()
 
@@ -38,13 +38,8 @@ def test_serve_direct_ingress_answers_on_the_replica_port_like_the_proxy(serve_r
            "--port", str(port), "--no-access-log"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-    lines: list[str] = []
     try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            if "direct ingress:" in line or "error:" in line:
-                break
-        text = _flat("".join(lines))
+        text = read_until(proc, lambda line: "direct ingress:" in line or "error:" in line)
         proxy = f"http://127.0.0.1:{port}"
         assert f"at {proxy}" in text, text
         direct = text.split("direct ingress: replica 1 at ", 1)[1].split()[0]
