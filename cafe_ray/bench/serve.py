@@ -375,8 +375,8 @@ def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8
 
     from cafe_ray.runs import RunArtifacts
     from cafe_ray.serve import ingress
-    from cafe_ray.serve.app import proxy_url, running_proxy, start
-    from cafe_ray.serve.config import ServeConfig
+    from cafe_ray.serve.app import running_proxy, start
+    from cafe_ray.serve.config import ServeConfig, server_url
 
     if body_format not in FORMATS:
         raise ValueError(f"body format {body_format!r}: use one of {', '.join(FORMATS)}")
@@ -402,9 +402,10 @@ def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8
                           batch_max_requests=max(16, concurrency), app_name="cafe-ray-bench", access_log=False,
                           route_prefix="/cafe-ray-bench")
         start(cfg, address, require={"port"} if port else set())
-        url = proxy_url(*running_proxy(), cfg.route_prefix)
+        host, proxy_port = running_proxy()
+        url = server_url(host, proxy_port, cfg.route_prefix)
         if direct_ingress:
-            direct = ingress.replica_urls(running_proxy()[0], cfg.run_dir, cfg.replicas, cfg.route_prefix)
+            direct = ingress.replica_urls(host, cfg.run_dir, cfg.replicas, cfg.route_prefix)
             if not direct:
                 raise ValueError("direct ingress: no replica answered on its own port (Ray Serve >= 2.56 needed)")
             url = direct[0]

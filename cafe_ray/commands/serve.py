@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
             ingress.enable_direct_ingress()  # before Ray Serve is imported and before Ray starts
         from ray import serve
 
-        from cafe_ray.serve.app import proxy_url, running_proxy, start
-        from cafe_ray.serve.config import ServeConfig
+        from cafe_ray.serve.app import running_proxy, start
+        from cafe_ray.serve.config import ServeConfig, server_url
 
         given = {f for f, v in (("host", host), ("port", port)) if v is not None}
         try:
@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         if real_host not in LOOPBACK:
             err_console.print(f"[yellow]warning:[/] the proxy binds {real_host}: the API has no authentication; "
                               "anyone who can reach this port can query every client's model")
-        url = proxy_url(real_host, real_port, cfg.route_prefix)
+        url = server_url(real_host, real_port, cfg.route_prefix)
         if (real_host, real_port) != (cfg.host, cfg.port):
             console.print(f"Serve was already running on this cluster: using its proxy on {real_host}:{real_port}")
         console.print(f"serving [bold]{cfg.run_dir}[/] at [bold]{url}[/]  "

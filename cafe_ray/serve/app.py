@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cafe_ray.serve.config import ServeConfig
+from cafe_ray.serve.config import ServeConfig, server_url
 from cafe_ray.serve.core import (
     Answer,
     ClientMismatch,
@@ -324,13 +324,6 @@ def running_proxy() -> tuple[str, int]:
     return str(http.host), int(http.port)
 
 
-def proxy_url(host: str, port: int, route_prefix: str = "/") -> str:
-    """The URL a client uses for a proxy bound on ``host`` (a wildcard bind is reached on loopback)."""
-    reach = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-    reach = f"[{reach}]" if ":" in reach else reach
-    return f"http://{reach}:{port}{route_prefix.rstrip('/')}"
-
-
 def start(cfg: ServeConfig, address: str | None = None, *,
           require: frozenset[str] | set[str] = frozenset({"host", "port"})):  # noqa: ANN201 - a DeploymentHandle
     """Check the run, start Ray (if needed) and Serve's HTTP proxy on ``cfg.host:cfg.port``, deploy.
@@ -357,7 +350,7 @@ def start(cfg: ServeConfig, address: str | None = None, *,
         where = "" if address is None else f"address={address!r}"
         raise ProxyConflict(
             f"Serve's HTTP proxy on this Ray cluster already listens on {host}:{port} "
-            f"({proxy_url(host, port)}), and Ray Serve cannot change that while it runs, so {asked} would not "
+            f"({server_url(host, port)}), and Ray Serve cannot change that while it runs, so {asked} would not "
             f"take effect. Either use the running proxy: run again without {' / '.join(f'--{f}' for f in bad)} "
             f"(or with {' '.join(f'--{f} {v}' for f, v in (('host', host), ('port', port)) if f in bad)}); "
             f"or restart Serve with the new options, which stops every Serve application on the cluster: "

@@ -55,3 +55,10 @@ class ServeConfig(BaseModel):
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+
+def server_url(host: str, port: int, route_prefix: str = "/") -> str:
+    """The URL a client uses for a server bound on ``host`` (a wildcard bind is reached on loopback)."""
+    reach = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    reach = f"[{reach}]" if ":" in reach else reach
+    return f"http://{reach}:{port}{route_prefix.rstrip('/')}"

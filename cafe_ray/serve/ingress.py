@@ -9,7 +9,8 @@ not shrink with the exits' MACs (docs/serving.md); going to a replica directly r
 
 Serve reads the variable once, when ``ray.serve`` is imported, and in every process of the
 cluster; so :func:`enable_direct_ingress` must run before both (``cafe-ray serve
---direct-ingress`` starts its own local Ray after it). This module imports neither.
+--direct-ingress`` starts its own local Ray after it). This module imports neither Ray nor
+Ray Serve.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import json
 import os
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
+
+from cafe_ray.serve.config import server_url
 
 ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 PORT_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
@@ -49,8 +51,6 @@ def replica_urls(host: str, run_dir: str | Path, replicas: int, route_prefix: st
     them answer for this run (its directory name), or ``timeout_s`` passes (then what was
     found, possibly nothing).
     """
-    reach = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-    reach = f"[{reach}]" if ":" in reach else reach
     low = int(os.environ.get(PORT_ENV, DEFAULT_MIN_PORT))
     name = Path(run_dir).name
     prefixes = [""] + ([route_prefix.rstrip("/")] if route_prefix.rstrip("/") else [])
@@ -61,7 +61,7 @@ def replica_urls(host: str, run_dir: str | Path, replicas: int, route_prefix: st
             if port in found:
                 continue
             for prefix in prefixes:
-                base = f"http://{reach}:{port}{prefix}"
+                base = server_url(host, port, prefix or "/")
                 if _serves(base, name):
                     found[port] = base
                     break
@@ -74,5 +74,5 @@ def _serves(base: str, run_name: str) -> bool:
     try:
         with urllib.request.urlopen(f"{base}/healthz", timeout=0.5) as r:  # noqa: S310 - loopback/host given
             return r.status == 200 and json.loads(r.read()).get("run") == run_name
-    except (OSError, ValueError, urllib.error.URLError):
+    except (OSError, ValueError):  # refused, timed out (URLError is an OSError), not JSON
         return False

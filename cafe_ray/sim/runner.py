@@ -139,15 +139,12 @@ class ClientRunner:
         live = self._live
         if live is None or len(live[0]) != len(tensors) or any(a is not b for a, b in zip(live[0], tensors, strict=True)):
             sd = self.model.state_dict()
-            if sd.keys() != self.init_state.keys():  # a module was replaced: the slow, checked path
+            if sd.keys() != self.init_state.keys():  # not the model it was built as: say which keys differ
                 self.model.load_state_dict(self.init_state)
-                self._live = None
-            else:
-                live = self._live = (tensors, [sd[k] for k in self.init_state])
-        if self._live is not None:
-            with torch.no_grad():
-                for dst, src in zip(self._live[1], self.init_state.values(), strict=True):
-                    dst.copy_(src)
+            live = self._live = (tensors, [sd[k] for k in self.init_state])
+        with torch.no_grad():
+            for dst, src in zip(live[1], self.init_state.values(), strict=True):
+                dst.copy_(src)
         for p in params:
             p.requires_grad_(True)
 

@@ -28,6 +28,11 @@ MAX_BATCH = 8
 MAX_BODY = 64 * 1024  # bytes: a small body cap, so the tests can cross it cheaply
 
 
+def flat(text: str) -> str:
+    """Whitespace collapsed: rich wraps long lines of CLI output."""
+    return " ".join(text.split())
+
+
 def read_until(proc, done) -> str:  # noqa: ANN001 - a text-mode Popen; done(line) -> bool
     """A CLI subprocess's output up to and including the first line ``done`` accepts, whitespace
     collapsed (rich wraps long lines)."""
@@ -36,7 +41,7 @@ def read_until(proc, done) -> str:  # noqa: ANN001 - a text-mode Popen; done(lin
         lines.append(line)
         if done(line):
             break
-    return " ".join("".join(lines).split())
+    return flat("".join(lines))
 
 
 def free_port() -> int:

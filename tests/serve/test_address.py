@@ -16,13 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cafe_ray.cli import app
-from tests.serve.conftest import free_port, read_until
+from tests.serve.conftest import flat, free_port, read_until
 
 runner = CliRunner()
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,7 @@ def test_serve_stops_with_how_to_restart_when_the_running_proxy_differs(served, 
     cfg, _ = served
     args = [str(free_port()) if a == "PORT" else a for a in args]
     r = runner.invoke(app, ["serve", str(serve_run_dir), "--address", gcs, *args, "--app-name", "never"])
-    out = _flat(r.output)
+    out = flat(r.output)
     assert r.exit_code == 2, r.output
     assert f"already listens on 127.0.0.1:{cfg.port}" in out and f"run again without {flag}" in out
     assert "serve.shutdown()" in out and f"ray.init(address='{gcs}')" in out
@@ -90,7 +86,7 @@ def test_bench_serve_loads_a_running_server_by_url(served, serve_run_dir):
 def test_bench_serve_external_uses_hey(served, serve_run_dir):
     r = runner.invoke(app, [*_bench_args(serve_run_dir, served[0].url), "--external"])
     assert r.exit_code == 0, r.output
-    assert "(hey)" in _flat(r.output)
+    assert "(hey)" in flat(r.output)
     rows = _rows(r.output)
     for cells in rows.values():
         assert cells[0].strip() == "12" and cells[1].strip() == "0"
@@ -99,7 +95,7 @@ def test_bench_serve_external_uses_hey(served, serve_run_dir):
 
 def test_bench_serve_rejects_url_with_address(serve_run_dir):
     r = runner.invoke(app, ["bench", "serve", str(serve_run_dir), "--url", "http://x", "--port", "1"])
-    assert r.exit_code == 2 and "cannot be combined" in _flat(r.output)
+    assert r.exit_code == 2 and "cannot be combined" in flat(r.output)
 
 
 def test_bench_serve_profile_times_every_step(serve_run_dir):

@@ -19,13 +19,9 @@ from typer.testing import CliRunner
 
 from cafe_ray.cli import app
 from cafe_ray.serve import ingress
-from tests.serve.conftest import free_port, read_until
+from tests.serve.conftest import flat, free_port, read_until
 
 runner = CliRunner()
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def test_serve_direct_ingress_answers_on_the_replica_port_like_the_proxy(serve_run_dir, serve_artifacts):
@@ -64,9 +60,9 @@ def test_serve_direct_ingress_answers_on_the_replica_port_like_the_proxy(serve_r
 
 def test_direct_ingress_refuses_a_cluster_address(serve_run_dir):
     r = runner.invoke(app, ["serve", str(serve_run_dir), "--direct-ingress", "--address", "127.0.0.1:1"])
-    assert r.exit_code == 2 and f"start every node with {ingress.ENV}=1" in _flat(r.output)
+    assert r.exit_code == 2 and f"start every node with {ingress.ENV}=1" in flat(r.output)
     r = runner.invoke(app, ["bench", "serve", str(serve_run_dir), "--direct-ingress", "--url", "http://x"])
-    assert r.exit_code == 2 and "cannot be combined with --url or --address" in _flat(r.output)
+    assert r.exit_code == 2 and "cannot be combined with --url or --address" in flat(r.output)
 
 
 def test_enabling_after_ray_serve_was_imported_is_refused(monkeypatch):
