@@ -106,7 +106,7 @@ CAFEDISTILL_SPEC_PRESET: dict[str, Any] = {
     "lam": 1.0, "tau": 3.0, "mu": 0.5, "kd_backbone": "full", "kd_warmup": "none", "kd_start_round": 0,
     "kd_needs_trained_teacher": False, "kd_gate": "none", "kd_target": "full", "center_heads": False,
     "own_head": "stored", "unselected": "frozen", "heads": "personal", "kd_last_exit": False,
-    "residual_init": "zero", "kd_shared": "none",
+    "residual_init": "zero", "kd_shared": "none", "residual_ce": "detached",
     "selection": {"similarity": "update_cosine", "schedule_clock": "global", "ramp": 0.5},
 }
 
@@ -119,6 +119,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "algorithm.cafedistill.selection.ramp": 0.5,
     "algorithm.cafedistill.residual_init": "zero",
     "algorithm.cafedistill.kd_shared": "none",
+    "algorithm.cafedistill.residual_ce": "detached",
 }
 
 
@@ -191,6 +192,14 @@ class CafeDistillConfig(_Strict):
                     "every client's last head, into the students' generic exits and the backbone). With "
                     "heads=personal there is no generic stack: kd_backbone sets the KD path and 'generic' "
                     "is an error")
+    residual_ce: Literal["detached", "backbone"] = Field(
+        "backbone",
+        description="heads=generic_residual: what the personal CE trains. detached (FedRoD: the residual "
+                    "heads only, on detached features; the default before session 6); backbone (the same "
+                    "logits, computed so that the CE gradient also reaches the backbone stages, as "
+                    "FedPer-EE's personal CE does; never the generic heads, which BSM alone trains; chosen "
+                    "on validation in session 6). No effect with heads=personal, whose CE trains the "
+                    "backbone already")
     unselected: Literal["frozen", "ce_detached"] = Field(
         "ce_detached",
         description="student heads outside S_i: frozen (spec) or trained by CE on detached features "

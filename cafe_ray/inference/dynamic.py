@@ -42,36 +42,51 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
     model.eval()
     B = x.shape[0]
     m = model.num_exits
-    labels = torch.zeros(B, dtype=torch.long)
-    exits = torch.full((B,), m - 1, dtype=torch.long)
-    conf = torch.zeros(B)
-    macs = torch.zeros(B, dtype=torch.long)
-    probs_out = torch.zeros(B, model.num_classes)
-    active = torch.arange(B)  # indices into the batch still running
+    cascade = cost.cascade  # every sample still running at exit k has spent cascade[k]
+    # Answers are gathered per exit and scattered once at the end: serving runs this beside an
+    # event loop, and every extra tensor op is one more wait for the GIL (docs/serving.md).
+    done_idx: list[torch.Tensor] = []
+    done_p: list[torch.Tensor] = []
+    done_k: list[int] = []
+    active: torch.Tensor | None = None  # indices into the batch still running; None = all
     h = x
     history: list[torch.Tensor] | None = [] if getattr(policy, "uses_history", False) else None
     for k in range(m):
         h = model.stages[k](h)
-        z = model.exits[k](h)  # (A, C)
-        p = z.softmax(dim=1)
-        macs[active] += cost.stage_macs[k] + cost.head_macs[k]
+        p = model.exits[k](h).softmax(dim=1)  # (A, C)
+        n = p.shape[0]
         if k == m - 1:
-            stop = torch.ones(len(active), dtype=torch.bool)
-        elif history is not None:  # e.g. the learned cascade: every exit's probabilities so far
-            history.append(p)
-            stop = policy.decide_history(history, k, m, macs[active], cost)
+            stop = None
         else:
-            stop = policy.decide(p, k, m, macs[active], cost)
-        done = active[stop]
-        labels[done] = p[stop].argmax(dim=1)
-        exits[done] = k
-        conf[done] = p[stop].max(dim=1).values
-        probs_out[done] = p[stop]
-        keep = ~stop
-        if not bool(keep.any()):
+            spent = torch.full((n,), cascade[k], dtype=torch.long)
+            if history is not None:  # e.g. the learned cascade: every exit's probabilities so far
+                history.append(p)
+                stop = policy.decide_history(history, k, m, spent, cost)
+            else:
+                stop = policy.decide(p, k, m, spent, cost)
+            if bool(stop.all()):
+                stop = None
+        idx = torch.arange(B) if active is None else active
+        if stop is None:  # every running sample exits here
+            done_idx.append(idx)
+            done_p.append(p)
+            done_k.append(k)
             break
-        active = active[keep]
-        h = _take(h, keep.nonzero(as_tuple=True)[0])
+        if bool(stop.any()):
+            done_idx.append(idx[stop])
+            done_p.append(p[stop])
+            done_k.append(k)
+        keep = (~stop).nonzero(as_tuple=True)[0]
+        active = idx[keep]
+        h = _take(h, keep)
         if history is not None:
             history = [q[keep] for q in history]
+    order = torch.cat(done_idx) if len(done_idx) > 1 else done_idx[0]
+    probs_out = torch.empty(B, p.shape[1], dtype=p.dtype)
+    probs_out[order] = torch.cat(done_p) if len(done_p) > 1 else done_p[0]
+    exits = torch.empty(B, dtype=torch.long)
+    exits[order] = torch.cat([torch.full((len(i),), k, dtype=torch.long) for i, k in zip(done_idx, done_k,
+                                                                                      strict=True)])
+    conf, labels = probs_out.max(dim=1)
+    macs = torch.tensor(cascade, dtype=torch.long)[exits]
     return Prediction(labels, exits, conf, macs, probs_out)

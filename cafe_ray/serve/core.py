@@ -382,22 +382,19 @@ def _slice(pred: Prediction, a: int, b: int) -> Prediction:
 
 
 def prepare_model(model: EarlyExitNet) -> EarlyExitNet:
-    """A loaded model made ready to serve: no gradients, eval mode, and for conv models the
-    channels-last memory layout. On CPU the first stage's 1-channel conv and max-pool run ~10x
-    faster in it (GroupNorm somewhat slower): 1.3-1.5x for the Fashion-MNIST CNN's full forward.
-    Answers agree with the default layout to ~1e-6."""
+    """A loaded model made ready to serve: no gradients, eval mode, the default (contiguous)
+    memory layout. Channels-last used to pay for itself only through the first stage's
+    max-pool; with :class:`~cafe_ray.models.zoo.MaxPool2x2` it makes the Fashion-MNIST
+    forward slower (GroupNorm is several times slower in it on CPU): w32 full depth 9.2 vs
+    7.0 ms, threshold 0.85 5.1 vs 3.4 ms (docs/serving.md)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        model = model.to(memory_format=torch.channels_last)
     return model.eval()
 
 
 def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[Answer]:
     """Jobs of one client and one policy key: one early-exit forward over all their samples."""
     x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
-    if x.dim() == 4:  # (B, C, H, W) images: the layout prepare_model gave the model
-        x = x.contiguous(memory_format=torch.channels_last)
     pred = predict_batch(model, x, jobs[0].policy, cost)
     out, a = [], 0
     for j in jobs:

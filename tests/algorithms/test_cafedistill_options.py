@@ -391,14 +391,15 @@ def test_ramp_shortens_the_progressive_phase(tiny_een: EarlyExitNet) -> None:
 # ------------------------------------------- heads: generic_residual (FedRoD form)
 @pytest.mark.parametrize("unselected", ["frozen", "ce_detached"])
 def test_generic_residual_without_kd_equals_fedrod_bit_for_bit(unselected: str) -> None:
-    """lam=0, schedule=all: CAFEDistill on generic + residual heads is FedRoD-EE, to the last bit."""
+    """lam=0, schedule=all, residual_ce=detached: CAFEDistill on generic + residual heads is FedRoD-EE,
+    to the last bit."""
     from cafe_ray.algorithms.fedrod import FedRoDEE
 
     model = make_tiny_een()
     data = make_clients(4)
     parts = [(0, 1, 2, 3), (1, 3), (0, 2, 3)]
     cd = cafe(heads="generic_residual", residual_init="zero", lam=0.0, unselected=unselected,
-              selection={"schedule": "all"})
+              residual_ce="detached", selection={"schedule": "all"})
     fr = FedRoDEE(make_cfg("fedrod_ee"))
     s_cd, p_cd = run_rounds(cd, model, data, 3, participants=parts)
     s_fr, p_fr = run_rounds(fr, model, data, 3, participants=parts)
@@ -473,12 +474,14 @@ def test_kd_last_exit_distils_the_teacher_exit_too(tiny_een: EarlyExitNet, heads
 
 
 def test_prior_initialised_residuals_equal_fedrod_with_prior_init_without_kd() -> None:
-    """residual_init=prior is FedRoD-EE's personal_init=prior when lam=0 (bit for bit)."""
+    """residual_init=prior is FedRoD-EE's personal_init=prior when lam=0 and the personal CE is
+    detached (bit for bit)."""
     from cafe_ray.algorithms.fedrod import FedRoDEE
 
     model = make_tiny_een()
     data = make_clients(3)
-    cd = cafe(heads="generic_residual", residual_init="prior", lam=0.0, selection={"schedule": "all"})
+    cd = cafe(heads="generic_residual", residual_init="prior", lam=0.0, residual_ce="detached",
+              selection={"schedule": "all"})
     fr = FedRoDEE(make_cfg("fedrod_ee", fedrod={"personal_init": "prior"}))
     _, p_cd = run_rounds(cd, model, data, 2)
     _, p_fr = run_rounds(fr, model, data, 2)
@@ -487,7 +490,8 @@ def test_prior_initialised_residuals_equal_fedrod_with_prior_init_without_kd() -
             assert torch.equal(v, p_cd[cid][k]), (cid, k)
 
 
-def _residual_grads(model: EarlyExitNet, shared: str, lam: float) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def _residual_grads(model: EarlyExitNet, shared: str, lam: float, residual_ce: str = "detached",
+                    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """(model grads, residual-head grads) of L_i under heads=generic_residual, student exit 0."""
     from cafe_ray.algorithms.cafedistill.loss import make_residual_loss_fn
     from cafe_ray.algorithms.fedrod import residual_heads
@@ -498,9 +502,10 @@ def _residual_grads(model: EarlyExitNet, shared: str, lam: float) -> tuple[dict[
     w, b = teacher(model)
     model = copy.deepcopy(model)
     heads = residual_heads(model, None)
-    opts = KDOptions(lam=lam, tau=3.0, unselected="ce_detached", shared=shared)
+    opts = KDOptions(lam=lam, tau=3.0, unselected="ce_detached", shared=shared, residual_ce=residual_ce)
     loss = make_residual_loss_fn(HeadProbe(model), heads, counts, w, b, (0,), opts)(model, x, y)
     g = grads(model, loss)
+    g["loss"] = loss.detach()
     return g, [p.grad.clone() for pair in heads for p in pair]
 
 
@@ -509,7 +514,7 @@ def test_kd_shared_reaches_the_student_generic_head_and_the_stages_under_it(tiny
     """kd_shared: KD moves stage 0 and exit 0's generic head; deeper stages and heads get exactly nothing."""
     g0, _ = _residual_grads(tiny_een, shared, 0.0)
     g1, _ = _residual_grads(tiny_een, shared, 1.0)
-    moved = {n for n in g0 if not torch.equal(g0[n], g1[n])}
+    moved = {n for n in g0 if n != "loss" and not torch.equal(g0[n], g1[n])}
     assert moved, "the KD term must reach the shared stack"
     assert all(n.startswith(("stages.0.", "exits.0.")) for n in moved), moved
     assert any(n.startswith("stages.0.") for n in moved) and any(n.startswith("exits.0.") for n in moved)
@@ -530,3 +535,27 @@ def test_kd_shared_needs_generic_residual_heads() -> None:
     with pytest.raises(ConfigError, match="kd_shared='generic' needs heads: generic_residual"):
         build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"heads": "personal", "kd_shared": "generic"}}})
     assert build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"preset": "spec"}}}).algorithm.cafedistill.kd_shared == "none"
+
+
+def test_residual_ce_backbone_trains_the_stages_never_the_generic_heads(tiny_een: EarlyExitNet) -> None:
+    """residual_ce: backbone: the same loss value and the same generic-head and residual gradients as
+    detached; only the backbone's gradients change (the personal CE now reaches them)."""
+    g_det, h_det = _residual_grads(tiny_een, "none", 0.0)
+    g_bb, h_bb = _residual_grads(tiny_een, "none", 0.0, residual_ce="backbone")
+    assert torch.equal(g_det["loss"], g_bb["loss"])
+    for a, b in zip(h_det, h_bb, strict=True):
+        assert torch.equal(a, b)
+    for n in g_det:
+        if n.startswith("exits."):
+            assert torch.equal(g_det[n], g_bb[n]), n
+    changed = [n for n in g_det if n.startswith("stages.") and not torch.equal(g_det[n], g_bb[n])]
+    assert changed and any(n.startswith("stages.0.") for n in changed)
+
+
+def test_residual_ce_is_the_default_and_off_in_the_spec_preset() -> None:
+    cafe = build_config({"algorithm": {"name": "cafedistill"}}).algorithm.cafedistill
+    assert cafe.residual_ce == "backbone" and cafe.heads == "generic_residual"
+    assert build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"preset": "spec"}}}
+                        ).algorithm.cafedistill.residual_ce == "detached"
+    with pytest.raises(ValueError, match="residual_ce"):
+        KDOptions(lam=0.0, tau=1.0, residual_ce="both")

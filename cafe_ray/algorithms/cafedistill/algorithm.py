@@ -467,7 +467,7 @@ class CafeDistill(Algorithm):
         opts = KDOptions(
             lam=float(payload.meta.get("lam", hp.lam)), tau=hp.tau, backbone=hp.kd_backbone,
             backbone_scale=hp.kd_backbone_scale, gate=hp.kd_gate, target=hp.kd_target, unselected=hp.unselected,
-            last_exit=hp.kd_last_exit, shared=hp.kd_shared,
+            last_exit=hp.kd_last_exit, shared=hp.kd_shared, residual_ce=hp.residual_ce,
         )
         prior = label_prior(data.y_train, model.num_classes) if hp.kd_target != "full" else None
         own_weight = float(payload.meta.get("own_weight", 0.0))

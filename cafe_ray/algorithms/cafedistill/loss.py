@@ -39,6 +39,10 @@ the detaches (its gradient reaches E_k^G and the stages under exit k);
 ``generic`` adds lambda_t * sum_{k in S_i} tau^2 KL(softmax(z_m^G/tau) || softmax(z_k^G/tau))
 (z_m^G detached, same gate), the generic last exit, which averages every
 client's last head, teaching the generic students and the backbone.
+``residual_ce: backbone`` computes the personal CE on
+E_k^G[W, b detached](f_k) + P_k(f_k), the same logits, so its gradient reaches the
+backbone (as FedPer-EE's personal CE does) but never the generic heads, which stay
+trained by BSM alone.
 
 With lambda_t = 0, every student selected and no option active, L_i is
 computed with the same operations in the same order as FedPer-EE's sum of
@@ -63,6 +67,7 @@ KD_GATES = ("none", "teacher_correct", "teacher_confident")
 KD_TARGETS = ("full", "own_classes", "prior_corrected")
 UNSELECTED = ("frozen", "ce_detached")
 KD_SHARED = ("none", "personal", "generic")
+RESIDUAL_CE = ("detached", "backbone")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class KDOptions:
     unselected: str = "frozen"
     last_exit: bool = False  # kd_last_exit: the teacher exit m is distilled from hbar_i too
     shared: str = "none"  # kd_shared (generic_residual only): none | personal | generic
+    residual_ce: str = "detached"  # residual_ce (generic_residual only): detached | backbone
 
     def kd_exits(self, students: Sequence[int], m: int) -> tuple[int, ...]:
         """The exits the KD term covers: S_i, plus m-1 (0-based) under kd_last_exit."""
@@ -90,6 +96,7 @@ class KDOptions:
             ("kd_target", self.target, KD_TARGETS),
             ("unselected", self.unselected, UNSELECTED),
             ("kd_shared", self.shared, KD_SHARED),
+            ("residual_ce", self.residual_ce, RESIDUAL_CE),
         ):
             if value not in allowed:
                 raise ValueError(f"algorithm.cafedistill.{name}: {value!r} is not one of {allowed}")
@@ -333,7 +340,11 @@ def make_residual_loss_fn(
         generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
         trained = sorted({*students, m - 1, *unselected})
         z_p = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in trained}
-        total = generic + sum(F.cross_entropy(z_p[k], y) for k in trained)
+        z_ce = z_p
+        if opts.residual_ce == "backbone":  # same values; the personal CE also trains the stages under f_k
+            z_ce = {k: F.linear(feats[k], probe.linears[k].weight.detach(), probe.linears[k].bias.detach())
+                    + F.linear(feats[k], *heads[k]) for k in trained}
+        total = generic + sum(F.cross_entropy(z_ce[k], y) for k in trained)
         kd = logits[-1].new_zeros(())
         if opts.lam > 0 and opts.kd_exits(students, m):
             w, b = teacher_weight, teacher_bias
