@@ -130,9 +130,10 @@ class CafeDistillConfig(_Strict):
                     "'Choosing CAFEDistill's defaults'); spec = the specification's original defaults "
                     "(lam 1, tau 3, mu 0.5, KD into the backbone from round 0, frozen unselected heads, "
                     "update_cosine). Fields set explicitly override the preset")
-    lam: float = Field(3.0, ge=0, description="lambda: KD weight (0 = no distillation); the KD term is "
+    lam: float = Field(1.0, ge=0, description="lambda: KD weight (0 = no distillation); the KD term is "
                                                 "lambda * tau^2 * KL, so lambda*tau^2 is the effective weight "
-                                                "(3 chosen on validation with kd_shared: personal; 0.1 before)")
+                                                "(1, the specification's, re-chosen on validation in session 6 "
+                                                "after residual_ce: backbone; 3 in sessions 4-5, 0.1 before)")
     tau: float = Field(3.0, gt=0, description="tau: distillation temperature")
     mu: float = Field(2.0, gt=0, description="mu: teacher-weight QP regulariser (small = own teacher, "
                                                "large = uniform over the pool)")

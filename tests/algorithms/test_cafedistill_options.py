@@ -554,7 +554,7 @@ def test_residual_ce_backbone_trains_the_stages_never_the_generic_heads(tiny_een
 
 def test_residual_ce_is_the_default_and_off_in_the_spec_preset() -> None:
     cafe = build_config({"algorithm": {"name": "cafedistill"}}).algorithm.cafedistill
-    assert cafe.residual_ce == "backbone" and cafe.heads == "generic_residual"
+    assert cafe.residual_ce == "backbone" and cafe.heads == "generic_residual" and cafe.lam == 1.0
     assert build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"preset": "spec"}}}
                         ).algorithm.cafedistill.residual_ce == "detached"
     with pytest.raises(ValueError, match="residual_ce"):
