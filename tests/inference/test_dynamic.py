@@ -54,3 +54,10 @@ def test_policies_see_the_macs_every_running_sample_has_spent():
     spy = Spy()
     predict_batch(model, torch.randn(16, 1, 8, 8), spy, cost)
     assert spy.seen and all(set(spent) == {cost.cascade[k]} for k, spent in spy.seen)
+
+
+@pytest.mark.parametrize("policy", [FullDepth(), Threshold(0.5)])
+def test_an_empty_batch_gives_empty_answers(policy):
+    model = cnn_small((1, 8, 8), 3, width=4).eval()
+    p = predict_batch(model, torch.zeros(0, 1, 8, 8), policy, exit_macs(model, (1, 8, 8)))
+    assert [tuple(t.shape) for t in (p.labels, p.exits, p.confidence, p.macs, p.probs)] == [(0,)] * 4 + [(0, 3)]
