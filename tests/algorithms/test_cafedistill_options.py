@@ -559,3 +559,11 @@ def test_residual_ce_is_the_default_and_off_in_the_spec_preset() -> None:
                         ).algorithm.cafedistill.residual_ce == "detached"
     with pytest.raises(ValueError, match="residual_ce"):
         KDOptions(lam=0.0, tau=1.0, residual_ce="both")
+
+
+def test_residual_ce_backbone_keeps_kd_shared_none_on_the_residual_heads(tiny_een: EarlyExitNet) -> None:
+    """With kd_shared none, KD moves only the residual heads also when the CE reaches the backbone."""
+    g0, h0 = _residual_grads(tiny_een, "none", 0.0, residual_ce="backbone")
+    g1, h1 = _residual_grads(tiny_een, "none", 1.0, residual_ce="backbone")
+    assert all(torch.equal(g0[n], g1[n]) for n in g0 if n != "loss")
+    assert any(not torch.equal(a, b) for a, b in zip(h0, h1, strict=True))

@@ -40,7 +40,7 @@ the detaches (its gradient reaches E_k^G and the stages under exit k);
 (z_m^G detached, same gate), the generic last exit, which averages every
 client's last head, teaching the generic students and the backbone.
 ``residual_ce: backbone`` computes the personal CE on
-E_k^G[W, b detached](f_k) + P_k(f_k), the same logits, so its gradient reaches the
+E_k^G(f_k) with W, b detached, + P_k(f_k): the same logits, so its gradient reaches the
 backbone (as FedPer-EE's personal CE does) but never the generic heads, which stay
 trained by BSM alone.
 
@@ -339,11 +339,11 @@ def make_residual_loss_fn(
         logits, feats = probe(x)
         generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
         trained = sorted({*students, m - 1, *unselected})
-        z_p = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in trained}
-        z_ce = z_p
         if opts.residual_ce == "backbone":  # same values; the personal CE also trains the stages under f_k
             z_ce = {k: F.linear(feats[k], probe.linears[k].weight.detach(), probe.linears[k].bias.detach())
                     + F.linear(feats[k], *heads[k]) for k in trained}
+        else:
+            z_ce = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in trained}
         total = generic + sum(F.cross_entropy(z_ce[k], y) for k in trained)
         kd = logits[-1].new_zeros(())
         if opts.lam > 0 and opts.kd_exits(students, m):
@@ -354,9 +354,12 @@ def make_residual_loss_fn(
                 b = b + own_weight * (last.bias.detach() + heads[m - 1][1].detach())
             zbar = teacher_logits(feats[m - 1], w, b)
             kd_exits = opts.kd_exits(students, m)
-            z_kd = z_p
             if opts.shared == "personal":  # the KD gradient also reaches E_k^G and the stages under it
                 z_kd = {k: logits[k] + F.linear(feats[k], *heads[k]) for k in kd_exits}
+            elif opts.residual_ce == "detached":  # the CE's logits: the residual heads' gradient only
+                z_kd = z_ce
+            else:  # KD still reaches the residual heads only, though the CE reaches the backbone
+                z_kd = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in kd_exits}
             kd = _kd_sum(kd_exits, z_kd, zbar, y, opts, prior, stats)
             if opts.shared == "generic" and students:
                 # the generic last exit (every client's last head, averaged) teaches the generic students
