@@ -106,7 +106,7 @@ CAFEDISTILL_SPEC_PRESET: dict[str, Any] = {
     "lam": 1.0, "tau": 3.0, "mu": 0.5, "kd_backbone": "full", "kd_warmup": "none", "kd_start_round": 0,
     "kd_needs_trained_teacher": False, "kd_gate": "none", "kd_target": "full", "center_heads": False,
     "own_head": "stored", "unselected": "frozen", "heads": "personal", "kd_last_exit": False,
-    "residual_init": "zero", "kd_shared": "none", "residual_ce": "detached",
+    "residual_init": "zero", "kd_shared": "none", "residual_ce": "detached", "residual_generic": "live",
     "selection": {"similarity": "update_cosine", "schedule_clock": "global", "ramp": 0.5},
 }
 
@@ -120,6 +120,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "algorithm.cafedistill.residual_init": "zero",
     "algorithm.cafedistill.kd_shared": "none",
     "algorithm.cafedistill.residual_ce": "detached",
+    "algorithm.cafedistill.residual_generic": "live",
 }
 
 
@@ -201,6 +202,15 @@ class CafeDistillConfig(_Strict):
                     "FedPer-EE's personal CE does; never the generic heads, which BSM alone trains; chosen "
                     "on validation in session 6). No effect with heads=personal, whose CE trains the "
                     "backbone already")
+    residual_generic: Literal["live", "received", "received_ce"] = Field(
+        "received_ce",
+        description="heads=generic_residual: the generic head a client's residual heads are added to while "
+                    "it trains. live (FedRoD: its generic head as BSM moves it during local training); "
+                    "received (the round's global generic head, held fixed: the head its personal logits "
+                    "use at inference, after the server averages). Under received the personal CE and KD "
+                    "never reach the generic heads; received_ce puts only the personal CE on the received "
+                    "heads and leaves KD on the live logits (kd_shared still reaches the generic heads; "
+                    "chosen on validation in session 7, live before). No effect with heads=personal")
     unselected: Literal["frozen", "ce_detached"] = Field(
         "ce_detached",
         description="student heads outside S_i: frozen (spec) or trained by CE on detached features "

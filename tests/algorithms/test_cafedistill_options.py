@@ -391,15 +391,15 @@ def test_ramp_shortens_the_progressive_phase(tiny_een: EarlyExitNet) -> None:
 # ------------------------------------------- heads: generic_residual (FedRoD form)
 @pytest.mark.parametrize("unselected", ["frozen", "ce_detached"])
 def test_generic_residual_without_kd_equals_fedrod_bit_for_bit(unselected: str) -> None:
-    """lam=0, schedule=all, residual_ce=detached: CAFEDistill on generic + residual heads is FedRoD-EE,
-    to the last bit."""
+    """lam=0, schedule=all, residual_ce=detached, residual_generic=live: CAFEDistill on generic +
+    residual heads is FedRoD-EE, to the last bit."""
     from cafe_ray.algorithms.fedrod import FedRoDEE
 
     model = make_tiny_een()
     data = make_clients(4)
     parts = [(0, 1, 2, 3), (1, 3), (0, 2, 3)]
     cd = cafe(heads="generic_residual", residual_init="zero", lam=0.0, unselected=unselected,
-              residual_ce="detached", selection={"schedule": "all"})
+              residual_ce="detached", residual_generic="live", selection={"schedule": "all"})
     fr = FedRoDEE(make_cfg("fedrod_ee"))
     s_cd, p_cd = run_rounds(cd, model, data, 3, participants=parts)
     s_fr, p_fr = run_rounds(fr, model, data, 3, participants=parts)
@@ -439,7 +439,7 @@ def test_generic_residual_kd_moves_only_the_personal_heads(tiny_een: EarlyExitNe
 
 def test_generic_residual_uploads_the_personal_last_head_and_evaluates_summed_heads(tiny_een: EarlyExitNet) -> None:
     data = make_clients(2)
-    alg = cafe(num_clients=2, heads="generic_residual")
+    alg = cafe(num_clients=2, heads="generic_residual", residual_generic="live")  # received: the test below
     state, personal = run_rounds(alg, tiny_een, data, 2)
     payload = alg.server_payloads(state, round_ctx(2, 3, (0,)))[0]
     out = alg.client_update(copy.deepcopy(tiny_een), payload, personal[0], data[0], client_ctx(0, 2, 3))
@@ -481,7 +481,7 @@ def test_prior_initialised_residuals_equal_fedrod_with_prior_init_without_kd() -
     model = make_tiny_een()
     data = make_clients(3)
     cd = cafe(heads="generic_residual", residual_init="prior", lam=0.0, residual_ce="detached",
-              selection={"schedule": "all"})
+              residual_generic="live", selection={"schedule": "all"})
     fr = FedRoDEE(make_cfg("fedrod_ee", fedrod={"personal_init": "prior"}))
     _, p_cd = run_rounds(cd, model, data, 2)
     _, p_fr = run_rounds(fr, model, data, 2)
@@ -491,6 +491,7 @@ def test_prior_initialised_residuals_equal_fedrod_with_prior_init_without_kd() -
 
 
 def _residual_grads(model: EarlyExitNet, shared: str, lam: float, residual_ce: str = "detached",
+                    residual_generic: str = "live", move_generic: bool = False,
                     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """(model grads, residual-head grads) of L_i under heads=generic_residual, student exit 0."""
     from cafe_ray.algorithms.cafedistill.loss import make_residual_loss_fn
@@ -502,8 +503,15 @@ def _residual_grads(model: EarlyExitNet, shared: str, lam: float, residual_ce: s
     w, b = teacher(model)
     model = copy.deepcopy(model)
     heads = residual_heads(model, None)
-    opts = KDOptions(lam=lam, tau=3.0, unselected="ce_detached", shared=shared, residual_ce=residual_ce)
-    loss = make_residual_loss_fn(HeadProbe(model), heads, counts, w, b, (0,), opts)(model, x, y)
+    opts = KDOptions(lam=lam, tau=3.0, unselected="ce_detached", shared=shared, residual_ce=residual_ce,
+                     residual_generic=residual_generic)
+    probe = HeadProbe(model)
+    loss_fn = make_residual_loss_fn(probe, heads, counts, w, b, (0,), opts)
+    if move_generic:  # local training moved the generic heads after the loss was built
+        with torch.no_grad():
+            for lin in probe.linears:
+                lin.weight.add_(0.3 * torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(5)))
+    loss = loss_fn(model, x, y)
     g = grads(model, loss)
     g["loss"] = loss.detach()
     return g, [p.grad.clone() for pair in heads for p in pair]
@@ -567,3 +575,78 @@ def test_residual_ce_backbone_keeps_kd_shared_none_on_the_residual_heads(tiny_ee
     g1, h1 = _residual_grads(tiny_een, "none", 1.0, residual_ce="backbone")
     assert all(torch.equal(g0[n], g1[n]) for n in g0 if n != "loss")
     assert any(not torch.equal(a, b) for a, b in zip(h0, h1, strict=True))
+
+
+def test_residual_generic_received_matches_live_before_the_generic_heads_move(tiny_een: EarlyExitNet) -> None:
+    """At the first step (live heads = received heads) both forms give the same loss and the same
+    residual and backbone gradients; the generic heads' differ only where KD reached them (live)."""
+    g_live, h_live = _residual_grads(tiny_een, "personal", 1.0, residual_ce="backbone")
+    g_rec, h_rec = _residual_grads(tiny_een, "personal", 1.0, residual_ce="backbone", residual_generic="received")
+    torch.testing.assert_close(g_live["loss"], g_rec["loss"])
+    for a, b in zip(h_live, h_rec, strict=True):
+        torch.testing.assert_close(a, b)
+    for n in g_live:
+        if n.startswith("stages."):
+            torch.testing.assert_close(g_live[n], g_rec[n], msg=n)
+    assert any(not torch.allclose(g_live[n], g_rec[n]) for n in g_live if n.startswith("exits.0."))
+
+
+def test_residual_generic_received_leaves_the_generic_heads_to_bsm(tiny_een: EarlyExitNet) -> None:
+    """received: KD (kd_shared personal) still reaches the stages under the student, never a generic head."""
+    g0, _ = _residual_grads(tiny_een, "personal", 0.0, residual_ce="backbone", residual_generic="received")
+    g1, _ = _residual_grads(tiny_een, "personal", 1.0, residual_ce="backbone", residual_generic="received")
+    assert all(torch.equal(g0[n], g1[n]) for n in g0 if n.startswith("exits."))
+    assert any(not torch.equal(g0[n], g1[n]) for n in g0 if n.startswith("stages.0."))
+
+
+@pytest.mark.parametrize("residual_generic", ["live", "received", "received_ce"])
+def test_residual_generic_received_ignores_the_locally_moved_generic_head(
+        tiny_een: EarlyExitNet, residual_generic: str) -> None:
+    """The residuals' gradient does not depend on where local training moved the generic heads under
+    received (it corrects the head used at inference), and does under live."""
+    _, h_still = _residual_grads(tiny_een, "none", 0.0, residual_generic=residual_generic)
+    _, h_moved = _residual_grads(tiny_een, "none", 0.0, residual_generic=residual_generic, move_generic=True)
+    same = all(torch.equal(a, b) for a, b in zip(h_still, h_moved, strict=True))
+    assert same == (residual_generic != "live")
+
+
+def test_residual_generic_received_ce_keeps_kd_on_the_live_generic_heads(tiny_een: EarlyExitNet) -> None:
+    """received_ce: the personal CE is on the received heads, but KD (kd_shared personal) still reaches
+    the student's generic head, exactly as under live."""
+    g0, _ = _residual_grads(tiny_een, "personal", 0.0, residual_ce="backbone", residual_generic="received_ce")
+    g1, _ = _residual_grads(tiny_een, "personal", 1.0, residual_ce="backbone", residual_generic="received_ce")
+    moved = {n for n in g0 if n != "loss" and not torch.equal(g0[n], g1[n])}
+    assert any(n.startswith("exits.0.") for n in moved) and any(n.startswith("stages.0.") for n in moved)
+    assert all(n.startswith(("stages.0.", "exits.0.")) for n in moved), moved
+    g_live, _ = _residual_grads(tiny_een, "personal", 1.0, residual_ce="backbone")
+    for n in g1:
+        if n.startswith("exits."):
+            torch.testing.assert_close(g1[n], g_live[n], msg=n)
+
+
+def test_residual_generic_received_uploads_the_received_head_plus_residual(tiny_een: EarlyExitNet) -> None:
+    """h_i, the teacher head a client uploads, is the personal last head the client trained against."""
+    from cafe_ray.algorithms.fedrod import _phead_key
+    from cafe_ray.algorithms.heads import final_linear_keys
+
+    alg = cafe(heads="generic_residual", residual_generic="received", lam=1.0)
+    data = make_clients(3)
+    state = alg.init_server_state(copy.deepcopy(tiny_een))
+    payload = alg.server_payloads(state, round_ctx(0, 4, (0, 1, 2)))[0]
+    out = alg.client_update(copy.deepcopy(tiny_een), payload, None, data[0], client_ctx(0, 0, 4))
+    m = tiny_een.num_exits
+    wk, bk = final_linear_keys(tiny_een, m - 1)
+    torch.testing.assert_close(out.upload.tensors[HEAD_W], payload.tensors[wk] + out.personal[_phead_key(m - 1, "weight")])
+    torch.testing.assert_close(out.upload.tensors[HEAD_B], payload.tensors[bk] + out.personal[_phead_key(m - 1, "bias")])
+    assert not torch.equal(out.upload.tensors[wk], payload.tensors[wk])  # the generic head itself trained (BSM)
+
+
+def test_residual_generic_default_legacy_and_bad_value() -> None:
+    from cafe_ray.config import LEGACY_VALUES
+
+    assert build_config({"algorithm": {"name": "cafedistill"}}).algorithm.cafedistill.residual_generic == "received_ce"
+    assert build_config({"algorithm": {"name": "cafedistill", "cafedistill": {"preset": "spec"}}}
+                        ).algorithm.cafedistill.residual_generic == "live"
+    assert LEGACY_VALUES["algorithm.cafedistill.residual_generic"] == "live"
+    with pytest.raises(ValueError, match="residual_generic"):
+        KDOptions(lam=0.0, tau=1.0, residual_generic="global")

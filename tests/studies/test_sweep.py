@@ -32,7 +32,8 @@ def _base(tmp_path: Path, **top) -> dict:
         "data": {"name": "digits", "num_clients": 4, "partition": {"kind": "dirichlet", "alpha": 1.0, "min_size": 20}},
         "model": {"name": "cnn_small", "width": 8},
         # pinned: the resume test's scenario (ASHA stops the third trial at round 2) follows these curves
-        "algorithm": {"name": "cafedistill", "cafedistill": {"residual_ce": "detached", "lam": 3.0}},
+        "algorithm": {"name": "cafedistill", "cafedistill": {"residual_ce": "detached", "residual_generic": "live",
+                                                        "lam": 3.0}},
         "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "max_steps": 8},
         "round": {"num_rounds": 2, "fraction": 1.0, "eval_every": 1},
         "profiles": {"catalog": "uniform", "actors_per_class": 1},

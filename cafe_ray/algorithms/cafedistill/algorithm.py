@@ -468,6 +468,7 @@ class CafeDistill(Algorithm):
             lam=float(payload.meta.get("lam", hp.lam)), tau=hp.tau, backbone=hp.kd_backbone,
             backbone_scale=hp.kd_backbone_scale, gate=hp.kd_gate, target=hp.kd_target, unselected=hp.unselected,
             last_exit=hp.kd_last_exit, shared=hp.kd_shared, residual_ce=hp.residual_ce,
+            residual_generic=hp.residual_generic,
         )
         prior = label_prior(data.y_train, model.num_classes) if hp.kd_target != "full" else None
         own_weight = float(payload.meta.get("own_weight", 0.0))
@@ -476,6 +477,8 @@ class CafeDistill(Algorithm):
             # generic heads (and the backbone) always train by BSM; frozen applies to the residuals
             counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
             heads = residual_heads(model, personal, hp.residual_init, counts)
+            # h_i is the client's personal last head: generic (live, or as received) + residual
+            generic_last = (model.last_head.weight.detach().clone(), model.last_head.bias.detach().clone())
             loss_fn = make_residual_loss_fn(HeadProbe(model), heads, counts, *teacher, students, opts, stats,
                                             prior=prior, own_weight=own_weight)
             trainable = [*model.parameters(), *(p for k, pair in enumerate(heads) if k not in frozen for p in pair)]
@@ -489,6 +492,8 @@ class CafeDistill(Algorithm):
         upload[HEAD_W] = model.last_head.weight.detach().clone()
         upload[HEAD_B] = model.last_head.bias.detach().clone()
         if residual:  # h_i is the client's personal last head: generic + residual
+            if hp.residual_generic != "live":
+                upload[HEAD_W], upload[HEAD_B] = generic_last
             upload[HEAD_W] += heads[m - 1][0].detach()
             upload[HEAD_B] += heads[m - 1][1].detach()
             personal_out = residual_state(heads)

@@ -42,7 +42,14 @@ client's last head, teaching the generic students and the backbone.
 ``residual_ce: backbone`` computes the personal CE on
 E_k^G(f_k) with W, b detached, + P_k(f_k): the same logits, so its gradient reaches the
 backbone (as FedPer-EE's personal CE does) but never the generic heads, which stay
-trained by BSM alone.
+trained by BSM alone. ``residual_generic: received`` adds the residuals to the
+round's global generic heads, held fixed (W_k^G0, b_k^G0, snapshot when the loss is
+built) instead of the live ones: z_k = (W_k^G0 + W_k^P) f_k + b_k^G0 + b_k^P, with f_k
+detached where the live form detaches it. The residual then learns to correct the
+generic head the client's personal logits use at inference (the server's average,
+not the client's locally moved copy); the personal CE and KD never reach E_k^G.
+``received_ce`` does so for the personal CE only: the KD term stays on the live
+logits, so that under ``kd_shared: personal`` it still reaches the generic students.
 
 With lambda_t = 0, every student selected and no option active, L_i is
 computed with the same operations in the same order as FedPer-EE's sum of
@@ -68,6 +75,7 @@ KD_TARGETS = ("full", "own_classes", "prior_corrected")
 UNSELECTED = ("frozen", "ce_detached")
 KD_SHARED = ("none", "personal", "generic")
 RESIDUAL_CE = ("detached", "backbone")
+RESIDUAL_GENERIC = ("live", "received", "received_ce")
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class KDOptions:
     last_exit: bool = False  # kd_last_exit: the teacher exit m is distilled from hbar_i too
     shared: str = "none"  # kd_shared (generic_residual only): none | personal | generic
     residual_ce: str = "detached"  # residual_ce (generic_residual only): detached | backbone
+    residual_generic: str = "live"  # residual_generic (generic_residual only): live | received | received_ce
 
     def kd_exits(self, students: Sequence[int], m: int) -> tuple[int, ...]:
         """The exits the KD term covers: S_i, plus m-1 (0-based) under kd_last_exit."""
@@ -97,6 +106,7 @@ class KDOptions:
             ("unselected", self.unselected, UNSELECTED),
             ("kd_shared", self.shared, KD_SHARED),
             ("residual_ce", self.residual_ce, RESIDUAL_CE),
+            ("residual_generic", self.residual_generic, RESIDUAL_GENERIC),
         ):
             if value not in allowed:
                 raise ValueError(f"algorithm.cafedistill.{name}: {value!r} is not one of {allowed}")
@@ -333,13 +343,26 @@ def make_residual_loss_fn(
     """
     students = tuple(sorted(students))
 
+    received = (
+        [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in probe.linears]
+        if opts.residual_generic in ("received", "received_ce") else None
+    )
+    kd_received = received if opts.residual_generic == "received" else None
+
+    def fixed(k: int, f: torch.Tensor) -> torch.Tensor:
+        """(W_k^G0 + W_k^P) f + b_k^G0 + b_k^P: the residual on the received generic head."""
+        w0, b0 = received[k]  # type: ignore[index]
+        return F.linear(f, w0 + heads[k][0], b0 + heads[k][1])
+
     def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m = model.num_exits
         unselected = frozenset(range(m - 1)) - set(students) if opts.unselected == "ce_detached" else frozenset()
         logits, feats = probe(x)
         generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
         trained = sorted({*students, m - 1, *unselected})
-        if opts.residual_ce == "backbone":  # same values; the personal CE also trains the stages under f_k
+        if received is not None:
+            z_ce = {k: fixed(k, feats[k] if opts.residual_ce == "backbone" else feats[k].detach()) for k in trained}
+        elif opts.residual_ce == "backbone":  # same values; the personal CE also trains the stages under f_k
             z_ce = {k: F.linear(feats[k], probe.linears[k].weight.detach(), probe.linears[k].bias.detach())
                     + F.linear(feats[k], *heads[k]) for k in trained}
         else:
@@ -349,14 +372,17 @@ def make_residual_loss_fn(
         if opts.lam > 0 and opts.kd_exits(students, m):
             w, b = teacher_weight, teacher_bias
             if own_weight:
-                last = probe.linears[m - 1]
-                w = w + own_weight * (last.weight.detach() + heads[m - 1][0].detach())
-                b = b + own_weight * (last.bias.detach() + heads[m - 1][1].detach())
+                last_w, last_b = kd_received[m - 1] if kd_received is not None else (
+                    probe.linears[m - 1].weight.detach(), probe.linears[m - 1].bias.detach())
+                w = w + own_weight * (last_w + heads[m - 1][0].detach())
+                b = b + own_weight * (last_b + heads[m - 1][1].detach())
             zbar = teacher_logits(feats[m - 1], w, b)
             kd_exits = opts.kd_exits(students, m)
-            if opts.shared == "personal":  # the KD gradient also reaches E_k^G and the stages under it
+            if kd_received is not None:  # the KD reaches the residuals, and the backbone under kd_shared personal
+                z_kd = {k: fixed(k, feats[k] if opts.shared == "personal" else feats[k].detach()) for k in kd_exits}
+            elif opts.shared == "personal":  # the KD gradient also reaches E_k^G and the stages under it
                 z_kd = {k: logits[k] + F.linear(feats[k], *heads[k]) for k in kd_exits}
-            elif opts.residual_ce == "detached":  # the CE's logits: the residual heads' gradient only
+            elif opts.residual_ce == "detached" and received is None:  # the CE's logits: the residual heads' gradient only
                 z_kd = z_ce
             else:  # KD still reaches the residual heads only, though the CE reaches the backbone
                 z_kd = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in kd_exits}
