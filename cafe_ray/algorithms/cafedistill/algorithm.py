@@ -114,7 +114,7 @@ from cafe_ray.algorithms.cafedistill.teacher import (
     unpack_head,
 )
 from cafe_ray.algorithms.fedrod import load_summed_heads, residual_heads, residual_state
-from cafe_ray.algorithms.heads import HeadProbe
+from cafe_ray.algorithms.heads import HeadProbe, final_linear_keys
 from cafe_ray.algorithms.training import local_sgd
 from cafe_ray.config import CafeDistillConfig
 from cafe_ray.models.base import EXIT_PREFIX, EarlyExitNet, exit_of_key, stage_of_key
@@ -477,8 +477,6 @@ class CafeDistill(Algorithm):
             # generic heads (and the backbone) always train by BSM; frozen applies to the residuals
             counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
             heads = residual_heads(model, personal, hp.residual_init, counts)
-            # h_i is the client's personal last head: generic (live, or as received) + residual
-            generic_last = (model.last_head.weight.detach().clone(), model.last_head.bias.detach().clone())
             loss_fn = make_residual_loss_fn(HeadProbe(model), heads, counts, *teacher, students, opts, stats,
                                             prior=prior, own_weight=own_weight)
             trainable = [*model.parameters(), *(p for k, pair in enumerate(heads) if k not in frozen for p in pair)]
@@ -492,8 +490,9 @@ class CafeDistill(Algorithm):
         upload[HEAD_W] = model.last_head.weight.detach().clone()
         upload[HEAD_B] = model.last_head.bias.detach().clone()
         if residual:  # h_i is the client's personal last head: generic + residual
-            if hp.residual_generic != "live":
-                upload[HEAD_W], upload[HEAD_B] = generic_last
+            if hp.residual_generic != "live":  # the received generic head, the one the residual corrects
+                wk, bk = final_linear_keys(model, m - 1)
+                upload[HEAD_W], upload[HEAD_B] = shared[wk].clone(), shared[bk].clone()
             upload[HEAD_W] += heads[m - 1][0].detach()
             upload[HEAD_B] += heads[m - 1][1].detach()
             personal_out = residual_state(heads)
