@@ -395,8 +395,8 @@ class EngineConfig(_Strict):
     chunk_clients: int | None = Field(
         None, ge=1,
         description="virtual clients per Ray task (one actor call trains a chunk and returns numpy "
-                    "arrays); None = adaptive: the round's jobs split into about 2 chunks per actor, "
-                    "at most 64 clients each. Metrics do not depend on it")
+                    "arrays); None = adaptive: one chunk per actor, balanced by the clients' samples "
+                    "(at most 64 clients each). Metrics do not depend on it")
     vectorize: bool = Field(
         False,
         description="train a chunk's clients as one batched computation (torch.func vmap over stacked "

@@ -37,8 +37,10 @@ class StreamingMean:
                 self._other.setdefault(k, v.clone())
                 continue
             acc = self._sum.get(k)
-            contrib = v.detach().to(torch.float64) * weight
-            self._sum[k] = contrib if acc is None else acc + contrib
+            if acc is None:
+                self._sum[k] = v.detach().to(torch.float64) * weight  # a new tensor: ours to add into
+            else:  # in place, promoted to float64 inside the kernel: one op per tensor, same bits
+                acc.add_(v.detach(), alpha=weight)
         self.total_weight += weight
 
     def result(self, like: Params | None = None) -> Params:

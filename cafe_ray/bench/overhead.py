@@ -15,6 +15,7 @@ the machine's 1-minute load average before each run, because on a shared
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -127,6 +128,7 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
     from cafe_ray.algorithms.training import exit_accuracies, local_sgd
     from cafe_ray.data import load_dataset, partition_clients
     from cafe_ray.sim import seeds
+    from cafe_ray.sim.executor import freeze_heap
     from cafe_ray.sim.runner import make_model
 
     load = load_avg()
@@ -144,6 +146,7 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
                               torch.from_numpy(ds.x_test[s.test_idx]), torch.from_numpy(ds.y_test[s.test_idx]))
 
         T = cfg.round.num_rounds
+        freeze_heap()  # as the engine's workers do: collections skip this process's long-lived objects
         t0 = time.perf_counter()
         for t in range(T):
             mean = StreamingMean()
@@ -169,6 +172,7 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
         loop_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(prev)
+        gc.unfreeze()
     return FloorTiming(loop_s, tuple(float(c / n) for c in correct), load)
 
 

@@ -82,6 +82,9 @@ class Coordinator:
         factory = _ray_factory if refs is None else functools.partial(_ray_factory, data_refs=refs)
         data = None if refs is None else tuple(ray.get(refs))  # zero-copy views of the driver's put
         self.sim = Simulation(self.cfg, self.run_dir, factory, resume=self.resume, data=data)
+        from cafe_ray.sim.executor import freeze_heap
+
+        freeze_heap()  # the round loop's garbage collections skip the coordinator's set-up
         return self.sim.run()
 
     def progress(self) -> dict[str, Any]:

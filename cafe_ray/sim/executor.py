@@ -5,9 +5,12 @@ The round loop (cafe_ray.sim.simulation) says *what* runs; an executor decides
 
 Ray: one bounded pool of client actors per resource class, each actor running
 many virtual clients in turn with that class's Ray resources. One actor call
-trains a chunk of clients (``engine.chunk_clients``, adaptive by default; a
-batched cohort under ``engine.vectorize``) and returns their uploads as numpy
-arrays. Actors start before the data is loaded; the dataset goes to the object
+trains a chunk of clients and returns their uploads as numpy arrays. By default
+a round's jobs are split into one chunk per actor, balanced by the work each
+client brings (its training or test samples: longest first, onto the least
+loaded actor), so every actor gets one call and the round waits for no
+straggling chunk; ``engine.chunk_clients`` fixes the size instead, and
+``engine.vectorize`` trains fixed cohorts. Actors start before the data is loaded; the dataset goes to the object
 store once and travels with each call by reference; an identical payload is
 put once per round. An actor that dies mid-round is restarted by Ray; the jobs
 it held count as failed.
@@ -21,6 +24,8 @@ round when nodes join after they were built.
 
 from __future__ import annotations
 
+import heapq
+import math
 import os
 import socket
 import warnings
@@ -116,24 +121,94 @@ def fit_capacity() -> tuple[dict[str, float], str]:
     return total, "placement group"
 
 
-def pack_result(r: FitResult) -> FitResult:
-    """The upload's torch tensors as numpy arrays: Ray ships those out of band, zero-copy."""
-    if r.output is None:
-        return r
-    up = r.output.upload
-    arrays = {k: v.detach().numpy() for k, v in up.tensors.items()}
-    return replace(r, output=replace(r.output, upload=replace(up, tensors=arrays)))
+def pack_results(results: Sequence[FitResult]) -> tuple[list[FitResult], dict[str, np.ndarray]]:
+    """A chunk's uploads as one flat numpy buffer per dtype, for the trip back to the coordinator.
+
+    Each upload tensor becomes ``(dtype, offset, shape)`` into its dtype's buffer: Ray ships a
+    few large buffers out of band (zero-copy) instead of pickling one array per tensor per
+    client, which on a tiny model cost more than the coordinator's whole aggregation.
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    sizes: dict[str, int] = {}
+    out: list[FitResult] = []
+    for r in results:
+        if r.output is None:
+            out.append(r)
+            continue
+        up = r.output.upload
+        refs: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+        for k, v in up.tensors.items():
+            a = v.detach().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            dt = a.dtype.str
+            off = sizes.get(dt, 0)
+            parts.setdefault(dt, []).append(a.reshape(-1))
+            sizes[dt] = off + a.size
+            refs[k] = (dt, off, a.shape)
+        out.append(replace(r, output=replace(r.output, upload=replace(up, tensors=refs))))
+    buffers = {dt: np.concatenate(ps) for dt, ps in parts.items()}
+    return out, buffers
 
 
-def unpack_result(r: FitResult) -> FitResult:
-    """Inverse of :func:`pack_result` on the coordinator (no copy: the arrays stay read-only views)."""
-    if r.output is None:
-        return r
-    up = r.output.upload
-    with warnings.catch_warnings():  # the object store's buffers are read-only; nobody writes them
-        warnings.simplefilter("ignore", UserWarning)
-        tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in up.tensors.items()}
-    return replace(r, output=replace(r.output, upload=replace(up, tensors=tensors)))
+def unpack_results(results: Sequence[FitResult], buffers: Mapping[str, np.ndarray]) -> list[FitResult]:
+    """Inverse of :func:`pack_results` on the coordinator: torch views of the buffers, no copy
+    (read-only object-store memory: aggregation reads the uploads, nobody writes them)."""
+    out: list[FitResult] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns once about read-only numpy arrays
+        bufs = {dt: torch.from_numpy(b) for dt, b in buffers.items()}
+        for r in results:
+            if r.output is None:
+                out.append(r)
+                continue
+            up = r.output.upload
+            tensors = {k: bufs[dt][off:off + math.prod(shape)].view(shape) for k, (dt, off, shape) in up.tensors.items()}
+            out.append(replace(r, output=replace(r.output, upload=replace(up, tensors=tensors))))
+    return out
+
+
+def freeze_heap() -> None:
+    """Move everything a worker holds after its set-up out of the garbage collector's sight.
+
+    A Ray worker with torch loaded holds a few hundred thousand long-lived objects; every
+    full collection (triggered by the many short-lived objects a training step makes)
+    walked them all again, about a tenth of a tiny client's training time. Frozen
+    objects are never collected, so this runs once, when the long-lived state is built, and
+    without a collection first (one costs about 70 ms there, on the way to round 0).
+    """
+    import gc
+
+    gc.freeze()
+
+
+MAX_CHUNK = 64  # clients per actor call at most (adaptive chunking)
+TARGET_CHUNK_S = 0.1  # adaptive chunking: work that lasts longer is split into calls of about this long
+
+
+def balanced_chunks(idx: Sequence[int], costs: Sequence[float], n_actors: int,
+                    max_chunk: int = MAX_CHUNK, min_chunks: int = 0) -> list[list[int]]:
+    """Job indices in about one chunk per actor, balanced by cost (greedy longest-first).
+
+    Each job goes, heaviest first, to the chunk with the least work so far (ties:
+    the lower chunk); every chunk keeps its jobs in their original order. At least
+    ``n_actors`` chunks (and ``min_chunks``, when the work is worth splitting finer
+    so that faster actors can take more of it), more when a chunk would pass
+    ``max_chunk`` jobs; the executor feeds them as actors free up. Deterministic
+    for given inputs; metrics never depend on it (a client's training does not
+    depend on which call trains it).
+    """
+    n = len(idx)
+    if n == 0:
+        return []
+    a = max(n_actors, 1)
+    k = max(1, min(n, max(a * -(-n // (a * max_chunk)), min_chunks)))
+    bins: list[list[int]] = [[] for _ in range(k)]
+    heap = [(0.0, b) for b in range(k)]  # (work so far, chunk): the least loaded on top
+    for j in sorted(range(n), key=lambda j: (-costs[j], j)):
+        load, b = heapq.heappop(heap)
+        bins[b].append(idx[j])
+        if len(bins[b]) < max_chunk:  # a full chunk takes no more jobs (k * max_chunk >= n)
+            heapq.heappush(heap, (load + costs[j], b))
+    return [sorted(b) for b in bins if b]
 
 
 class _ClientActor:
@@ -173,14 +248,16 @@ class _ClientActor:
 
             dataset, splits = ray.get(data_refs)
             self.runner = ClientRunner(self.cfg, dataset, splits, self.store_root, worker_info=self.worker_info)
+            freeze_heap()
         return True
 
-    def fit_chunk(self, data_refs: list, jobs: list[FitJob], pidx: list[int], *payloads) -> list[FitResult]:  # noqa: ANN002
+    def fit_chunk(self, data_refs: list, jobs: list[FitJob], pidx: list[int],  # noqa: ANN002
+                  *payloads) -> tuple[list[FitResult], dict[str, np.ndarray]]:
         """Train a chunk of virtual clients (one batched cohort under engine.vectorize); uploads
-        come back as numpy arrays."""
+        come back as flat numpy buffers (:func:`pack_results`)."""
         self.attach(data_refs)
         full = [replace(j, payload=payloads[k]) for j, k in zip(jobs, pidx, strict=True)]
-        return [pack_result(r) for r in self.runner.fit_many(full)]  # type: ignore[union-attr]
+        return pack_results(self.runner.fit_many(full))  # type: ignore[union-attr]
 
     def evaluate_chunk(self, data_refs: list, jobs: list[EvalJob], pidx: list[int], *payloads) -> list[EvalResult]:  # noqa: ANN002
         self.attach(data_refs)
@@ -205,6 +282,9 @@ class RayExecutor(Executor):
         self.chunk_clients = cfg.engine.chunk_clients
         self.vectorize = cfg.engine.vectorize
         self._data_refs: list | None = None  # [dataset ref, splits ref], set by attach()
+        self._splits: Sequence[ClientSplit] | None = None  # for the jobs' costs (balanced chunks)
+        self._train = cfg.train
+        self._rate: dict[str, float] = {}  # pool -> seconds per unit of work, from the last round
         self._attached: list = []  # each actor's attach() call: done once Ray placed the actor
         self._given_refs = data_refs
         self.capacity, self.capacity_source = fit_capacity()
@@ -250,7 +330,9 @@ class RayExecutor(Executor):
         for pool in self.pools.values():
             for a in pool:
                 self._attached.append(a.attach.remote(self._data_refs))  # ordered before any chunk on that actor
-        return (dataset, splits) if given else tuple(self.ray.get(self._data_refs))  # type: ignore[return-value]
+        kept = (dataset, splits) if given else tuple(self.ray.get(self._data_refs))
+        self._splits = kept[1]
+        return kept  # type: ignore[return-value]
 
     def _new_actor(self, c: ResourceClass):  # noqa: ANN202 - an actor handle
         actor = self._actor_cls.options(max_restarts=-1, max_task_retries=0, **c.ray_options()).remote(
@@ -290,8 +372,29 @@ class RayExecutor(Executor):
     def actor_info(self) -> list[dict]:
         return self.ray.get([a.info.remote() for pool in self.pools.values() for a in pool])
 
-    def _chunk_size(self, n_jobs: int, n_actors: int, method: str) -> int:
-        """Clients per Ray task: engine.chunk_clients, else ~2 chunks per actor, 1..64.
+    def _cost(self, job: FitJob | EvalJob) -> float:
+        """The work a job brings: the samples it trains on (fit) or scores (evaluation)."""
+        cid = job.client_id
+        s = self._splits
+        if s is None:
+            return 1.0
+        if hasattr(s, "train_ptr"):  # ClientSplits: O(1) per client
+            n_train = int(s.train_ptr[cid + 1] - s.train_ptr[cid])
+            n_eval = int(s.test_ptr[cid + 1] - s.test_ptr[cid] + s.val_ptr[cid + 1] - s.val_ptr[cid])
+        else:
+            sp = s[cid]
+            n_train, n_eval = len(sp.train_idx), len(sp.test_idx) + len(sp.val_idx)
+        if isinstance(job, EvalJob):
+            return float(n_eval)
+        t = self._train
+        work = n_train * t.local_epochs
+        if t.max_steps is not None:
+            work = min(work, t.max_steps * t.batch_size)
+        return float(work)
+
+    def _chunks(self, jobs: Sequence, idx: list[int], n_actors: int, method: str, name: str) -> list[list[int]]:
+        """A pool's jobs as actor calls: balanced, one per actor (see :func:`balanced_chunks`),
+        or runs of engine.chunk_clients.
 
         Training cohorts (engine.vectorize) have a fixed size instead, never one that
         depends on the number of actors: a batched cohort's float rounding depends on
@@ -300,10 +403,30 @@ class RayExecutor(Executor):
         if method == "fit" and self.vectorize:
             from cafe_ray.sim.cohort import cohort_size
 
-            return cohort_size(self.chunk_clients)
-        if self.chunk_clients:
-            return self.chunk_clients
-        return max(1, min(64, -(-n_jobs // (2 * max(1, n_actors)))))
+            c = cohort_size(self.chunk_clients)
+        elif self.chunk_clients:
+            c = self.chunk_clients
+        else:
+            costs = [self._cost(jobs[i]) for i in idx]
+            rate = self._rate.get(name) if method == "fit" else None
+            # once a round has shown what a unit of work takes here, split work that lasts long
+            # enough into chunks of about TARGET_CHUNK_S, fed to whichever actor is free: an actor
+            # on a slower core (a busy host, a smaller CPU share) then takes fewer of them
+            # (a whole number of chunks per actor: 3 chunks on 2 actors would leave one idle for a third)
+            many = int(rate * sum(costs) / TARGET_CHUNK_S) if rate else 0
+            return balanced_chunks(idx, costs, n_actors, min_chunks=n_actors * -(-many // n_actors))
+        return [idx[s:s + c] for s in range(0, len(idx), c)]
+
+    def _learn_rate(self, jobs: Sequence[FitJob], results: Sequence[FitResult | None]) -> None:
+        """Seconds per unit of work (:meth:`_cost`) in each pool, from the clients just trained:
+        the median client's, so that one client's first-call warm-up does not count."""
+        rates: dict[str, list[float]] = {}
+        for j, r in zip(jobs, results, strict=True):
+            work = self._cost(j)
+            if r is not None and r.output is not None and work > 0:
+                rates.setdefault(self.client_class.get(j.client_id), []).append(r.wall_s / work)
+        for name, xs in rates.items():
+            self._rate[name] = float(np.median(xs))
 
     def _dispatch(self, jobs: Sequence, method: str) -> list:
         """Feed each pool's live actors at most ``depth`` chunks at a time; collect in job order.
@@ -324,8 +447,8 @@ class RayExecutor(Executor):
             by_class[cls].append(i)
         queues: dict[str, deque[list[int]]] = {}
         for name, idx in by_class.items():
-            c = self._chunk_size(len(idx), len(self.pools[name]), method)
-            queues[name] = deque(idx[s:s + c] for s in range(0, len(idx), c))
+            alive = sum((name, k) not in self._down for k in range(len(self.pools[name])))
+            queues[name] = deque(self._chunks(jobs, idx, max(1, alive), method, name))
         results: list = [None] * len(jobs)
         attempts: dict[int, int] = {}  # first job index of a chunk -> tries
         in_flight: dict = {}  # ref -> (job indices, class, actor index)
@@ -372,8 +495,10 @@ class RayExecutor(Executor):
                 load[name][a] -= 1
                 try:
                     out = ray.get(ref)
+                    if method == "fit":
+                        out = unpack_results(*out)
                     for i, r in zip(chunk, out, strict=True):
-                        results[i] = unpack_result(r) if isinstance(r, FitResult) else r
+                        results[i] = r
                     worker = getattr(out[0], "worker", None) if out else None
                     if worker:
                         self._actor_node[(name, a)] = worker.get("node_id")
@@ -451,7 +576,9 @@ class RayExecutor(Executor):
     def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
         if self._scaled:
             self._grow()
-        return self._dispatch(jobs, "fit")
+        results = self._dispatch(jobs, "fit")
+        self._learn_rate(jobs, results)
+        return results
 
     def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
         return self._dispatch(jobs, "evaluate")

@@ -174,8 +174,8 @@ class Simulation:
         cfg, T = self.cfg, self.cfg.round.num_rounds
         wall0 = time.perf_counter()
         participants = self._sample(t)
-        crashed = {i for i in participants
-                   if seeds.rng(cfg.seed, t, i, seeds.FAIL).random() < self.profiles[i].failure_prob}
+        crashed = {i for i in participants if (p := self.profiles[i].failure_prob) > 0  # no draw when it cannot fail
+                   and seeds.rng(cfg.seed, t, i, seeds.FAIL).random() < p}
         ctx = RoundContext(t, T, seeds.derive_seed(cfg.seed, t), tuple(participants))
         payloads = self.algorithm.server_payloads(self.state, ctx) if participants else {}
         jobs = [FitJob(i, t, T, seeds.derive_seed(cfg.seed, t, i, seeds.TRAIN),
@@ -189,11 +189,15 @@ class Simulation:
         down = up = 0
         dropped = failed = 0
         deadline = cfg.round.deadline_s
+        sizes: dict[int, int] = {}  # id(payload) -> bytes: most clients get the same payload object
         for i in participants:
             prof = self.profiles[i]
             rec: dict[str, Any] = {"round": t, "client": i, "profile": prof.name,
                                    "resource_class": prof.resource_class}
-            b_down = payloads[i].nbytes
+            key = id(payloads[i])
+            if key not in sizes:
+                sizes[key] = payloads[i].nbytes
+            b_down = sizes[key]
             down += b_down
             if i in crashed:
                 # drawn before dispatch: the client never ran on any node

@@ -159,7 +159,7 @@ def _actor_chunk_work(sim: Simulation, t: int, store: str) -> tuple[dict, int]:
     import tracemalloc
 
     from cafe_ray.algorithms import RoundContext
-    from cafe_ray.sim.executor import pack_result
+    from cafe_ray.sim.executor import pack_results
     from cafe_ray.sim.runner import ClientRunner, FitJob
 
     runner = ClientRunner(sim.cfg, sim.dataset, sim.splits, store)
@@ -172,7 +172,7 @@ def _actor_chunk_work(sim: Simulation, t: int, store: str) -> tuple[dict, int]:
     try:
         base = tracemalloc.get_traced_memory()[0]
         pr.enable()
-        [pack_result(r) for r in runner.fit_many(jobs)]
+        pack_results(runner.fit_many(jobs))
         pr.disable()
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
