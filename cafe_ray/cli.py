@@ -234,8 +234,12 @@ def bench_overhead(
     repeats: Annotated[int, typer.Option(help="Engine/floor pairs, alternated; min and median reported.")] = 3,
     only: Annotated[str | None, typer.Option(help="Run one workload: big, tiny or vectorized.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where the engine's run directories go.")] = None,
+    parallel: Annotated[bool, typer.Option(help="Also time W bare loops at once, each on its share of the clients "
+                                                "(what W busy cores of this machine deliver).")] = True,
 ) -> None:
     """Engine vs a fair floor (bare loop, 1 thread, same training and evaluation) and floor / workers."""
+    import statistics
+
     from cafe_ray.bench import overhead
     from cafe_ray.sim.engine import ensure_ray
 
@@ -249,20 +253,23 @@ def bench_overhead(
         "vectorized": ("the tiny workload with engine.vectorize (cohorts of 16) vs the unvectorized floor",
                        overhead.workload("synthetic", 50, 5, 1, 1, 8, None, o, vectorize=True)),
     }
-    results = [overhead.measure(label, cfg, repeats) for k, (label, cfg) in work.items() if only in (None, k)]
+    results = [overhead.measure(label, cfg, repeats, parallel=parallel)
+               for k, (label, cfg) in work.items() if only in (None, k)]
     table = Table(title="engine vs floor (wall s; min / median of alternated runs; lower is better)")
-    for col in ("workload", "client-rounds", "floor 1 thread", "ideal floor/W", "engine rounds",
-                "engine end-to-end", "engine/ideal", "steady/ideal", "ms/client-round above ideal", "floor/engine",
-                "load avg", "max acc diff"):
+    for col in ("workload", "client-rounds", "floor 1 thread", "ideal floor/W", "parallel floor", "engine rounds",
+                "engine end-to-end", "engine/ideal", "steady/ideal", "steady/parallel", "ms/client-round above ideal",
+                "floor/engine", "load avg", "max acc diff"):
         table.add_column(col)
     for r in results:
+        par = (f"{min(r.parallel):.2f} / {statistics.median(r.parallel):.2f}", f"{r.steady_vs_parallel('min'):.2f}x / "
+               f"{r.steady_vs_parallel('median'):.2f}x") if r.parallel else ("-", "-")
         table.add_row(
             r.label, str(r.client_rounds), f"{r.floor_min:.2f} / {r.floor_median:.2f}",
-            f"{r.ideal_min:.2f} (W={r.workers})",
+            f"{r.ideal_min:.2f} (W={r.workers})", par[0],
             f"{r.engine_rounds('min'):.2f} / {r.engine_rounds('median'):.2f}",
             f"{r.engine_e2e('min'):.2f} / {r.engine_e2e('median'):.2f}",
             f"{r.ratio('min'):.2f}x / {r.ratio('median'):.2f}x",
-            f"{r.steady_ratio('min'):.2f}x / {r.steady_ratio('median'):.2f}x",
+            f"{r.steady_ratio('min'):.2f}x / {r.steady_ratio('median'):.2f}x", par[1],
             f"{r.above_ideal_ms('min'):.1f} / {r.above_ideal_ms('median'):.1f}",
             f"{r.floor_min / r.engine_rounds('min'):.2f}x / {r.floor_median / r.engine_rounds('median'):.2f}x",
             " ".join(f"{x.load:.1f}" for pair in zip(r.engine, r.floor, strict=True) for x in pair),

@@ -19,6 +19,7 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ class OverheadResult:
     per_round: int = 1
     engine: list[EngineTiming] = field(default_factory=list)
     floor: list[FloorTiming] = field(default_factory=list)
+    parallel: list[float] = field(default_factory=list)  # parallel_floor() seconds, one per repeat
 
     @property
     def floor_min(self) -> float:
@@ -83,6 +85,14 @@ class OverheadResult:
         floor = self.floor_min if stat == "min" else self.floor_median
         rounds = self.client_rounds // max(1, self.per_round)
         return eng / (floor / self.workers * (rounds - 1) / rounds)
+
+    def steady_vs_parallel(self, stat: str = "min") -> float:
+        """Rounds 2..T against the same share of the measured parallel floor."""
+        xs = [e.steady_s for e in self.engine]
+        eng = min(xs) if stat == "min" else statistics.median(xs)
+        par = min(self.parallel) if stat == "min" else statistics.median(self.parallel)
+        rounds = self.client_rounds // max(1, self.per_round)
+        return eng / (par * (rounds - 1) / rounds)
 
     def above_ideal_ms(self, stat: str = "min") -> float:
         """Engine round time above the ideal parallel floor, per client-round."""
@@ -121,8 +131,13 @@ def workload(dataset: str, clients: int, rounds: int, epochs: int, max_steps: in
     })
 
 
-def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
-    """The workload as a bare loop: same training and evaluation calls, no engine."""
+def floor_loop(cfg: ExperimentConfig, threads: int = 1, clients: Sequence[int] | None = None,
+               ready: Callable[[], object] | None = None) -> FloorTiming:
+    """The workload as a bare loop: same training and evaluation calls, no engine.
+
+    ``clients``: only these clients (a share of the work, see :func:`parallel_floor`);
+    ``ready``: called once everything is loaded, just before the clock starts.
+    """
     from cafe_ray.algorithms.aggregation import StreamingMean
     from cafe_ray.algorithms.base import ClientContext, ClientData, load_params
     from cafe_ray.algorithms.training import exit_accuracies, local_sgd
@@ -137,6 +152,9 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
     try:
         ds = load_dataset(cfg.data, seed=cfg.seed)
         splits = list(partition_clients(ds, cfg.data, seed=cfg.seed))
+        if clients is not None:
+            keep = set(clients)
+            splits = [s for s in splits if s.client_id in keep]
         model = make_model(cfg, ds)
         init = {k: v.clone() for k, v in model.state_dict().items()}
         glob = {k: v.clone() for k, v in init.items()}
@@ -147,6 +165,8 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
 
         T = cfg.round.num_rounds
         freeze_heap()  # as the engine's workers do: collections skip this process's long-lived objects
+        if ready is not None:
+            ready()
         t0 = time.perf_counter()
         for t in range(T):
             mean = StreamingMean()
@@ -176,6 +196,46 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1) -> FloorTiming:
     return FloorTiming(loop_s, tuple(float(c / n) for c in correct), load)
 
 
+def _share(cfg_json: str, clients: list[int], barrier: object, out: object) -> None:
+    """One process of :func:`parallel_floor` (module level: spawn pickles it by name)."""
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    out.put(floor_loop(cfg, clients=clients, ready=barrier.wait).loop_s)  # type: ignore[attr-defined]
+
+
+def parallel_floor(cfg: ExperimentConfig, workers: int) -> float:
+    """W bare loops running at once, each on its share of the clients: the slowest one's time.
+
+    The shares are the engine's first-round split (one call per actor, balanced by samples).
+    Each process averages only its own clients (there is no exchange between them), so a
+    round's arithmetic is the engine's while the weights differ; the time of these
+    computations does not depend on the weights' values. Where floor / W assumes that W busy
+    cores each run as fast as one alone, this measures what the machine's W cores deliver
+    at once (a busy host, shared caches), as the engine's actors meet it. Every process
+    loads the data and starts the clock at one barrier.
+    """
+    import multiprocessing as mp
+
+    from cafe_ray.data import load_dataset, partition_clients
+    from cafe_ray.sim.executor import balanced_chunks
+
+    ds = load_dataset(cfg.data, seed=cfg.seed)
+    splits = list(partition_clients(ds, cfg.data, seed=cfg.seed))
+    t = cfg.train
+    work = [min(len(s.train_idx) * t.local_epochs, (t.max_steps or 10**12) * t.batch_size) for s in splits]
+    shares = balanced_chunks([s.client_id for s in splits], work, workers)
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(len(shares)), ctx.Queue()
+    procs = [ctx.Process(target=_share, args=(cfg.model_dump_json(), share, barrier, out)) for share in shares]
+    for p in procs:
+        p.start()
+    try:
+        times = [out.get(timeout=3600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    return max(times)
+
+
 def engine_run(cfg: ExperimentConfig) -> EngineTiming:
     """The workload through the engine (Ray already started)."""
     from rich.console import Console
@@ -192,13 +252,15 @@ def engine_run(cfg: ExperimentConfig) -> EngineTiming:
     return EngineTiming(e2e, sum(walls), sum(walls[1:]), tuple(summary["acc_exit"]), load)
 
 
-def measure(label: str, cfg: ExperimentConfig, repeats: int = 3) -> OverheadResult:
-    """Alternate engine and floor ``repeats`` times (engine first, then floor)."""
+def measure(label: str, cfg: ExperimentConfig, repeats: int = 3, parallel: bool = True) -> OverheadResult:
+    """Alternate engine, floor and (``parallel``) the parallel floor ``repeats`` times."""
     res = OverheadResult(label, cfg.data.num_clients * cfg.round.num_rounds,
                          workers=cfg.profiles.actors_per_class, per_round=cfg.data.num_clients)
     for _ in range(repeats):
         res.engine.append(engine_run(cfg))
         res.floor.append(floor_loop(cfg))
+        if parallel:
+            res.parallel.append(parallel_floor(cfg, res.workers))
     return res
 
 
