@@ -5,14 +5,14 @@ The round loop (cafe_ray.sim.simulation) says *what* runs; an executor decides
 
 Ray: one bounded pool of client actors per resource class, each actor running
 many virtual clients in turn with that class's Ray resources. One actor call
-trains a chunk of clients and returns their uploads as numpy arrays. By default
-a round's jobs are split into one chunk per actor, balanced by the work each
-client brings (its training or test samples: longest first, onto the least
-loaded actor), so every actor gets one call and the round waits for no
-straggling chunk; ``engine.chunk_clients`` fixes the size instead, and
-``engine.vectorize`` trains fixed cohorts. Actors start before the data is loaded; the dataset goes to the object
-store once and travels with each call by reference; an identical payload is
-put once per round. An actor that dies mid-round is restarted by Ray; the jobs
+trains a chunk of clients and returns their uploads as flat numpy buffers. By
+default a round's jobs are split into one chunk per actor, balanced by the work
+each client brings (its training or test samples: longest first, onto the least
+loaded chunk), and into more, fed to whichever actor is free, once a round has
+shown that the work is long; ``engine.chunk_clients`` fixes the size instead,
+and ``engine.vectorize`` trains fixed cohorts. Actors start before the data is
+loaded; the dataset goes to the object store once and travels with each call by
+reference; an identical payload is put once per round. An actor that dies mid-round is restarted by Ray; the jobs
 it held count as failed.
 
 Inside a placement group that captures child tasks (a Ray Tune trial), the pools
