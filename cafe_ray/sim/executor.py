@@ -396,17 +396,17 @@ class RayExecutor(Executor):
         """A pool's jobs as actor calls: balanced, one per actor (see :func:`balanced_chunks`),
         or runs of engine.chunk_clients.
 
-        Training cohorts (engine.vectorize) have a fixed size instead, never one that
-        depends on the number of actors: a batched cohort's float rounding depends on
+        Training cohorts (engine.vectorize) are set by the round's jobs and the cohort size
+        alone, never by the number of actors: a batched cohort's float rounding depends on
         its members, so the same cohorts must form on every executor.
         """
-        if method == "fit" and self.vectorize:
-            from cafe_ray.sim.cohort import cohort_size
+        if method == "fit" and self.vectorize:  # the cohorts split_cohorts makes on every executor
+            from cafe_ray.sim.cohort import cohort_size, even_runs
 
-            c = cohort_size(self.chunk_clients)
-        elif self.chunk_clients:
+            return even_runs(idx, cohort_size(self.chunk_clients))
+        if self.chunk_clients:
             c = self.chunk_clients
-        else:
+        else:  # adaptive
             costs = [self._cost(jobs[i]) for i in idx]
             rate = self._rate.get(name) if method == "fit" else None
             # once a round has shown what a unit of work takes here, split work that lasts long

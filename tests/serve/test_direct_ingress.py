@@ -38,6 +38,7 @@ def test_serve_direct_ingress_answers_on_the_replica_port_like_the_proxy(serve_r
         text = read_until(proc, lambda line: "direct ingress:" in line or "error:" in line)
         proxy = f"http://127.0.0.1:{port}"
         assert f"at {proxy}" in text, text
+        assert "direct ingress: replica 1 at " in text, text  # else the warning says why (e.g. a timeout)
         direct = text.split("direct ingress: replica 1 at ", 1)[1].split()[0]
         assert direct.startswith("http://127.0.0.1:") and not direct.startswith(proxy), text
         assert int(direct.rsplit(":", 1)[1]) >= base

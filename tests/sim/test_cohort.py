@@ -10,7 +10,7 @@ from cafe_ray.config import build_config
 from cafe_ray.data import load_dataset, partition_clients
 from cafe_ray.runs import rundir
 from cafe_ray.sim import seeds
-from cafe_ray.sim.cohort import split_cohorts
+from cafe_ray.sim.cohort import even_runs, split_cohorts
 from cafe_ray.sim.engine import run_simulation
 from cafe_ray.sim.runner import ClientRunner, FitJob, make_model
 from tests.sim.conftest import comparable, tiny_cfg
@@ -86,7 +86,14 @@ def test_cohorts_never_depend_on_actor_count():
 
     jobs = [J(c) for c in range(10)]
     classes = {c: "a" if c % 3 else "b" for c in range(10)}
-    assert split_cohorts(jobs, 4, classes) == [[0, 3, 6, 9], [1, 2, 4, 5], [7, 8]]
+    assert split_cohorts(jobs, 4, classes) == [[0, 3, 6, 9], [1, 2, 4], [5, 7, 8]]
+
+
+def test_cohorts_are_even_runs_of_at_most_the_size():
+    assert [len(c) for c in even_runs(list(range(50)), 16)] == [13, 13, 12, 12]
+    assert even_runs([4, 5, 6], 16) == [[4, 5, 6]]
+    assert even_runs(list(range(32)), 16) == [list(range(16)), list(range(16, 32))]
+    assert even_runs([], 16) == []
 
 
 @pytest.mark.usefixtures("ray_session")
