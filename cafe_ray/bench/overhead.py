@@ -214,25 +214,37 @@ def parallel_floor(cfg: ExperimentConfig, workers: int) -> float:
     loads the data and starts the clock at one barrier.
     """
     import multiprocessing as mp
+    import queue
 
     from cafe_ray.data import load_dataset, partition_clients
-    from cafe_ray.sim.executor import balanced_chunks
+    from cafe_ray.sim.executor import balanced_chunks, train_work
 
     ds = load_dataset(cfg.data, seed=cfg.seed)
     splits = list(partition_clients(ds, cfg.data, seed=cfg.seed))
-    t = cfg.train
-    work = [min(len(s.train_idx) * t.local_epochs, (t.max_steps or 10**12) * t.batch_size) for s in splits]
+    work = [train_work(len(s.train_idx), cfg.train) for s in splits]
     shares = balanced_chunks([s.client_id for s in splits], work, workers)
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(len(shares)), ctx.Queue()
+    # a process that dies before the barrier breaks it for the others after the timeout
+    barrier, out = ctx.Barrier(len(shares), timeout=600), ctx.Queue()
     procs = [ctx.Process(target=_share, args=(cfg.model_dump_json(), share, barrier, out)) for share in shares]
     for p in procs:
         p.start()
+    times: list[float] = []
     try:
-        times = [out.get(timeout=3600) for _ in procs]
+        while len(times) < len(procs):
+            try:
+                times.append(out.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # a crash in a share (its traceback is above) ends the benchmark, not a hang
+                    raise RuntimeError(f"parallel floor: a share's process exited with code {dead[0]}; "
+                                       "run with --no-parallel to skip this measurement") from None
     finally:
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
     return max(times)
 
 

@@ -12,8 +12,8 @@ loaded chunk), and into more, fed to whichever actor is free, once a round has
 shown that the work is long; ``engine.chunk_clients`` fixes the size instead,
 and ``engine.vectorize`` trains fixed cohorts. Actors start before the data is
 loaded; the dataset goes to the object store once and travels with each call by
-reference; an identical payload is put once per round. An actor that dies mid-round is restarted by Ray; the jobs
-it held count as failed.
+reference; an identical payload is put once per round. An actor that dies
+mid-round is restarted by Ray; the jobs it held count as failed.
 
 Inside a placement group that captures child tasks (a Ray Tune trial), the pools
 are fitted to that group's bundles, not to the whole cluster, so concurrent
@@ -37,7 +37,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cafe_ray.config import ExperimentConfig
+from cafe_ray.config import ExperimentConfig, TrainConfig
 from cafe_ray.data.base import ArrayDataset, ClientSplit
 from cafe_ray.sim import autoscale
 from cafe_ray.sim.profiles import ResourceClass, check_fits
@@ -178,6 +178,13 @@ def freeze_heap() -> None:
     import gc
 
     gc.freeze()
+
+
+def train_work(n_train: int, train: TrainConfig) -> int:
+    """Samples a client's local training processes: its split times the epochs, capped by
+    ``max_steps`` batches. What balances actor calls (and the benchmark's parallel floor)."""
+    work = n_train * train.local_epochs
+    return work if train.max_steps is None else min(work, train.max_steps * train.batch_size)
 
 
 MAX_CHUNK = 64  # clients per actor call at most (adaptive chunking)
@@ -374,23 +381,12 @@ class RayExecutor(Executor):
 
     def _cost(self, job: FitJob | EvalJob) -> float:
         """The work a job brings: the samples it trains on (fit) or scores (evaluation)."""
-        cid = job.client_id
-        s = self._splits
-        if s is None:
+        if self._splits is None:
             return 1.0
-        if hasattr(s, "train_ptr"):  # ClientSplits: O(1) per client
-            n_train = int(s.train_ptr[cid + 1] - s.train_ptr[cid])
-            n_eval = int(s.test_ptr[cid + 1] - s.test_ptr[cid] + s.val_ptr[cid + 1] - s.val_ptr[cid])
-        else:
-            sp = s[cid]
-            n_train, n_eval = len(sp.train_idx), len(sp.test_idx) + len(sp.val_idx)
+        sp = self._splits[job.client_id]  # ClientSplits: views into its CSR arrays, O(1)
         if isinstance(job, EvalJob):
-            return float(n_eval)
-        t = self._train
-        work = n_train * t.local_epochs
-        if t.max_steps is not None:
-            work = min(work, t.max_steps * t.batch_size)
-        return float(work)
+            return float(len(sp.test_idx) + len(sp.val_idx))
+        return float(train_work(len(sp.train_idx), self._train))
 
     def _chunks(self, jobs: Sequence, idx: list[int], n_actors: int, method: str, name: str) -> list[list[int]]:
         """A pool's jobs as actor calls: balanced, one per actor (see :func:`balanced_chunks`),
@@ -577,7 +573,8 @@ class RayExecutor(Executor):
         if self._scaled:
             self._grow()
         results = self._dispatch(jobs, "fit")
-        self._learn_rate(jobs, results)
+        if not (self.vectorize or self.chunk_clients):  # only adaptive chunking reads the rate
+            self._learn_rate(jobs, results)
         return results
 
     def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
