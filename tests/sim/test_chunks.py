@@ -127,3 +127,34 @@ def test_executor_splits_long_rounds_into_calls_of_about_the_target_length():
     ex._learn_rate(jobs, trained(5 * TARGET_CHUNK_S / n))  # 0.5 s on 2 actors: 6 calls, 3 each
     assert len(ex._chunks(jobs, idx, 2, "fit", "c")) == 6
     assert len(ex._chunks(jobs, idx, 2, "evaluate", "c")) == 2  # evaluation: one call per actor
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_rounds_split_by_measured_speed_on_real_actors_give_the_sequential_metrics(tmp_path, monkeypatch):
+    """With a tiny target call length every round after the first is cut into one call per
+    client, fed to whichever actor is free: the metrics are the sequential executor's."""
+    from cafe_ray.sim import executor
+    from cafe_ray.sim.engine import _ray_factory
+    from cafe_ray.sim.simulation import Simulation
+
+    sets = ("round.num_rounds=3", "algorithm.name=fedper_ee", "round.fraction=1.0", "data.num_clients=7")
+    seq_dir, _ = run_simulation(tiny_cfg(tmp_path / "s", *sets, executor="sequential"), show_progress=False)
+    monkeypatch.setattr(executor, "TARGET_CHUNK_S", 1e-9)
+    calls: list[int] = []
+    chunks = executor.RayExecutor._chunks
+
+    def counted(self, jobs, idx, n_actors, method, name):  # noqa: ANN001, ANN202
+        out = chunks(self, jobs, idx, n_actors, method, name)
+        if method == "fit":
+            calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(executor.RayExecutor, "_chunks", counted)
+    sim = Simulation(tiny_cfg(tmp_path / "r", *sets), tmp_path / "run", _ray_factory)
+    try:
+        sim.run()
+    finally:
+        sim.executor.shutdown()
+    assert calls == [2, 7, 7]  # round 0 knows no speed yet: one call per actor
+    assert comparable(rundir.read_jsonl(tmp_path / "run" / "metrics.jsonl")) == \
+        comparable(rundir.read_jsonl(seq_dir / "metrics.jsonl"))
