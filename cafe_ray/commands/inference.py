@@ -163,9 +163,16 @@ def register(app: typer.Typer) -> None:
                                             "(0: linear).")] = 32,
         steps: Annotated[int, typer.Option("--steps", help="Full-batch AdamW steps per exit.")] = 300,
         weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 1e-2,
-        context: Annotated[str, typer.Option("--context", help="label_prior (the client's training label "
-                                             "frequencies are features) or none.")] = "label_prior",
-        members: Annotated[int, typer.Option("--members", help="Ensemble size per exit (averaged).")] = 5,
+        context: Annotated[str, typer.Option("--context", help="--decide cascade: label_prior (the client's "
+                                             "training label frequencies are MLP features) or none.")] = "label_prior",
+        members: Annotated[int, typer.Option("--members", help="Ensemble size per exit (averaged; "
+                                             "--decide cascade).")] = 5,
+        combine: Annotated[str, typer.Option("--combine", help="Answer with a learned combination of every "
+                                             "exit so far: prior (plus the client's label prior), plain, or "
+                                             "none (each exit alone).")] = "prior",
+        decide: Annotated[str, typer.Option("--decide", help="threshold (stop on the combined max "
+                                            "probability) or cascade (per-exit MLPs predict the gain of "
+                                            "continuing).")] = "threshold",
         seed: Annotated[int, typer.Option("--seed", help="Initialisation seed.")] = 0,
         cv_folds: Annotated[int, typer.Option("--cv-folds", help="Also print a K-fold estimate, inside the "
                                               "fit split, of the gain over a threshold at equal MACs "
@@ -173,9 +180,11 @@ def register(app: typer.Typer) -> None:
         compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Run `policy equal-macs` "
                                               "afterwards (default budgets).")] = False,
     ) -> None:
-        """Fit a learned cascade (supervised, on val exit traces): per exit, the outcome of continuing."""
+        """Fit an exit policy on val exit traces: combined exits, then a threshold or a learned cascade."""
         from cafe_ray.inference.cascade import (
+            COMBINES,
             CONTEXTS,
+            DECIDES,
             FitSettings,
             cv_for_run,
             fit_for_run,
@@ -188,21 +197,29 @@ def register(app: typer.Typer) -> None:
                   f"got {hidden}, {steps}, {weight_decay}, {members}, {cv_folds}")
         if context not in CONTEXTS:
             _fail(f"--context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+        if combine not in COMBINES:
+            _fail(f"--combine must be one of {', '.join(COMBINES)}, got {combine!r}")
+        if decide not in DECIDES:
+            _fail(f"--decide must be one of {', '.join(DECIDES)}, got {decide!r}")
         dest = out or Path(run_dir) / "policies" / "cascade"
         settings = FitSettings(hidden=(hidden,) if hidden else (), steps=steps, weight_decay=weight_decay,
-                               seed=seed, context=context, members=members)
+                               seed=seed, context=context, members=members, combine=combine, decide=decide)
         try:
             net = fit_for_run(run_dir, settings, split=split)
             cv = cv_for_run(run_dir, settings, split=split, folds=cv_folds) if cv_folds else None
         except (FileNotFoundError, KeyError, ValueError) as err:
             _fail(str(err))
         weights, sidecar = save_cascade(net, dest / "policy")
-        losses = ", ".join(f"{v:.3f}" for v in net.spec.meta["final_loss"])
-        console.print(f"cascade policy: {weights} (+ {sidecar.name}); {net.spec.meta['samples']} {split} samples, "
-                      f"final loss per exit {losses}")
+        what = f"decide {decide}, combine {combine}"
+        if "final_loss" in net.spec.meta:
+            what += "; final loss per exit " + ", ".join(f"{v:.3f}" for v in net.spec.meta["final_loss"])
+        for row in net.spec.meta.get("combiner", []):
+            what += f"; exit {row['exit']}: weights {row['weights']}, prior {row['prior_weight']}"
+        console.print(f"exit policy: {weights} (+ {sidecar.name}); {net.spec.meta['samples']} {split} samples, "
+                      f"{what}")
         if cv is not None:
             (dest / "cv.json").write_text(json.dumps(cv, indent=1) + "\n")
-            console.print(f"{cv['folds']}-fold estimate on {split} (cascade - threshold at equal MACs, points): "
+            console.print(f"{cv['folds']}-fold estimate on {split} (policy - threshold at equal MACs, points): "
                           + ", ".join(f"{100 * float(b):.0f}% MACs {100 * v['gain_curve']:+.2f}"
                                       for b, v in cv["budgets"].items())
                           + f"; mean {100 * cv['mean_gain_curve']:+.2f}  ({dest / 'cv.json'})")

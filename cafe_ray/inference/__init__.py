@@ -2,9 +2,11 @@
 
 Policies by name (:func:`build_policy`): ``full``, ``threshold``, ``entropy``, ``budget``
 (a threshold calibrated to a mean MAC budget) and ``learned`` (a saved MLP, e.g. trained
-with RLlib on ``cafe_ray/EarlyExit-v0``). A learned cascade (:class:`CascadePolicy`, supervised,
-reads every exit so far and the client's label prior) is opened with :func:`load_exit_policy`;
-it is not in the registry, as it needs a fitted file and a client to be bound to. Evaluation is in :mod:`cafe_ray.inference.evaluate`.
+with RLlib on ``cafe_ray/EarlyExit-v0``). A fitted policy (:class:`CascadePolicy`, supervised:
+answers from a learned combination of every exit so far and the client's label prior
+(:mod:`cafe_ray.inference.combiner`), then stops on a threshold or a learned cascade) is opened
+with :func:`load_exit_policy`; it is not in the registry, as it needs a fitted file and a client
+to be bound to. Evaluation is in :mod:`cafe_ray.inference.evaluate`.
 """
 
 from cafe_ray.inference.budget import BudgetThreshold, calibrate_threshold

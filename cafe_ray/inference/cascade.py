@@ -1,4 +1,11 @@
-"""A learned cascade: a supervised exit policy that sees every exit so far, swept to a MAC budget.
+"""A fitted exit policy: combined exits, then a threshold or a learned cascade, swept to a MAC budget.
+
+Two stages, both fitted on validation traces (:func:`fit_cascade`, ``cafe-ray policy fit``):
+first, unless ``combine="none"``, a combiner (:mod:`cafe_ray.inference.combiner`) makes exit
+``k``'s answer a learned combination of exits ``0..k`` and the client's label prior; then the
+decision reads those combined exits, either by their max probability (``decide="threshold"``,
+the default: stop when ``1 - max prob <= lam``) or by the learned cascade below
+(``decide="cascade"``). The defaults were chosen by 5-fold cross-validation on ``val``.
 
 Why not only RL: the exit decision is a one-step prediction problem with known labels. At exit
 ``k`` the question is "would going on change the answer for the better?", and a finished run's
@@ -51,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cafe_ray.inference.combiner import COMBINES, ExitCombiner, fit_combiner
 from cafe_ray.inference.learned import policy_paths, read_policy_files, write_policy_files
 from cafe_ray.inference.policies import ExitPolicy, confidence_features
 from cafe_ray.inference.trace import ExitTrace
@@ -64,6 +72,7 @@ FEATURE_SET = "history-v2"  # bump when cascade_features changes; saved policies
 CONTEXTS = ("label_prior", "none")  # per-client context appended to the features (or none)
 OUTCOMES = ("same", "helps", "hurts")  # output classes of every exit's MLP, in this order
 TARGETS = ("final", "next")  # continuing is judged against the last exit or the next one
+DECIDES = ("threshold", "cascade")  # stop on the (combined) max probability, or on the MLPs' learned gain
 
 
 def feature_dim(k: int, num_classes: int, context: str = "label_prior") -> int:
@@ -142,6 +151,8 @@ class CascadeSpec:
     feature_set: str = FEATURE_SET
     outcomes: tuple[str, ...] = OUTCOMES
     meta: dict[str, Any] = field(default_factory=dict)  # provenance: run, clients, split, seed, fit loss
+    combine: str = "none"  # one of COMBINES: answers from the combined exits (cafe_ray.inference.combiner)
+    decide: str = "cascade"  # one of DECIDES ("threshold": no MLPs, shift/scale empty, members 0)
 
     def __post_init__(self) -> None:
         if self.feature_set != FEATURE_SET:
@@ -155,6 +166,17 @@ class CascadeSpec:
             raise ValueError(f"need >= 2 exits and >= 2 classes, got {self.num_exits} exits, {self.num_classes} classes")
         if len(self.exit_macs) != self.num_exits:
             raise ValueError(f"exit_macs has {len(self.exit_macs)} values for {self.num_exits} exits")
+        if self.combine not in COMBINES:
+            raise ValueError(f"cascade policy combine {self.combine!r} unknown; use one of {COMBINES}")
+        if self.decide not in DECIDES:
+            raise ValueError(f"cascade policy decide {self.decide!r} unknown; use one of {DECIDES}")
+        if not math.isfinite(self.lam):
+            raise ValueError(f"lam must be finite, got {self.lam}")
+        if self.decide == "threshold":
+            if self.shift or self.scale or self.members or self.hidden or self.context != "none":
+                raise ValueError("a policy that decides by threshold has no MLPs: hidden, shift and scale must be "
+                                 "empty, members 0 and context 'none'")
+            return
         for name, rows in (("shift", self.shift), ("scale", self.scale)):
             if len(rows) != self.num_exits - 1:
                 raise ValueError(f"{name}: one row per early exit ({self.num_exits - 1}), got {len(rows)}")
@@ -164,8 +186,6 @@ class CascadeSpec:
                                      f"{feature_dim(k, self.num_classes, self.context)} features")
         if any(s <= 0 for row in self.scale for s in row):
             raise ValueError("normalisation scale must be > 0")
-        if not math.isfinite(self.lam):
-            raise ValueError(f"lam must be finite, got {self.lam}")
         if self.members < 1:
             raise ValueError(f"members (ensemble size) must be >= 1, got {self.members}")
 
@@ -187,13 +207,16 @@ class CascadeSpec:
 
 
 class CascadeNet(nn.Module):
-    """Per early exit, ``spec.members`` MLPs (an ensemble): features -> logits over :data:`OUTCOMES`."""
+    """Per early exit, ``spec.members`` MLPs (an ensemble): features -> logits over :data:`OUTCOMES`;
+    and the exits' combiner unless ``spec.combine == "none"``."""
 
     def __init__(self, spec: CascadeSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.combiner = None if spec.combine == "none" else ExitCombiner(spec.num_exits, spec.num_classes,
+                                                                         spec.combine == "prior")
         self.nets = nn.ModuleList()
-        for k in range(spec.num_exits - 1):
+        for k in range(spec.num_exits - 1 if spec.decide == "cascade" else 0):
             dims = [feature_dim(k, spec.num_classes, spec.context), *spec.hidden]
             members = nn.ModuleList()
             for _ in range(spec.members):
@@ -233,8 +256,10 @@ class FitSettings:
     weight_decay: float = 1e-2
     seed: int = 0
     target: str = "final"  # one of TARGETS
-    context: str = "label_prior"  # one of CONTEXTS
-    members: int = 5  # ensemble size per exit
+    context: str = "label_prior"  # one of CONTEXTS (the MLPs' features: decide "cascade" only)
+    members: int = 5  # ensemble size per exit (decide "cascade" only)
+    combine: str = "prior"  # one of COMBINES: fit a combiner of the exits first (chosen by 5-fold CV on val)
+    decide: str = "threshold"  # one of DECIDES (chosen by 5-fold CV on val; docs/inference.md)
 
 
 def _prior_rows(prior: np.ndarray | torch.Tensor | None, n: int, c: int, context: str) -> torch.Tensor | None:
@@ -260,42 +285,63 @@ def trace_features(trace: ExitTrace, k: int, prior: torch.Tensor | None) -> torc
 
 def fit_cascade(trace: ExitTrace, settings: FitSettings = FitSettings(), meta: dict[str, Any] | None = None,
                 prior: np.ndarray | None = None) -> CascadeNet:
-    """Train every early exit's outcome MLP on ``trace`` (e.g. every client's ``val`` split, pooled).
+    """Fit a policy on ``trace`` (e.g. every client's ``val`` split, pooled): the exits' combiner
+    (unless ``settings.combine == "none"``), then, for ``decide="cascade"``, every early exit's
+    outcome MLP on the combined exits.
 
-    ``prior``: (N, C) each sample's client label prior (or (C,) for one client); needed unless
-    ``settings.context == "none"``. Every sample trains every exit (not only those a policy would
-    let through), so the fit does not depend on the operating point.
+    ``prior``: (N, C) each sample's client label prior (or (C,) for one client); needed for
+    ``combine="prior"`` and for the MLPs unless ``settings.context == "none"``. Every sample trains
+    every exit (not only those a policy would let through), so the fit does not depend on the
+    operating point.
     """
     if trace.num_samples < 10:
         raise ValueError(f"fitting a cascade policy needs >= 10 samples, got {trace.num_samples}")
     if settings.context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {settings.context!r}")
+    if settings.combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {settings.combine!r}")
+    if settings.decide not in DECIDES:
+        raise ValueError(f"decide must be one of {DECIDES}, got {settings.decide!r}")
     torch.manual_seed(settings.seed)
     m, c = trace.num_exits, trace.num_classes
-    pr = _prior_rows(prior, trace.num_samples, c, settings.context)
-    feats = [trace_features(trace, k, pr) for k in range(m - 1)]
-    shift = tuple(tuple(float(v) for v in f.mean(dim=0)) for f in feats)
-    scale = tuple(tuple(float(max(v, 1e-3)) for v in f.std(dim=0)) for f in feats)
-    spec = CascadeSpec(m, c, tuple(int(v) for v in trace.exit_macs), tuple(settings.hidden), shift, scale,
-                       context=settings.context, members=settings.members,
-                       meta={**(meta or {}), "samples": trace.num_samples, "seed": settings.seed,
-                             "steps": settings.steps, "lr": settings.lr, "weight_decay": settings.weight_decay,
-                             "target": settings.target})
-    net = CascadeNet(spec)
-    losses = []
-    for k in range(m - 1):
-        y = torch.from_numpy(outcome_targets(trace.correct, k, settings.target))
-        member_losses = []
-        for j in range(settings.members):
-            opt = torch.optim.AdamW(net.nets[k][j].parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-            for _ in range(settings.steps):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(net.logits(feats[k], k, j), y)
-                loss.backward()
-                opt.step()
-            member_losses.append(float(loss.detach()))
-        losses.append(float(np.mean(member_losses)))
-    net.spec.meta["final_loss"] = losses
+    comb = None
+    if settings.combine != "none":
+        comb = fit_combiner(trace, prior, use_prior=settings.combine == "prior")
+        trace = comb.transform(trace, prior)
+    base = {**(meta or {}), "samples": trace.num_samples}
+    if settings.decide == "threshold":
+        spec = CascadeSpec(m, c, tuple(int(v) for v in trace.exit_macs), (), (), (), context="none", members=0,
+                           combine=settings.combine, decide="threshold", meta=base)
+        net = CascadeNet(spec)
+    else:
+        pr = _prior_rows(prior, trace.num_samples, c, settings.context)
+        feats = [trace_features(trace, k, pr) for k in range(m - 1)]
+        shift = tuple(tuple(float(v) for v in f.mean(dim=0)) for f in feats)
+        scale = tuple(tuple(float(max(v, 1e-3)) for v in f.std(dim=0)) for f in feats)
+        spec = CascadeSpec(m, c, tuple(int(v) for v in trace.exit_macs), tuple(settings.hidden), shift, scale,
+                           context=settings.context, members=settings.members, combine=settings.combine,
+                           decide="cascade",
+                           meta={**base, "seed": settings.seed, "steps": settings.steps, "lr": settings.lr,
+                                 "weight_decay": settings.weight_decay, "target": settings.target})
+        net = CascadeNet(spec)
+        losses = []
+        for k in range(m - 1):
+            y = torch.from_numpy(outcome_targets(trace.correct, k, settings.target))
+            member_losses = []
+            for j in range(settings.members):
+                opt = torch.optim.AdamW(net.nets[k][j].parameters(), lr=settings.lr,
+                                        weight_decay=settings.weight_decay)
+                for _ in range(settings.steps):
+                    opt.zero_grad()
+                    loss = nn.functional.cross_entropy(net.logits(feats[k], k, j), y)
+                    loss.backward()
+                    opt.step()
+                member_losses.append(float(loss.detach()))
+            losses.append(float(np.mean(member_losses)))
+        net.spec.meta["final_loss"] = losses
+    if comb is not None:
+        net.combiner.load_state_dict(comb.state_dict())
+        net.spec.meta["combiner"] = comb.describe()
     return net.eval()
 
 
@@ -363,7 +409,7 @@ def _subset(trace: ExitTrace, idx: np.ndarray) -> ExitTrace:
 def cross_validate(trace: ExitTrace, settings: FitSettings, budgets: Sequence[float], folds: int = 5,
                    seed: int = 0, prior: np.ndarray | None = None) -> dict[str, Any]:
     """K-fold estimate, inside ``trace`` alone (e.g. val), of the cascade's accuracy gain over a
-    max-probability threshold at equal MACs: what :func:`select_settings` tunes on.
+    max-probability threshold at equal MACs: what the fit defaults were chosen on.
 
     Per fold: fit on the other folds, calibrate ``lam`` there to each budget (MACs per sample),
     match the threshold there to the cascade's MACs, then read both on the left-out fold. Out-of-
@@ -375,7 +421,8 @@ def cross_validate(trace: ExitTrace, settings: FitSettings, budgets: Sequence[fl
     if folds < 2:
         raise ValueError(f"cross-validation needs >= 2 folds, got {folds}")
     n = trace.num_samples
-    pr = _prior_rows(prior, n, trace.num_classes, settings.context)
+    needs_prior = settings.combine == "prior" or (settings.decide == "cascade" and settings.context != "none")
+    pr = _prior_rows(prior, n, trace.num_classes, "label_prior" if needs_prior else "none")
     pr = None if pr is None else pr.numpy()
     order = np.random.default_rng(seed).permutation(n)
     parts = np.array_split(order, folds)
@@ -388,6 +435,7 @@ def cross_validate(trace: ExitTrace, settings: FitSettings, budgets: Sequence[fl
         p_tr, p_te = (None, None) if pr is None else (pr[train_idx], pr[test_idx])
         pol = CascadePolicy(net=fit_cascade(tr, settings, prior=p_tr))
         te_prices, tr_prices = pol.prices(te, p_te), pol.prices(tr, p_tr)
+        te_answers = pol.answers(te, p_te)  # the combined exits, when the policy combines
         cur_macs = np.array([te.mean_macs(te.threshold_exits(g)) for g in grid])
         cur_acc = np.array([te.accuracy(te.threshold_exits(g)) for g in grid])
         for b in budgets:
@@ -396,7 +444,7 @@ def cross_validate(trace: ExitTrace, settings: FitSettings, budgets: Sequence[fl
             ex = pol.exits_at(te_prices, lam)
             m = te.mean_macs(ex)
             w = te.num_samples
-            rows[b]["policy"].append(te.accuracy(ex) * w)
+            rows[b]["policy"].append(te_answers.accuracy(ex) * w)
             rows[b]["threshold"].append(te.accuracy(te.threshold_exits(t)) * w)
             rows[b]["curve"].append(float(np.interp(m, *_mono(cur_macs, cur_acc))) * w)
             rows[b]["macs"].append(m * w)
@@ -435,10 +483,13 @@ def load_cascade(path: str | Path) -> CascadeNet:
 
 # ------------------------------------------------------------------ the policy
 class CascadePolicy(ExitPolicy):
-    """Stop at the first exit whose learned gain of continuing, per full-depth MACs, is <= ``lam``.
+    """Stop at the first exit whose price of continuing is <= ``lam``.
 
-    Reads the probabilities of every exit so far (``uses_history``):
-    :func:`~cafe_ray.inference.predict_batch` passes them to :meth:`decide_history`.
+    The price is the learned gain of continuing per full-depth MACs (``decide="cascade"``) or one
+    minus the max probability (``decide="threshold"``, i.e. a threshold of ``1 - lam``), both read
+    from the combined exits when the policy has a combiner (``combines``). Reads the
+    probabilities of every exit so far (``uses_history``): :func:`~cafe_ray.inference.predict_batch`
+    passes them to :meth:`decide_history`, after :meth:`combine`.
     """
 
     name = "cascade"
@@ -462,6 +513,11 @@ class CascadePolicy(ExitPolicy):
                                  f"(label_prior(y_train, C)), got shape {tuple(pr.shape)}")
             self.prior = pr
 
+    @property
+    def combines(self) -> bool:
+        """Whether answers come from the combined exits (:meth:`combine`) rather than exit k alone."""
+        return self.net.combiner is not None
+
     def with_lam(self, lam: float) -> CascadePolicy:
         return CascadePolicy(lam=lam, net=self.net, prior=self.prior)
 
@@ -478,17 +534,41 @@ class CascadePolicy(ExitPolicy):
                              f"classes, used on a model with {num_exits} x {num_classes}")
 
     @torch.no_grad()
+    def combine(self, logp: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+        """(B, C) the logits this policy answers with at exit ``k``, from the log-softmax of exits 0..k."""
+        if self.net.combiner is None:
+            return logp[k]
+        self._check(self.spec.num_exits, logp[k].shape[1])
+        return self.net.combiner.combine(logp[: k + 1], self.net.combiner.log_prior(self.prior, logp[k].shape[0]))
+
+    @torch.no_grad()
+    def answers(self, trace: ExitTrace, prior: np.ndarray | None = None) -> ExitTrace:
+        """``trace`` as this policy sees and answers it: the combined exits (or ``trace`` itself).
+
+        ``prior``: (C,) or (N, C) label priors (default: the bound client's)."""
+        self._check(trace.num_exits, trace.num_classes)
+        if self.net.combiner is None:
+            return trace
+        return self.net.combiner.transform(trace, self.prior if prior is None else prior)
+
+    def _price(self, history: Sequence[torch.Tensor], k: int, prior: torch.Tensor | None) -> torch.Tensor:
+        if self.spec.decide == "threshold":
+            return 1.0 - history[-1].max(dim=1).values  # float32, as the trace's prices
+        return self.net.price(cascade_features(history, prior), k)
+
+    @torch.no_grad()
     def decide_history(self, history: Sequence[torch.Tensor], k: int, num_exits: int, macs_spent: torch.Tensor,
                        cost: ExitCost | None = None) -> torch.Tensor:
-        """Bool (B,): stop at exit ``k`` given the probabilities of exits 0..k (``history``)."""
+        """Bool (B,): stop at exit ``k`` given the (combined) probabilities of exits 0..k (``history``)."""
         self._check(num_exits, history[-1].shape[1])
-        return self.net.price(cascade_features(history, self._prior(None, history[-1].shape[0])), k) <= self.lam
+        prior = None if self.spec.decide == "threshold" else self._prior(None, history[-1].shape[0])
+        return self._price(history, k, prior) <= self.lam
 
     def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
-        """Exit 0 only: deeper exits need the history (:meth:`decide_history`)."""
-        if k != 0:
-            raise ValueError("the cascade policy needs the probabilities of every exit so far; run it through "
-                             "predict_batch (which passes them to decide_history)")
+        """Exit 0 only, and only without a combiner: the rest needs :func:`predict_batch`."""
+        if k != 0 or self.combines:
+            raise ValueError("the cascade policy needs the probabilities of every exit so far (and combines them); "
+                             "run it through predict_batch (which passes them to combine and decide_history)")
         return self.decide_history([probs], k, num_exits, macs_spent)
 
     # ----------------------------------------------------- on exit traces
@@ -497,9 +577,10 @@ class CascadePolicy(ExitPolicy):
         """(N, m-1) float64: the price of continuing at every early exit of every sample.
 
         ``prior``: (C,) or (N, C) label priors (default: the bound client's)."""
-        self._check(trace.num_exits, trace.num_classes)
-        pr = self._prior(prior, trace.num_samples)
-        cols = [self.net.price(trace_features(trace, k, pr), k) for k in range(trace.num_exits - 1)]
+        seen = self.answers(trace, prior)
+        probs = torch.from_numpy(seen.probs)
+        pr = None if self.spec.decide == "threshold" else self._prior(prior, trace.num_samples)
+        cols = [self._price([probs[:, j] for j in range(k + 1)], k, pr) for k in range(trace.num_exits - 1)]
         return torch.stack(cols, dim=1).to(torch.float64).numpy()
 
     @staticmethod
@@ -533,8 +614,12 @@ class CascadePolicy(ExitPolicy):
         return lam, trace.mean_macs(self.exits_at(pr, lam))
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": self.name, "path": None if self.path is None else str(self.path), "lam": self.lam,
-                "context": self.spec.context, "fitted": self.spec.meta}
+        out = {"policy": self.name, "path": None if self.path is None else str(self.path), "lam": self.lam,
+               "decide": self.spec.decide, "combine": self.spec.combine, "context": self.spec.context,
+               "fitted": self.spec.meta}
+        if self.spec.decide == "threshold":
+            out["threshold"] = 1.0 - self.lam  # on the combined max probability
+        return out
 
 
 def load_exit_policy(path: str | Path) -> ExitPolicy:

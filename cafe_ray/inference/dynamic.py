@@ -37,7 +37,9 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
     At every exit but the last it asks ``policy.decide(probs, k, m, macs_spent, cost)``
     (``should_exit`` unless a policy needs the cost, as learned ones do); a policy with
     ``uses_history = True`` is asked ``decide_history(probs_of_exits_0_to_k, k, m, macs_spent,
-    cost)`` instead, the history shrinking with the batch.
+    cost)`` instead, the history shrinking with the batch. A policy with ``combines = True``
+    answers with ``policy.combine(log_softmax_of_exits_0_to_k, k)`` at exit ``k`` (e.g. a learned
+    combination of every exit so far): its decision, history and answer all read those logits.
     """
     model.eval()
     B = x.shape[0]
@@ -51,9 +53,14 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
     active: torch.Tensor | None = None  # indices into the batch still running; None = all
     h = x
     history: list[torch.Tensor] | None = [] if getattr(policy, "uses_history", False) else None
+    raw: list[torch.Tensor] | None = [] if getattr(policy, "combines", False) else None
     for k in range(m):
         h = model.stages[k](h)
-        p = model.exits[k](h).softmax(dim=1)  # (A, C)
+        z = model.exits[k](h)
+        if raw is not None:  # the policy answers with a combination of exits 0..k
+            raw.append(z.log_softmax(dim=1))
+            z = policy.combine(raw, k)
+        p = z.softmax(dim=1)  # (A, C)
         n = p.shape[0]
         if k == m - 1:
             stop = None
@@ -81,6 +88,8 @@ def predict_batch(model: EarlyExitNet, x: torch.Tensor, policy: ExitPolicy, cost
         h = _take(h, keep)
         if history is not None:
             history = [q[keep] for q in history]
+        if raw is not None:
+            raw = [q[keep] for q in raw]
     order = torch.cat(done_idx) if len(done_idx) > 1 else done_idx[0]
     probs_out = torch.empty(B, p.shape[1], dtype=p.dtype)
     probs_out[order] = torch.cat(done_p) if len(done_p) > 1 else done_p[0]

@@ -28,6 +28,7 @@ def confidence_features(probs: torch.Tensor) -> torch.Tensor:
 
 class ExitPolicy(ABC):
     name: str = ""
+    combines: bool = False  # True: predict_batch answers with self.combine(log-probs of exits 0..k, k)
 
     @abstractmethod
     def should_exit(self, probs: torch.Tensor, k: int, num_exits: int, macs_spent: torch.Tensor) -> torch.Tensor:

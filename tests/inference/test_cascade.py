@@ -60,7 +60,8 @@ def crafted_trace(n: int, seed: int) -> ExitTrace:
     return ExitTrace(np.log(probs).astype(np.float32), labels, np.array(HAND_CASCADE))
 
 
-NO_PRIOR = {"context": "none"}
+MLP = {"combine": "none", "decide": "cascade"}  # the outcome MLPs on the exits as they are
+NO_PRIOR = {"context": "none", **MLP}
 
 
 def prior_trace(n: int, seed: int) -> tuple[ExitTrace, np.ndarray]:
@@ -130,7 +131,7 @@ def test_the_cascade_beats_a_threshold_where_confidence_is_blind():
 
 def test_the_label_prior_is_what_tells_wrong_answers_apart():
     (train, p_train), (test, p_test) = prior_trace(1200, seed=0), prior_trace(1200, seed=1)
-    pol = CascadePolicy(net=fit_cascade(train, FitSettings(hidden=(16,), steps=300), prior=p_train))
+    pol = CascadePolicy(net=fit_cascade(train, FitSettings(hidden=(16,), steps=300, **MLP), prior=p_train))
     budget = 0.3 * HAND_CASCADE[-1]  # 60% stop at exit 0: a threshold's pick is 30% wrong
     lam, macs = pol.calibrate(train, budget, prior=p_train)
     t, _ = calibrate_threshold(train, macs)
@@ -155,7 +156,7 @@ def test_calibration_is_monotone_and_within_budget():
 
 def test_round_trip_and_predict_batch_agree_with_the_trace(tmp_path):
     tr, priors = prior_trace(240, seed=3)
-    net = fit_cascade(tr, FitSettings(hidden=(8,), steps=80, seed=1), meta={"run": "crafted"}, prior=priors)
+    net = fit_cascade(tr, FitSettings(hidden=(8,), steps=80, seed=1, **MLP), meta={"run": "crafted"}, prior=priors)
     w, j = save_cascade(net, tmp_path / "cas", lam=0.2)
     side = json.loads(j.read_text())
     assert side["format"] == "cafe-ray-exit-cascade-v1" and side["feature_set"] == FEATURE_SET

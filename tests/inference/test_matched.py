@@ -128,9 +128,11 @@ def test_cli_fit_then_equal_macs(run_dir, tmp_path):
     out = tmp_path / "cas"
     runner = CliRunner()
     res = runner.invoke(app, ["policy", "fit", str(run_dir), "--out", str(out), "--hidden", "8", "--steps", "40",
-                              "--members", "2", "--cv-folds", "2"])
+                              "--members", "2", "--cv-folds", "2", "--decide", "cascade"])
     assert res.exit_code == 0, res.output
-    assert (out / "policy.safetensors").is_file() and json.loads((out / "policy.json").read_text())["members"] == 2
+    side = json.loads((out / "policy.json").read_text())
+    assert (out / "policy.safetensors").is_file() and side["members"] == 2
+    assert side["decide"] == "cascade" and side["combine"] == "prior"  # the MLPs read the combined exits
     cv = json.loads((out / "cv.json").read_text())
     # this tiny CNN's first exit costs 15% of full depth: the budgets below it are skipped, said so
     assert cv["folds"] == 2 and list(cv["budgets"]) == ["0.15", "0.2", "0.25", "0.3", "0.5"]
@@ -138,6 +140,10 @@ def test_cli_fit_then_equal_macs(run_dir, tmp_path):
     assert "2-fold estimate on val" in res.output
     bad = runner.invoke(app, ["policy", "fit", str(run_dir), "--context", "client", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--context must be one of label_prior, none" in bad.output
+    bad = runner.invoke(app, ["policy", "fit", str(run_dir), "--combine", "mean", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--combine must be one of prior, plain, none" in bad.output
+    bad = runner.invoke(app, ["policy", "fit", str(run_dir), "--decide", "rl", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--decide must be one of threshold, cascade" in bad.output
     res = runner.invoke(app, ["policy", "equal-macs", str(run_dir), "--policy", str(out), "--budgets", "0.4,0.9",
                               "--resamples", "30"])
     assert res.exit_code == 0, res.output
