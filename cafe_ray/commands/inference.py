@@ -211,6 +211,8 @@ def register(app: typer.Typer) -> None:
             _fail(str(err))
         weights, sidecar = save_cascade(net, dest / "policy")
         what = f"decide {decide}, combine {combine}"
+        if "default_threshold" in net.spec.meta:
+            what += f"; default threshold {net.spec.meta['default_threshold']:.4f} (cheapest within 1 point on {split})"
         if "final_loss" in net.spec.meta:
             what += "; final loss per exit " + ", ".join(f"{v:.3f}" for v in net.spec.meta["final_loss"])
         for row in net.spec.meta.get("combiner", []):

@@ -145,7 +145,8 @@ class CascadeSpec:
     hidden: tuple[int, ...]  # hidden widths of every exit's MLP
     shift: tuple[tuple[float, ...], ...]  # per early exit: the MLP sees (features - shift) / scale
     scale: tuple[tuple[float, ...], ...]
-    lam: float = 0.0  # default operating point (accuracy per full-depth MACs); a budget overrides it
+    lam: float = 0.0  # default operating point (cascade: accuracy per full-depth MACs; threshold: 1 - t);
+    # a budget overrides it
     context: str = "label_prior"  # one of CONTEXTS
     members: int = 1  # ensemble size per exit (different initialisations, averaged probabilities)
     feature_set: str = FEATURE_SET
@@ -310,8 +311,10 @@ def fit_cascade(trace: ExitTrace, settings: FitSettings = FitSettings(), meta: d
         trace = comb.transform(trace, prior)
     base = {**(meta or {}), "samples": trace.num_samples}
     if settings.decide == "threshold":
-        spec = CascadeSpec(m, c, tuple(int(v) for v in trace.exit_macs), (), (), (), context="none", members=0,
-                           combine=settings.combine, decide="threshold", meta=base)
+        lam = within_one_point(trace)
+        spec = CascadeSpec(m, c, tuple(int(v) for v in trace.exit_macs), (), (), (), lam=lam, context="none",
+                           members=0, combine=settings.combine, decide="threshold",
+                           meta={**base, "default_threshold": 1.0 - lam})
         net = CascadeNet(spec)
     else:
         pr = _prior_rows(prior, trace.num_samples, c, settings.context)
@@ -343,6 +346,18 @@ def fit_cascade(trace: ExitTrace, settings: FitSettings = FitSettings(), meta: d
         net.combiner.load_state_dict(comb.state_dict())
         net.spec.meta["combiner"] = comb.describe()
     return net.eval()
+
+
+def within_one_point(trace: ExitTrace, points: float = 1.0) -> float:
+    """The default ``lam`` of a threshold decider: ``1 - t`` for the smallest max-probability
+    threshold ``t`` (the cheapest) whose accuracy on ``trace`` is within ``points`` of full depth,
+    the rule ``cafe-ray evaluate`` reports by. A budget (``calibrate``) overrides it."""
+    full = trace.accuracy(np.full(trace.num_samples, trace.num_exits - 1))
+    conf = np.unique(trace.confidence[:, :-1, 0])
+    for t in np.concatenate([conf[:: max(1, conf.size // 512)], [conf[-1]]]):  # ascending: cheapest first
+        if trace.accuracy(trace.threshold_exits(float(t))) >= full - points / 100:
+            return float(np.float32(1.0) - np.float32(t))
+    return -1.0  # nothing within the margin: full depth (1 - max prob <= -1 never holds)
 
 
 def fit_for_run(run: str | Path | RunArtifacts, settings: FitSettings = FitSettings(), split: str = "val",

@@ -120,3 +120,17 @@ def test_a_threshold_spec_has_no_mlps():
         CascadeSpec(3, 3, (110, 330, 660), (), (), (), context="none", members=0, decide="threshold", combine="mean")
     with pytest.raises(ValueError, match="decide must be one of"):
         fit_cascade(skewed_trace(20, seed=7)[0], FitSettings(decide="rl", combine="none"))
+
+
+def test_the_default_operating_point_is_the_cheapest_within_one_point_of_full_depth():
+    tr, priors = skewed_trace(2000, seed=8, signal=(2.0, 2.5, 3.5))
+    pol = CascadePolicy(net=fit_cascade(tr, FitSettings(), prior=priors))
+    seen = pol.answers(tr, priors)
+    ex = pol.exits_at(pol.prices(tr, priors), pol.lam)
+    full = seen.accuracy(np.full(tr.num_samples, 2))
+    assert seen.accuracy(ex) >= full - 0.01 - 1e-9
+    assert seen.mean_macs(ex) < 0.8 * tr.full_macs  # it does exit early
+    assert pol.spec.meta["default_threshold"] == pytest.approx(1.0 - pol.lam)
+    # a slightly cheaper threshold falls out of the 1-point margin (or exits everything already)
+    cheaper = pol.exits_at(pol.prices(tr, priors), pol.lam + 0.02)
+    assert seen.accuracy(cheaper) < full - 0.01 or seen.mean_macs(cheaper) == tr.exit_macs[0]
