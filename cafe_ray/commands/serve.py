@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
                                                  "none.")] = 0.6,
         learned: Annotated[Path | None, typer.Option("--learned", help="Learned exit policy for policy="
                                                      "learned: a `cafe-ray policy train` output (file, "
-                                                     "folder, or --per-client folder).")] = None,
+                                                     "folder, or --per-client folder) or a `cafe-ray "
+                                                     "policy fit` output.")] = None,
         address: Annotated[str | None, typer.Option("--address", help="Ray cluster address "
                                                     "(default: a local Ray).")] = None,
         app_name: Annotated[str, typer.Option("--app-name", help="Serve application name (several runs can "

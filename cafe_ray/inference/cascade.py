@@ -534,11 +534,15 @@ class CascadePolicy(ExitPolicy):
         return self.net.combiner is not None
 
     def with_lam(self, lam: float) -> CascadePolicy:
-        return CascadePolicy(lam=lam, net=self.net, prior=self.prior)
+        return self._copy(CascadePolicy(lam=lam, net=self.net, prior=self.prior))
 
     def for_client(self, prior: np.ndarray | Sequence[float]) -> CascadePolicy:
         """This policy bound to one client's label prior (see :func:`client_prior`)."""
-        return CascadePolicy(lam=self.lam, net=self.net, prior=prior)
+        return self._copy(CascadePolicy(lam=self.lam, net=self.net, prior=prior))
+
+    def _copy(self, other: CascadePolicy) -> CascadePolicy:
+        other.path = self.path  # where it was loaded from, for describe()
+        return other
 
     def _prior(self, prior: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
         return _prior_rows(self.prior if prior is None else prior, n, self.spec.num_classes, self.spec.context)

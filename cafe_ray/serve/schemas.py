@@ -41,7 +41,8 @@ class PredictRequest(BaseModel):
     mac_budget: float | None = Field(None, gt=0, description=(
         "MACs per sample. policy=budget: a threshold calibrated on the client's val split so that mean "
         "MACs per sample stay within it (default: the client's device profile inference_mac_budget). "
-        "policy=learned: the budget the policy's budget_left feature sees."))
+        "policy=learned: an RL policy's budget_left feature sees it; a `policy fit` policy is calibrated "
+        "on the client's val split to it (default: its saved operating point)."))
     return_probs: bool = Field(False, description="Also return the class probabilities at the exit taken.")
 
 

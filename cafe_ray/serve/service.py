@@ -217,7 +217,7 @@ class ModelService:
             if name == "budget":
                 return self._budget_policy(client_id, params["budget"], model)
             if name == "learned":
-                return self._learned_policy(client_id, params.get("budget"))
+                return self._learned_policy(client_id, params.get("budget"), model)
             return build_policy(name, **params)
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise InvalidPolicy(self.scrub(f"policy {name!r}: {err}")) from None
@@ -231,16 +231,42 @@ class ModelService:
             raise ValueError(f"client {client_id} has no val samples to calibrate a budget threshold on")
         return build_policy("budget", model=model, data=x_val, cost=self.cost, budget=budget)
 
-    def _learned_policy(self, client_id: int, budget: float | None) -> ExitPolicy:
+    def _learned_policy(self, client_id: int, budget: float | None, model: EarlyExitNet) -> ExitPolicy:
         if self.learned is None:
             raise ValueError("this server has no learned policy; start it with `cafe-ray serve RUN_DIR "
-                             "--learned PATH` (a policy written by `cafe-ray policy train`)")
+                             "--learned PATH` (a policy written by `cafe-ray policy train` or `policy fit`)")
         path = self.learned.get(client_id) if isinstance(self.learned, dict) else self.learned
         if path is None:
             raise ValueError(f"the per-client learned policies ({self.display(self.cfg.learned)}) have none for client "
                              f"{client_id}")
+        from cafe_ray.inference.cascade import CascadePolicy, load_exit_policy
+
+        pol = load_exit_policy(path)
+        if isinstance(pol, CascadePolicy):
+            return self._fitted_policy(client_id, pol, budget, model)
         fraction = None if budget is None else min(budget / self.cost.cascade[-1], 1.0)
         return build_policy("learned", path=path, budget=fraction)
+
+    def _fitted_policy(self, client_id: int, pol: Any, budget: float | None, model: EarlyExitNet) -> ExitPolicy:
+        """A `policy fit` policy bound to the client's label prior; with a budget, its operating point
+        calibrated on the client's val split to that mean MACs per sample (as policy=budget does)."""
+        from cafe_ray.inference.cascade import client_prior
+        from cafe_ray.inference.trace import ExitTrace
+
+        if tuple(pol.spec.exit_macs) != tuple(int(c) for c in self.cost.cascade) or \
+                pol.spec.num_classes != self.num_classes:
+            raise ValueError(f"the fitted policy was fitted for exits costing {list(pol.spec.exit_macs)} MACs and "
+                             f"{pol.spec.num_classes} classes; this run's model has {list(self.cost.cascade)} and "
+                             f"{self.num_classes}: fit one on this run (`cafe-ray policy fit RUN_DIR`)")
+        with self._lock:
+            own = pol.for_client(client_prior(self.run, client_id))
+            if budget is None:
+                return own
+            x_val, y_val = self.run.client_data(client_id, "val")
+        if x_val.shape[0] == 0:
+            raise ValueError(f"client {client_id} has no val samples to calibrate the fitted policy's budget on")
+        lam, _ = own.calibrate(ExitTrace.from_model(model, x_val, y_val, self.cost), budget)
+        return own.with_lam(lam)
 
     def job(self, client_id: int, req: PredictRequest, model: EarlyExitNet,
             validated: tuple[Any, PolicyKey] | None = None) -> Job:

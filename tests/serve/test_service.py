@@ -98,6 +98,46 @@ def test_learned_policy_from_a_per_client_folder(serve_run_dir, serve_artifacts,
         svc.predict(2, {"inputs": x[:1].tolist(), "policy": "learned"})
 
 
+def test_a_fitted_policy_is_served_per_client_and_calibrated_to_a_budget(serve_run_dir, serve_artifacts, tmp_path):
+    """`policy fit` output behind policy=learned: bound to the client's label prior, answering with
+    the combined exits; a mac_budget calibrates it on the client's val split."""
+    from cafe_ray.inference.cascade import (
+        CascadePolicy,
+        FitSettings,
+        client_prior,
+        fit_for_run,
+        save_cascade,
+    )
+    from cafe_ray.inference.trace import ExitTrace
+
+    net = fit_for_run(serve_run_dir, FitSettings())
+    w, _ = save_cascade(net, tmp_path / "fitted" / "policy", lam=0.3)
+    svc = ModelService(ServeConfig(run_dir=str(serve_run_dir), learned=str(tmp_path / "fitted")))
+    cost, model = serve_artifacts.exit_cost, serve_artifacts.client_model(1)
+    x, _ = serve_artifacts.client_data(1)
+    x = x[:8]
+    own = CascadePolicy(w).for_client(client_prior(serve_artifacts, 1))
+    got = svc.predict(1, {"inputs": x.tolist(), "policy": "learned"})
+    want = predict_batch(model, x, own, cost)
+    assert [p.label for p in got.predictions] == want.labels.tolist()
+    assert [p.exit_index for p in got.predictions] == want.exits.tolist()
+    assert got.policy["policy"] == "cascade" and got.policy["lam"] == pytest.approx(0.3)
+    assert got.policy["combine"] == "prior" and got.policy["path"] == "policy.safetensors"
+    budget = cost.cascade[-1] * 0.5
+    xv, yv = serve_artifacts.client_data(1, "val")
+    lam, _ = own.calibrate(ExitTrace.from_model(model, xv, yv, cost), budget)
+    got = svc.predict(1, {"inputs": x.tolist(), "policy": "learned", "mac_budget": budget})
+    assert got.policy["lam"] == pytest.approx(lam)
+    assert [p.exit_index for p in got.predictions] == predict_batch(model, x, own.with_lam(lam), cost).exits.tolist()
+    # a policy fitted on another architecture is refused with the command that fits one here
+    other = CascadePolicy(net=net).spec
+    bad = type(other)(**{**other.__dict__, "exit_macs": tuple(m + 1 for m in other.exit_macs)})
+    save_cascade(type(net)(bad), tmp_path / "other" / "policy")
+    svc = ModelService(ServeConfig(run_dir=str(serve_run_dir), learned=str(tmp_path / "other")))
+    with pytest.raises(InvalidPolicy, match="fit one on this run"):
+        svc.predict(1, {"inputs": x[:1].tolist(), "policy": "learned"})
+
+
 def test_learned_paths_reports_a_missing_policy(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors not found"):
         learned_paths(tmp_path / "nope.safetensors")

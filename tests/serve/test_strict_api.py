@@ -269,3 +269,51 @@ def test_no_absolute_server_paths_in_any_answer(http, learned_app, serve_run_dir
     learned = answers[8].json()
     assert answers[8].status_code == 200 and learned["policy"]["path"] == "mine.safetensors"
     assert learned["policy"]["trained"]["run_dir"] == serve_run_dir.name
+
+
+# ------------------------------------------------------------------ a fitted policy over HTTP
+@pytest.fixture(scope="module")
+def fitted_app(served, serve_run_dir, tmp_path_factory):
+    """A third application on the same proxy, started with a `policy fit` output as --learned."""
+    from ray import serve
+
+    from cafe_ray.inference.cascade import FitSettings, fit_for_run, save_cascade
+    from cafe_ray.serve.app import start
+    from cafe_ray.serve.config import ServeConfig
+
+    folder = tmp_path_factory.mktemp("fitted") / "combined"
+    save_cascade(fit_for_run(serve_run_dir, FitSettings()), folder / "policy")
+    cfg = ServeConfig(run_dir=str(serve_run_dir), port=served[0].port, replica_cpus=0, max_batch=MAX_BATCH,
+                      app_name="cafe-ray-fitted", route_prefix="/fitted", learned=str(folder))
+    start(cfg)
+    try:
+        yield cfg, folder
+    finally:
+        serve.delete(cfg.app_name)
+
+
+def test_a_fitted_policy_answers_over_http(http, fitted_app, serve_artifacts):
+    from cafe_ray.inference import predict_batch
+    from cafe_ray.inference.cascade import CascadePolicy, client_prior
+
+    _, folder = fitted_app
+    x, _ = serve_artifacts.client_data(1)
+    x = x[:MAX_BATCH]
+    r = http.post("/fitted/v1/clients/1/predict", json={"inputs": x.tolist(), "policy": "learned"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["policy"]["policy"] == "cascade" and body["policy"]["decide"] == "threshold"
+    assert str(folder) not in r.text and "/tmp/" not in r.text
+    own = CascadePolicy(folder / "policy.safetensors").for_client(client_prior(serve_artifacts, 1))
+    want = predict_batch(serve_artifacts.client_model(1), x, own, serve_artifacts.exit_cost)
+    assert [p["label"] for p in body["predictions"]] == want.labels.tolist()
+    assert [p["exit_index"] for p in body["predictions"]] == want.exits.tolist()
+    budget = serve_artifacts.exit_cost.cascade[-1] * 0.5
+    r = http.post("/fitted/v1/clients/1/predict", json={"inputs": x.tolist(), "policy": "learned",
+                                                         "mac_budget": budget})
+    from cafe_ray.inference.trace import ExitTrace
+
+    xv, yv = serve_artifacts.client_data(1, "val")
+    lam, _ = own.calibrate(ExitTrace.from_model(serve_artifacts.client_model(1), xv, yv,
+                                                serve_artifacts.exit_cost), budget)
+    assert r.status_code == 200 and r.json()["policy"]["lam"] == pytest.approx(lam)
