@@ -5,6 +5,7 @@ and no server paths in any answer."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 
@@ -226,14 +227,26 @@ def test_npy_errors_name_the_problem(http):
 
 
 # ------------------------------------------------------------------ no server paths
-@pytest.fixture(scope="module")
-def learned_app(served, serve_run_dir, serve_artifacts, tmp_path_factory):
-    """A second application on the same Serve proxy, started with a learned policy file."""
+@contextlib.contextmanager
+def another_app(served, run_dir, name: str, learned: str):
+    """One more application on the same Serve proxy at /NAME, started with ``--learned``."""
     from ray import serve
 
     from cafe_ray.serve.app import start
     from cafe_ray.serve.config import ServeConfig
 
+    cfg = ServeConfig(run_dir=str(run_dir), port=served[0].port, replica_cpus=0, max_batch=MAX_BATCH,
+                      app_name=f"cafe-ray-{name}", route_prefix=f"/{name}", learned=learned)
+    start(cfg)
+    try:
+        yield cfg
+    finally:
+        serve.delete(cfg.app_name)
+
+
+@pytest.fixture(scope="module")
+def learned_app(served, serve_run_dir, serve_artifacts, tmp_path_factory):
+    """A second application on the same Serve proxy, started with a learned policy file."""
     cost = serve_artifacts.exit_cost
     spec = PolicySpec(hidden=(4,), activation="tanh", shift=(0.0,) * 6, scale=(1.0,) * 6,
                       full_macs=cost.cascade[-1], num_classes=10,
@@ -241,13 +254,8 @@ def learned_app(served, serve_run_dir, serve_artifacts, tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("learned") / "policies" / "mine"
     save_policy(ExitMLP(spec), path)
-    cfg = ServeConfig(run_dir=str(serve_run_dir), port=served[0].port, replica_cpus=0, max_batch=MAX_BATCH,
-                      app_name="cafe-ray-learned", route_prefix="/learned", learned=str(path) + ".safetensors")
-    start(cfg)
-    try:
+    with another_app(served, serve_run_dir, "learned", str(path) + ".safetensors") as cfg:
         yield cfg, path
-    finally:
-        serve.delete(cfg.app_name)
 
 
 def test_no_absolute_server_paths_in_any_answer(http, learned_app, serve_run_dir):
@@ -275,21 +283,12 @@ def test_no_absolute_server_paths_in_any_answer(http, learned_app, serve_run_dir
 @pytest.fixture(scope="module")
 def fitted_app(served, serve_run_dir, tmp_path_factory):
     """A third application on the same proxy, started with a `policy fit` output as --learned."""
-    from ray import serve
-
     from cafe_ray.inference.cascade import FitSettings, fit_for_run, save_cascade
-    from cafe_ray.serve.app import start
-    from cafe_ray.serve.config import ServeConfig
 
     folder = tmp_path_factory.mktemp("fitted") / "combined"
     save_cascade(fit_for_run(serve_run_dir, FitSettings()), folder / "policy")
-    cfg = ServeConfig(run_dir=str(serve_run_dir), port=served[0].port, replica_cpus=0, max_batch=MAX_BATCH,
-                      app_name="cafe-ray-fitted", route_prefix="/fitted", learned=str(folder))
-    start(cfg)
-    try:
+    with another_app(served, serve_run_dir, "fitted", str(folder)) as cfg:
         yield cfg, folder
-    finally:
-        serve.delete(cfg.app_name)
 
 
 def test_a_fitted_policy_answers_over_http(http, fitted_app, serve_artifacts):
