@@ -348,14 +348,19 @@ def fit_cascade(trace: ExitTrace, settings: FitSettings = FitSettings(), meta: d
     return net.eval()
 
 
-def within_one_point(trace: ExitTrace, points: float = 1.0) -> float:
+def within_one_point(trace: ExitTrace, tolerance: float | None = None) -> float:
     """The default ``lam`` of a threshold decider: ``1 - t`` for the smallest max-probability
-    threshold ``t`` (the cheapest) whose accuracy on ``trace`` is within ``points`` of full depth,
-    the rule ``cafe-ray evaluate`` reports by. A budget (``calibrate``) overrides it."""
+    threshold ``t`` (the cheapest) whose accuracy on ``trace`` is within ``tolerance`` (default
+    :data:`~cafe_ray.inference.evaluate.TOLERANCE`, 1 point) of full depth, the rule ``cafe-ray
+    evaluate`` reports by, searched over up to 513 of the observed confidences (accuracy is not
+    monotone in ``t``, so it is a scan). A budget (``calibrate``) overrides it."""
+    from cafe_ray.inference.evaluate import TOLERANCE
+
+    tol = TOLERANCE if tolerance is None else tolerance
     full = trace.accuracy(np.full(trace.num_samples, trace.num_exits - 1))
     conf = np.unique(trace.confidence[:, :-1, 0])
     for t in np.concatenate([conf[:: max(1, conf.size // 512)], [conf[-1]]]):  # ascending: cheapest first
-        if trace.accuracy(trace.threshold_exits(float(t))) >= full - points / 100:
+        if trace.accuracy(trace.threshold_exits(float(t))) >= full - tol:
             return float(np.float32(1.0) - np.float32(t))
     return -1.0  # nothing within the margin: full depth (1 - max prob <= -1 never holds)
 
@@ -641,18 +646,21 @@ class CascadePolicy(ExitPolicy):
         return out
 
 
+def is_fitted_policy(path: str | Path) -> bool:
+    """Whether ``path`` names a ``policy fit`` policy (this module's format) rather than an RL one,
+    read from the sidecar's ``format`` without loading either."""
+    _, sidecar = policy_paths(path)
+    if not sidecar.is_file():
+        return False
+    try:
+        return json.loads(sidecar.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError as err:
+        raise ValueError(f"exit policy sidecar {sidecar} is not valid JSON: {err}") from err
+
+
 def load_exit_policy(path: str | Path) -> ExitPolicy:
     """A saved exit policy of either kind: an RL :class:`~cafe_ray.inference.LearnedPolicy` or a
     :class:`CascadePolicy`, told apart by the sidecar's ``format``."""
     from cafe_ray.inference.learned import LearnedPolicy
 
-    _, sidecar = policy_paths(path)
-    if sidecar.is_file():
-        try:
-            fmt = json.loads(sidecar.read_text()).get("format")
-        except json.JSONDecodeError as err:
-            raise ValueError(f"exit policy sidecar {sidecar} is not valid JSON: {err}") from err
-        if fmt == FORMAT:
-            return CascadePolicy(path)
-    return LearnedPolicy(path)
-
+    return CascadePolicy(path) if is_fitted_policy(path) else LearnedPolicy(path)

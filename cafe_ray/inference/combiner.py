@@ -50,7 +50,7 @@ class ExitCombiner(nn.Module):
     def weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return getattr(self, f"w_{k}"), getattr(self, f"b_{k}"), getattr(self, f"beta_{k}")
 
-    def log_prior(self, prior: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    def log_prior(self, prior: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
         """(n, C) log prior rows, or None when this combiner does not read the prior."""
         if not self.use_prior:
             return None
@@ -82,7 +82,7 @@ class ExitCombiner(nn.Module):
         :func:`~cafe_ray.inference.predict_batch` computes for a combining policy)."""
         self._check(trace)
         logp = torch.from_numpy(trace.logits).log_softmax(dim=2)
-        lp = self.log_prior(None if prior is None else torch.as_tensor(prior), trace.num_samples)
+        lp = self.log_prior(prior, trace.num_samples)
         hist = [logp[:, j] for j in range(trace.num_exits)]
         z = torch.stack([self.combine(hist[: k + 1], lp) for k in range(trace.num_exits)], dim=1)
         return ExitTrace(z.numpy(), trace.labels, trace.exit_macs)
@@ -107,7 +107,7 @@ def fit_combiner(trace: ExitTrace, prior: np.ndarray | None = None, use_prior: b
     comb = ExitCombiner(trace.num_exits, trace.num_classes, use_prior)
     logp = torch.from_numpy(trace.logits).double().log_softmax(dim=2)
     y = torch.from_numpy(trace.labels)
-    lp = comb.log_prior(None if prior is None else torch.as_tensor(prior), trace.num_samples)
+    lp = comb.log_prior(prior, trace.num_samples)
     lp = None if lp is None else lp.double()
     for k in range(trace.num_exits):
         fitted = _fit_exit(logp[:, : k + 1], y, lp, [t.double() for t in comb.weights(k)], bias_l2, max_iter)

@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,6 +45,9 @@ from cafe_ray.serve.schemas import (
     PredictRequest,
     PredictResponse,
 )
+
+if TYPE_CHECKING:
+    from cafe_ray.inference.cascade import CascadePolicy
 
 POLICY_CACHE = 256  # built policies kept per replica (a calibrated budget policy costs a forward pass)
 
@@ -239,15 +242,15 @@ class ModelService:
         if path is None:
             raise ValueError(f"the per-client learned policies ({self.display(self.cfg.learned)}) have none for client "
                              f"{client_id}")
-        from cafe_ray.inference.cascade import CascadePolicy, load_exit_policy
+        from cafe_ray.inference.cascade import CascadePolicy, is_fitted_policy
 
-        pol = load_exit_policy(path)
-        if isinstance(pol, CascadePolicy):
-            return self._fitted_policy(client_id, pol, budget, model)
+        if is_fitted_policy(path):
+            return self._fitted_policy(client_id, CascadePolicy(path), budget, model)
         fraction = None if budget is None else min(budget / self.cost.cascade[-1], 1.0)
         return build_policy("learned", path=path, budget=fraction)
 
-    def _fitted_policy(self, client_id: int, pol: Any, budget: float | None, model: EarlyExitNet) -> ExitPolicy:
+    def _fitted_policy(self, client_id: int, pol: CascadePolicy, budget: float | None,
+                       model: EarlyExitNet) -> ExitPolicy:
         """A `policy fit` policy bound to the client's label prior; with a budget, its operating point
         calibrated on the client's val split to that mean MACs per sample (as policy=budget does)."""
         from cafe_ray.inference.cascade import client_prior

@@ -24,6 +24,7 @@ from cafe_ray.inference.cascade import (
     cross_validate,
     feature_dim,
     fit_cascade,
+    is_fitted_policy,
     label_prior,
     load_cascade,
     outcome_targets,
@@ -186,8 +187,11 @@ def test_round_trip_and_predict_batch_agree_with_the_trace(tmp_path):
 
 
 def test_load_exit_policy_opens_rl_policies_too(tmp_path):
-    w, _ = save_policy(random_mlp(), tmp_path / "rl")
-    assert isinstance(load_exit_policy(w), LearnedPolicy)
+    w, j = save_policy(random_mlp(), tmp_path / "rl")
+    assert isinstance(load_exit_policy(w), LearnedPolicy) and not is_fitted_policy(w)
+    j.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_exit_policy(w)
 
 
 def test_a_sidecar_from_another_feature_set_is_refused(tmp_path):

@@ -13,6 +13,7 @@ from cafe_ray.inference.cascade import (
     FitSettings,
     cross_validate,
     fit_cascade,
+    is_fitted_policy,
     label_prior,
     save_cascade,
 )
@@ -85,7 +86,7 @@ def test_predict_batch_answers_with_the_combined_exits_and_agrees_with_the_trace
     side = json.loads(j.read_text())
     assert side["combine"] == "prior" and side["decide"] == decide and len(side["meta"]["combiner"]) == 3
     loaded = load_exit_policy(w)
-    assert isinstance(loaded, CascadePolicy) and loaded.combines
+    assert isinstance(loaded, CascadePolicy) and loaded.combines and is_fitted_policy(w)
     model = sliced_een(3, 3)
     for prior in (PRIOR_A, PRIOR_B):
         rows = np.flatnonzero((priors == prior).all(axis=1))
