@@ -121,6 +121,13 @@ LEGACY_VALUES: dict[str, Any] = {
     "algorithm.cafedistill.kd_shared": "none",
     "algorithm.cafedistill.residual_ce": "detached",
     "algorithm.cafedistill.residual_generic": "live",
+    "algorithm.cafedistill.teacher": "qp",
+    "algorithm.cafedistill.teacher_distance": "head",
+    "algorithm.cafedistill.measure_interference": False,
+    "algorithm.fedrod.personal_ce": "detached",
+    "algorithm.fedrod.personal_generic": "live",
+    "algorithm.fedper.head_init": "shared",
+    "algorithm.fedrep.head_init": "shared",
 }
 
 
@@ -211,10 +218,31 @@ class CafeDistillConfig(_Strict):
                     "never reach the generic heads; received_ce puts only the personal CE on the received "
                     "heads and leaves KD on the live logits (kd_shared still reaches the generic heads; "
                     "chosen on validation in session 7, live before). No effect with heads=personal")
-    unselected: Literal["frozen", "ce_detached"] = Field(
+    unselected: Literal["frozen", "ce_detached", "excluded"] = Field(
         "ce_detached",
-        description="student heads outside S_i: frozen (spec) or trained by CE on detached features "
-                    "(they move, the backbone gets no gradient from them)")
+        description="exits outside S_i (the teacher excepted). frozen (spec): their personal heads are out of "
+                    "the optimizer and their personal CE is dropped; ce_detached: they are trained by their "
+                    "personal CE like a selected student, without KD (with heads=personal on detached "
+                    "features; under generic_residual the CE follows residual_ce, so with residual_ce=backbone "
+                    "it reaches the backbone and S_i changes no gradient but KD's); excluded: no term at all, "
+                    "also no balanced softmax of their generic heads, which the server then averages over the "
+                    "clients that trained them (an unselected exit sends no gradient anywhere, as the "
+                    "specification's step 3 says; the same as frozen with heads=personal)")
+    teacher: Literal["qp", "uniform", "own"] = Field(
+        "qp",
+        description="teacher weights w_ij: qp (the specification's QP on head distances, step 4); uniform (the "
+                    "mean of the pool's heads); own (the client's own stored last head: local self-distillation). "
+                    "A client without a stored head gets the pool's mean head under all three")
+    teacher_distance: Literal["head", "weights"] = Field(
+        "head",
+        description="what D_ij = 1 - cos compares: head (weight and bias, the specification's h_j) or weights "
+                    "(the weight matrices only: a last head's bias mostly encodes its client's label prior, so "
+                    "whole-head cosines largely measure label-support overlap)")
+    measure_interference: bool = Field(
+        False,
+        description="diagnostic, no effect on training: before local training, the cosine between every pair of "
+                    "exits' loss gradients on the backbone stages they share (one batch), recorded per client "
+                    "and round as grad_cos_k_l in clients.jsonl (`cafe-ray interference RUN_DIR`)")
     selection: SelectionConfig = Field(SelectionConfig(), description="student schedule and selection "
                                                                        "(CAFEDISTILL.md steps 2-3)")
 
@@ -244,9 +272,19 @@ class CafeDistillConfig(_Strict):
         return self
 
 
+HEAD_INIT_DESCRIPTION = ("a client's personal exit heads at its first visit: shared (the model's initial heads) "
+                         "or prior (the same, plus the log of the client's label prior in every exit's final "
+                         "bias: the prior initialisation CAFEDistill's residual heads use)")
+
+
+class FedPerConfig(_Strict):
+    head_init: Literal["shared", "prior"] = Field("shared", description=HEAD_INIT_DESCRIPTION)
+
+
 class FedRepConfig(_Strict):
     head_epochs: int = Field(1, ge=1, description="local epochs on the heads (backbone frozen) before the "
                                                   "backbone's")
+    head_init: Literal["shared", "prior"] = Field("shared", description=HEAD_INIT_DESCRIPTION)
 
 
 class FedBABUConfig(_Strict):
@@ -285,6 +323,18 @@ class FedRoDConfig(_Strict):
         "zero", description="personal heads start at zero, at a copy of the generic head, or at zero weights "
                             "with the log of the client's label prior as bias (the Bayes correction of the "
                             "balanced generic head, before any training)")
+    personal_ce: Literal["detached", "backbone"] = Field(
+        "detached",
+        description="what the personal CE trains: detached (FedRoD: the personal heads only, on detached "
+                    "features) or backbone (the same logits, with the gradient also reaching the backbone "
+                    "stages, as FedPer-EE's personal CE does; never the generic heads, which the balanced "
+                    "softmax alone trains). CAFEDistill's residual_ce")
+    personal_generic: Literal["live", "received"] = Field(
+        "live",
+        description="the generic head a personal head is added to in the personal CE: live (FedRoD: the "
+                    "client's generic head as its balanced softmax moves it) or received (the round's global "
+                    "generic head, held fixed: the one the personal logits use at inference, after the server "
+                    "averages). CAFEDistill's residual_generic: received_ce")
 
 
 class FedPACConfig(_Strict):
@@ -327,6 +377,7 @@ class AlgorithmConfig(_Strict):
     fedprox: FedProxConfig = Field(FedProxConfig(), description="fedprox_ee hyperparameters")
     cafedistill: CafeDistillConfig = Field(CafeDistillConfig(), description="cafedistill hyperparameters "
                                                                              "(docs/algorithms.md)")
+    fedper: FedPerConfig = Field(FedPerConfig(), description="fedper_ee hyperparameters")
     fedrep: FedRepConfig = Field(FedRepConfig(), description="fedrep_ee hyperparameters")
     fedbabu: FedBABUConfig = Field(FedBABUConfig(), description="fedbabu_ee hyperparameters")
     ditto: DittoConfig = Field(DittoConfig(), description="ditto_ee hyperparameters")
@@ -507,8 +558,8 @@ def fill_legacy(raw: dict[str, Any]) -> dict[str, Any]:
     for key, value in LEGACY_VALUES.items():
         *parents, leaf = key.split(".")
         node: Any = raw
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
+        for part in parents:  # a section the run predates entirely is created
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.setdefault(leaf, value)
     return raw

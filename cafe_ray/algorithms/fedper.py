@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from cafe_ray.algorithms.aggregation import StreamingMean
 from cafe_ray.algorithms.base import (
     Algorithm,
@@ -25,6 +27,7 @@ from cafe_ray.algorithms.base import (
     register,
     with_global,
 )
+from cafe_ray.algorithms.heads import add_log_prior_to_heads
 from cafe_ray.algorithms.training import local_sgd
 from cafe_ray.models.base import EarlyExitNet
 
@@ -65,6 +68,13 @@ class FedPerEE(Algorithm):
         load_params(model, payload.tensors)
         if personal:
             load_params(model, personal)
+        elif self.head_init == "prior":  # first visit: heads start with the client's log label prior
+            add_log_prior_to_heads(model, torch.bincount(data.y_train.long(), minlength=model.num_classes))
+
+    @property
+    def head_init(self) -> str:
+        """``fedper.head_init`` (FedRep-EE reads its own section)."""
+        return self.cfg.algorithm.fedper.head_init
 
     def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
                       data: ClientData, ctx: ClientContext, loss: float, seen: int) -> ClientOutput:

@@ -20,7 +20,6 @@ from cafe_ray.algorithms.base import (
     ClientOutput,
     Message,
     Params,
-    load_params,
     register,
 )
 from cafe_ray.algorithms.fedper import FedPerEE, backbone_of, heads_of
@@ -53,6 +52,10 @@ class FedRepEE(FedPerEE):
     name = "fedrep_ee"
     personalized = True
 
+    @property
+    def head_init(self) -> str:
+        return self.cfg.algorithm.fedrep.head_init
+
     def train_heads(self, model: EarlyExitNet, data: ClientData, ctx: ClientContext) -> tuple[float, int]:
         """Phase 1: every exit head for ``fedrep.head_epochs`` epochs; the backbone does not move."""
         train = self.cfg.train.model_copy(update={"local_epochs": self.cfg.algorithm.fedrep.head_epochs})
@@ -72,9 +75,7 @@ class FedRepEE(FedPerEE):
     def client_update(
         self, model: EarlyExitNet, payload: Message, personal: Params | None, data: ClientData, ctx: ClientContext
     ) -> ClientOutput:
-        load_params(model, payload.tensors)
-        if personal:
-            load_params(model, personal)
+        self.client_start(model, payload, personal, data, ctx)
         head_loss, head_seen = self.train_heads(model, data, ctx)
         body_loss, body_seen = self.train_backbone(model, data, ctx)
         return ClientOutput(

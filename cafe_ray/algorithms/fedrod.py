@@ -42,7 +42,7 @@ from cafe_ray.algorithms.base import (
     register,
 )
 from cafe_ray.algorithms.fedavg import FedAvgEE
-from cafe_ray.algorithms.heads import HeadProbe, final_linear_keys
+from cafe_ray.algorithms.heads import PRIOR_FLOOR, HeadProbe, final_linear_keys
 from cafe_ray.algorithms.training import LossFn, local_sgd
 from cafe_ray.models.base import EarlyExitNet
 
@@ -64,16 +64,76 @@ def personal_logits(generic: torch.Tensor, feature: torch.Tensor, weight: torch.
     return generic.detach() + F.linear(feature.detach(), weight, bias)
 
 
-def fedrod_loss(probe: HeadProbe, heads: list[tuple[nn.Parameter, nn.Parameter]], counts: torch.Tensor) -> LossFn:
-    """sum_k BSM(z_k^G) + sum_k CE(z_k^G.detach() + P_k(f_k.detach()))."""
+PERSONAL_CE = ("detached", "backbone")
+PERSONAL_GENERIC = ("live", "received")
+
+Head = tuple[torch.Tensor, torch.Tensor]  # (weight (C, D), bias (C,)) of one exit's final linear layer
+
+
+def received_heads(probe: HeadProbe) -> list[Head]:
+    """(W_k^G0, b_k^G0) per exit: the generic heads as received this round, held fixed."""
+    return [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in probe.linears]
+
+
+def personal_ce_logits(
+    probe: HeadProbe,
+    logits: list[torch.Tensor],
+    feats: list[torch.Tensor],
+    heads: list[tuple[nn.Parameter, nn.Parameter]],
+    exits: list[int],
+    *,
+    ce: str = "detached",
+    received: list[Head] | None = None,
+) -> dict[int, torch.Tensor]:
+    """The personal logits the personal CE acts on, for every exit in ``exits``.
+
+    Every form has the values of the personal logits z_k^G + P_k(f_k); they differ
+    only in where the CE's gradient goes (``ce``) and in which generic head the
+    residual is fitted against (``received``):
+    - live, detached (FedRoD): z_k^G.detach() + P_k(f_k.detach()): the residual heads only;
+    - live, backbone: W_k^G.detach() f_k + b_k^G.detach() + P_k(f_k): also the stages under
+      f_k (as FedPer-EE's personal CE), never the generic head, which BSM alone trains;
+    - received: (W_k^G0 + W_k^P) f_k + b_k^G0 + b_k^P with the generic head the client
+      received this round (the one its personal logits use at inference, after the
+      server averages), f_k detached unless ``ce`` is backbone.
+    """
+    if ce not in PERSONAL_CE:
+        raise ValueError(f"personal CE form {ce!r} is not one of {PERSONAL_CE}")
+    if received is not None:
+        def fixed(k: int, f: torch.Tensor) -> torch.Tensor:
+            w0, b0 = received[k]
+            return F.linear(f, w0 + heads[k][0], b0 + heads[k][1])
+
+        return {k: fixed(k, feats[k] if ce == "backbone" else feats[k].detach()) for k in exits}
+    if ce == "backbone":
+        return {k: F.linear(feats[k], probe.linears[k].weight.detach(), probe.linears[k].bias.detach())
+                + F.linear(feats[k], *heads[k]) for k in exits}
+    return {k: personal_logits(logits[k], feats[k], *heads[k]) for k in exits}
+
+
+def fedrod_loss(
+    probe: HeadProbe,
+    heads: list[tuple[nn.Parameter, nn.Parameter]],
+    counts: torch.Tensor,
+    *,
+    ce: str = "detached",
+    generic: str = "live",
+) -> LossFn:
+    """sum_k BSM(z_k^G) + sum_k CE(personal logits of exit k) (:func:`personal_ce_logits`).
+
+    ``generic: received`` snapshots the generic heads now (when the loss is built,
+    after the payload is loaded), i.e. the heads the client received.
+    """
+    if generic not in PERSONAL_GENERIC:
+        raise ValueError(f"fedrod.personal_generic: {generic!r} is not one of {PERSONAL_GENERIC}")
+    received = received_heads(probe) if generic == "received" else None
+    exits = list(range(len(heads)))
 
     def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits, feats = probe(x)
-        generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
-        personal = sum(
-            F.cross_entropy(personal_logits(z, f, w, b), y) for z, f, (w, b) in zip(logits, feats, heads, strict=True)
-        )
-        return generic + personal  # type: ignore[return-value]
+        bsm = sum(balanced_softmax_loss(z, y, counts) for z in logits)
+        z_ce = personal_ce_logits(probe, logits, feats, heads, exits, ce=ce, received=received)
+        return bsm + sum(F.cross_entropy(z_ce[k], y) for k in exits)  # type: ignore[return-value]
 
     return loss
 
@@ -82,7 +142,6 @@ def _phead_key(k: int, part: str) -> str:
     return f"{PHEAD_PREFIX}{k}.{part}"
 
 
-PRIOR_FLOOR = 1e-4  # a class the client never saw gets a log prior of log(1e-4), not -inf
 
 
 def residual_heads(
@@ -155,7 +214,8 @@ class FedRoDEE(FedAvgEE):
         load_params(model, payload.tensors)
         counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
         heads = self.personal_heads(model, personal, counts)
-        loss_fn = fedrod_loss(HeadProbe(model), heads, counts)
+        hp = self.cfg.algorithm.fedrod
+        loss_fn = fedrod_loss(HeadProbe(model), heads, counts, ce=hp.personal_ce, generic=hp.personal_generic)
         params = [*model.parameters(), *(p for pair in heads for p in pair)]
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=params)
         sd = model.state_dict()

@@ -71,3 +71,28 @@ class HeadProbe:
                 )
             feats.append(f)  # (B, D_k)
         return logits, feats
+
+
+PRIOR_FLOOR = 1e-4  # a class the client never saw gets a log prior of log(1e-4), not -inf
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """log of the client's label prior from its class counts, floored at PRIOR_FLOOR: (C,)."""
+    prior = counts.to(torch.float32) / counts.sum().clamp_min(1.0)
+    return prior.clamp_min(PRIOR_FLOOR).log()
+
+
+@torch.no_grad()
+def add_log_prior_to_heads(model: EarlyExitNet, counts: torch.Tensor) -> None:
+    """Every exit's final bias += log prior: a new client's heads start with its Bayes correction.
+
+    The same initialisation CAFEDistill's residual heads and FedRoD-EE's
+    ``personal_init: prior`` use, for methods whose exit heads are personal outright.
+    """
+    shift = log_prior(counts)
+    for k in range(model.num_exits):
+        lin = model.exits[k].get_submodule(final_linear_name(model.exits[k]))
+        if lin.bias is None:
+            raise ValueError(f"exit {k}: head_init=prior needs a final nn.Linear with bias=True")
+        lin.bias.add_(shift.to(lin.bias.dtype))
+

@@ -18,6 +18,11 @@ def register(app: typer.Typer) -> None:
         setting: Annotated[list[str] | None, typer.Option(
             "--setting", help="Run only these settings (names as in the table, e.g. 'fleet=full20,alpha=0.1').")] = None,
         address: Annotated[str | None, typer.Option("--address", help="Ray cluster address.")] = None,
+        set_: Annotated[list[str] | None, typer.Option(
+            "--set", "-s", help="Override a field of every run's base config: a.b=value (repeatable), "
+                                "e.g. executor=sequential.")] = None,
+        jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Simulations at once, each its own "
+                                          "process (with --set executor=sequential: one core each).")] = 1,
     ) -> None:
         """Run every (setting, variant, seed) not yet done; write results.md/.parquet and PNG plots.
 
@@ -29,7 +34,8 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         try:
-            rows = run_study(study, out, only=only, only_settings=setting, address=address, console=console)
+            rows = run_study(study, out, only=only, only_settings=setting, address=address, console=console,
+                             jobs=jobs, overrides=set_)
         except ConfigError as err:
             Console(stderr=True).print(f"[red]error:[/] {err}")
             raise typer.Exit(2) from None

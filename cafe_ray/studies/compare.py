@@ -99,8 +99,11 @@ def _slug(text: str) -> str:
 
 
 # ------------------------------------------------------------------- loading
-def load_study(path: str | Path) -> Study:
-    """Read and check a study: every config of every (setting, variant, seed) must validate."""
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read and check a study: every config of every (setting, variant, seed) must validate.
+
+    ``overrides`` (``key=value``, values as YAML) are applied to the base config.
+    """
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text())
@@ -116,7 +119,7 @@ def load_study(path: str | Path) -> Study:
     base_path = (p.parent / raw.get("base", "")).resolve()
     if not base_path.is_file():
         raise ConfigError(f"{p}: base config {base_path} not found")
-    base = yaml.safe_load(base_path.read_text()) or {}
+    base = apply_overrides(yaml.safe_load(base_path.read_text()) or {}, list(overrides or []))
     variants = []
     for i, v in enumerate(raw["variants"]):
         if not isinstance(v, dict) or "label" not in v:
@@ -243,10 +246,15 @@ def _algorithm_section(name: str) -> str:
 
 
 def _relevant(dump: dict[str, Any]) -> dict[str, Any]:
-    """A config dump without the hyperparameter sections of algorithms the run does not use."""
+    """A config dump without what cannot change the run's metrics.
+
+    That is the hyperparameter sections of algorithms the run does not use, and the
+    executor (the sequential and the Ray executor give the same metrics, tested bit for
+    bit), so a run made in-process is reused by a study run on Ray and back.
+    """
     alg = dict(dump["algorithm"])
     own = _algorithm_section(alg["name"])
-    dump = dict(dump)
+    dump = {k: v for k, v in dump.items() if k != "executor"}
     dump["algorithm"] = {k: v for k, v in alg.items() if not isinstance(v, dict) or k == own}
     return dump
 
@@ -300,16 +308,20 @@ def _find_done(run_parent: Path, name: str, cfg: Any = None) -> Path | None:
 # ------------------------------------------------------------------- running
 def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = None,
               only_settings: list[str] | None = None, address: str | None = None,
-              console: Console | None = None) -> list[dict[str, Any]]:
+              console: Console | None = None, jobs: int = 1,
+              overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """Tune (if asked), run every missing (setting, variant, seed); return one row per cell.
 
     ``only`` (variant labels) and ``only_settings`` (setting names such as
     ``fleet=full20,alpha=0.1``) limit what runs; the table still shows every finished run.
+    ``overrides`` (``key=value``) apply to the base config of every run (a variant's own
+    sets still win), e.g. ``executor=sequential``. ``jobs`` > 1 runs that many simulations at once, each in its
+    own ``cafe-ray simulate`` process (use it with ``executor=sequential``: one core each).
     """
     from cafe_ray.sim.engine import run_simulation
 
     console = console or Console()
-    study = load_study(path)
+    study = load_study(path, overrides)
     out = Path(out)
     names = [setting_name(s) for s in settings(study)]
     bad = sorted(set(only_settings or []) - set(names))
@@ -319,8 +331,10 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
     bad = sorted(set(only or []) - set(labels))
     if bad:
         raise ConfigError(f"--only {bad}: not a variant label of {path}; the labels are {labels}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give at least 1")
     out.mkdir(parents=True, exist_ok=True)
-    runs: list[dict[str, Any]] = []
+    cells: list[tuple[dict[str, Any], Variant, int, Any, dict[str, Any], bool]] = []
     for setting in settings(study):
         skip_setting = bool(only_settings) and setting_name(setting) not in (only_settings or [])
         for v in study.variants:
@@ -331,33 +345,78 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
             elif study.tuning is not None and v.group != "upper_bound":
                 tuned = _read_tuned(study, setting, v, out)
             for seed in study.seeds:
-                cfg = config_for(study, setting, v, out, seed, tuned)
-                parent = Path(cfg.output_dir)
-                done = _find_done(parent, cfg.name, cfg)
-                where = f"{setting_name(setting)} / {v.label} / seed {seed}"
-                if skip:
-                    # --only limits what runs; the table still shows every finished run
-                    if done is not None:
-                        runs.append(run_row(setting, v, seed, done, tuned))
-                    continue
-                if done is None:
-                    t0 = time.perf_counter()
-                    if v.group == "upper_bound":  # Ray Train on the pooled data (cafe_ray.studies.centralized)
-                        from cafe_ray.sim.engine import ensure_ray
-                        from cafe_ray.studies.centralized import run_centralized
+                cells.append((setting, v, seed, config_for(study, setting, v, out, seed, tuned), tuned, skip))
+    pending: list[tuple[str, Any]] = []
+    for setting, v, seed, cfg, _tuned, skip in cells:
+        # --only limits what runs; the table still shows every finished run
+        parent = Path(cfg.output_dir)
+        done = _find_done(parent, cfg.name, cfg)
+        where = f"{setting_name(setting)} / {v.label} / seed {seed}"
+        if skip or done is not None:
+            if done is not None and not skip:
+                console.print(f"[dim]cached[/] {where} ({done})")
+            continue
+        if jobs > 1 and v.group != "upper_bound":
+            pending.append((where, cfg))
+            continue
+        t0 = time.perf_counter()
+        if v.group == "upper_bound":  # Ray Train on the pooled data (cafe_ray.studies.centralized)
+            from cafe_ray.sim.engine import ensure_ray
+            from cafe_ray.studies.centralized import run_centralized
 
-                        ensure_ray(address)
-                        done, _ = run_centralized(cfg, out=parent / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                    else:
-                        done, _ = run_simulation(cfg, address=address, console=Console(quiet=True),
-                                                 show_progress=False)
-                    console.print(f"[green]done[/] {where} in {time.perf_counter() - t0:.0f}s -> {done}")
-                else:
-                    console.print(f"[dim]cached[/] {where} ({done})")
-                runs.append(run_row(setting, v, seed, done, tuned))
+            ensure_ray(address)
+            done, _ = run_centralized(cfg, out=parent / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        else:
+            done, _ = run_simulation(cfg, address=address, console=Console(quiet=True), show_progress=False)
+        console.print(f"[green]done[/] {where} in {time.perf_counter() - t0:.0f}s -> {done}")
+    if pending:
+        _run_parallel(pending, jobs, out, address, console)
+    runs: list[dict[str, Any]] = []
+    for setting, v, seed, cfg, tuned, _skip in cells:
+        done = _find_done(Path(cfg.output_dir), cfg.name, cfg)
+        if done is not None:
+            runs.append(run_row(setting, v, seed, done, tuned))
     rows = aggregate(runs, study.reference)
     write_outputs(rows, out, runs)
     return rows
+
+
+def _run_parallel(pending: list[tuple[str, Any]], jobs: int, out: Path, address: str | None,
+                  console: Console) -> None:
+    """Run ``pending`` simulations ``jobs`` at a time, each one a ``cafe-ray simulate`` process.
+
+    Each run's resolved config is written to OUT/configs/ and its output to a log beside
+    it; a run that fails is reported with its log and the study goes on (its cell stays
+    empty, and the next invocation of the same command retries it).
+    """
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cafe_ray.config import dump_config
+
+    cdir = out / "configs"
+    cdir.mkdir(parents=True, exist_ok=True)
+
+    def one(item: tuple[str, Any]) -> None:
+        where, cfg = item
+        stem = _slug(where.replace(" / ", "__"))
+        cfg_path, log = cdir / f"{stem}.yaml", cdir / f"{stem}.log"
+        cfg_path.write_text(dump_config(cfg))
+        cmd = [sys.executable, "-m", "cafe_ray.cli", "simulate", str(cfg_path), "--no-progress"]
+        if address:
+            cmd += ["--address", address]
+        t0 = time.perf_counter()
+        with log.open("w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+        if rc == 0:
+            console.print(f"[green]done[/] {where} in {time.perf_counter() - t0:.0f}s")
+        else:
+            console.print(f"[red]failed[/] {where} (exit {rc}); see {log}")
+
+    console.print(f"running {len(pending)} simulations, {jobs} at a time")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, pending))
 
 
 def _tuning_dir(setting: dict[str, Any], v: Variant, out: Path) -> Path:

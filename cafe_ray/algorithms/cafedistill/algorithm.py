@@ -70,6 +70,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cafe_ray.algorithms.aggregation import StreamingMean, flatten
 from cafe_ray.algorithms.base import (
@@ -113,8 +114,16 @@ from cafe_ray.algorithms.cafedistill.teacher import (
     teacher_weights,
     unpack_head,
 )
-from cafe_ray.algorithms.fedrod import load_summed_heads, residual_heads, residual_state
+from cafe_ray.algorithms.fedrod import (
+    balanced_softmax_loss,
+    load_summed_heads,
+    personal_ce_logits,
+    received_heads,
+    residual_heads,
+    residual_state,
+)
 from cafe_ray.algorithms.heads import HeadProbe, final_linear_keys
+from cafe_ray.algorithms.interference import exit_gradient_cosines, stage_parameters
 from cafe_ray.algorithms.training import local_sgd
 from cafe_ray.config import CafeDistillConfig
 from cafe_ray.models.base import EXIT_PREFIX, EarlyExitNet, exit_of_key, stage_of_key
@@ -158,6 +167,30 @@ def _students_of(payload: Message, m: int) -> tuple[int, ...]:
     if bad:
         raise ValueError(f"student exits must be in [0, m-2] = [0, {m - 2}] (exit m-1 is the teacher), got {bad}")
     return students
+
+
+def _exit_wise_mean(new: Params, old: Params, results: Sequence[ClientResult]) -> Params:
+    """``unselected: excluded``: each exit's generic head averaged over the clients that trained it.
+
+    A client that left exit e out of its loss uploads e's head unchanged; counting it
+    would pull the average back toward the old head. An exit nobody trained keeps it.
+    """
+    by_exit: dict[int, list[str]] = {}
+    for k in old:
+        e = exit_of_key(k)
+        if e is not None:
+            by_exit.setdefault(e, []).append(k)
+    out = dict(new)
+    for e, keys in by_exit.items():
+        trainers = [r for r in results if e in r.output.upload.meta.get("trained_exits", [e])]
+        if not trainers:
+            out.update({k: old[k] for k in keys})
+            continue
+        mean = StreamingMean()
+        for r in trainers:
+            mean.add({k: r.output.upload.tensors[k] for k in keys}, float(r.output.num_samples))
+        out.update(mean.result(like={k: old[k] for k in keys}))
+    return out
 
 
 @register
@@ -298,9 +331,8 @@ class CafeDistill(Algorithm):
         rows = [cid for cid in participants if cid in pos]
         out: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         if rows:
-            center = pack_head(init_w, init_b) if self.hp.center_heads else None
             idx = [pos[c] for c in rows]
-            W = teacher_weights(H, self.hp.mu, rows=idx, center=center)  # (len(rows), n_pool)
+            W = self._mixing_weights(H, idx, init_w, init_b)  # (len(rows), n_pool)
             own = np.zeros(len(rows))
             if live:
                 own = W[np.arange(len(rows)), idx].copy()
@@ -312,6 +344,27 @@ class CafeDistill(Algorithm):
             uniform = unpack_head(H.mean(axis=0), C, D)
             out.update({cid: (*uniform, 0.0) for cid in newcomers})
         return out
+
+    def _mixing_weights(self, H: np.ndarray, idx: list[int], init_w: torch.Tensor, init_b: torch.Tensor) -> np.ndarray:
+        """w_ij for the pool rows ``idx``: the QP (``teacher: qp``), or an ablation's fixed mix.
+
+        ``teacher_distance: weights`` compares the heads' weight matrices only: the
+        bias of a last head mostly encodes its client's label prior (the
+        balanced-softmax generic head plus a residual started at the log prior), so
+        cosines of whole heads largely measure label-support overlap.
+        """
+        hp = self.hp
+        if hp.teacher == "uniform":
+            return np.full((len(idx), H.shape[0]), 1.0 / H.shape[0])
+        if hp.teacher == "own":
+            W = np.zeros((len(idx), H.shape[0]))
+            W[np.arange(len(idx)), idx] = 1.0
+            return W
+        center = pack_head(init_w, init_b) if hp.center_heads else None
+        if hp.teacher_distance == "weights":
+            p = init_w.numel()
+            H, center = H[:, :p], (center[:p] if center is not None else None)
+        return teacher_weights(H, hp.mu, rows=idx, center=center)
 
     def server_payloads(self, state: ServerState, ctx: RoundContext) -> dict[int, Message]:
         """Per participant: the global backbone, hbar_i (one head) and S_i."""
@@ -344,6 +397,8 @@ class CafeDistill(Algorithm):
                 raise KeyError(f"client {r.client_id}: upload lacks {missing[:5]}; it must come from CafeDistill.client_update")
             mean.add({k: up[k] for k in old}, float(r.output.num_samples))
         new = mean.result(like=old)
+        if any("trained_exits" in r.output.upload.meta for r in results):
+            new = _exit_wise_mean(new, old, results)
 
         tensors = {k: v for k, v in state.tensors.items() if not k.startswith(GLOBAL_NS)}
         similarity = self.hp.selection.similarity
@@ -462,7 +517,7 @@ class CafeDistill(Algorithm):
         # unselected = frozen: exits outside S_i (other than the teacher) are out of
         # the optimizer, so neither momentum nor weight decay can move them.
         # ce_detached: they train on CE over detached features (loss.py).
-        frozen = set(range(m - 1)) - set(students) if hp.unselected == "frozen" else set()
+        frozen = set(range(m - 1)) - set(students) if hp.unselected in ("frozen", "excluded") else set()
         stats = KDStats()
         opts = KDOptions(
             lam=float(payload.meta.get("lam", hp.lam)), tau=hp.tau, backbone=hp.kd_backbone,
@@ -479,10 +534,13 @@ class CafeDistill(Algorithm):
             heads = residual_heads(model, personal, hp.residual_init, counts)
             loss_fn = make_residual_loss_fn(HeadProbe(model), heads, counts, *teacher, students, opts, stats,
                                             prior=prior, own_weight=own_weight)
-            trainable = [*model.parameters(), *(p for k, pair in enumerate(heads) if k not in frozen for p in pair)]
+            excluded = frozen if hp.unselected == "excluded" else set()  # their generic heads stay put too
+            trainable = [*(p for n, p in model.named_parameters() if exit_of_key(n) not in excluded),
+                         *(p for k, pair in enumerate(heads) if k not in frozen for p in pair)]
         else:
             loss_fn = make_loss_fn(*teacher, students, opts, stats=stats, prior=prior, own_weight=own_weight)
             trainable = [p for n, p in model.named_parameters() if exit_of_key(n) not in frozen]
+        interference = self._interference(model, data, heads if residual else None) if hp.measure_interference else {}
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=trainable)
 
         sd = model.state_dict()
@@ -499,6 +557,8 @@ class CafeDistill(Algorithm):
         else:
             personal_out = {k: v.detach().clone() for k, v in sd.items() if k.startswith(EXIT_PREFIX)}
         up_meta: dict[str, Any] = {}
+        if residual and hp.unselected == "excluded":  # the server averages an exit's generic head over its trainers
+            up_meta["trained_exits"] = sorted(set(range(m)) - frozen)
         if "select_exit" in payload.meta:
             e = int(payload.meta["select_exit"])
             upload.update({SELECT_HEAD_NS + k: sd[k].detach().clone() for k in model.head_keys(e)})
@@ -510,8 +570,45 @@ class CafeDistill(Algorithm):
             samples_processed=seen,
             trained_depth=m,
             metrics={"train_loss": loss, "kd_loss": stats.mean, "num_students": float(len(students)),
-                     "kd_lam": opts.lam, "kd_kept": stats.kept_fraction},
+                     "kd_lam": opts.lam, "kd_kept": stats.kept_fraction, **interference},
         )
+
+    def _interference(
+        self, model: EarlyExitNet, data: ClientData, heads: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None
+    ) -> dict[str, float]:
+        """measure_interference: the exits' gradient cosines on the shared stages, before training.
+
+        Exit k's loss is what its supervised terms put on the backbone on the client's
+        first batch: the CE of its logits with personal heads; its balanced softmax plus
+        its personal CE (on the ``residual_ce`` path) under generic_residual. KD is left
+        out: the question is whether the exits' own objectives conflict.
+        """
+        n = min(self.cfg.train.batch_size, data.num_train)
+        if n == 0:
+            return {}
+        x, y = data.x_train[:n], data.y_train[:n]
+        buffers = [b.clone() for b in model.buffers()]  # a forward in train mode may move BatchNorm's statistics
+        try:
+            return self._gradient_cosines(model, x, y, data, heads)
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+
+    def _gradient_cosines(self, model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor, data: ClientData,
+                          heads: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None) -> dict[str, float]:
+        hp, m = self.hp, model.num_exits
+        if heads is None:
+            losses = [F.cross_entropy(z, y) for z in model(x)]
+        else:
+            counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
+            probe = HeadProbe(model)
+            logits, feats = probe(x)
+            received = received_heads(probe) if hp.residual_generic != "live" else None
+            z_ce = personal_ce_logits(probe, logits, feats, heads, list(range(m)), ce=hp.residual_ce,
+                                      received=received)
+            losses = [balanced_softmax_loss(logits[k], y, counts) + F.cross_entropy(z_ce[k], y) for k in range(m)]
+        return exit_gradient_cosines(losses, stage_parameters(model))
 
     # ------------------------------------------------------------- evaluation
     def eval_payload(self, state: ServerState) -> Message:

@@ -19,7 +19,13 @@ Options (``algorithm.cafedistill.*``, see :class:`KDOptions`):
 - ``kd_target``: KL over the client's own classes only (both distributions
   renormalised there), or the teacher's logits shifted by the client's log label
   prior;
-- ``unselected``: heads outside S_i frozen, or trained by CE on detached features;
+- ``unselected``: exits outside S_i (the teacher excepted) are frozen (their heads out
+  of the optimizer), trained by their CE (``ce_detached``: on detached features with
+  personal heads; under ``heads: generic_residual`` the personal CE takes the
+  ``residual_ce`` path, so with ``residual_ce: backbone`` it reaches the backbone), or
+  ``excluded`` (no term at all: under generic_residual their generic heads' balanced
+  softmax is dropped too, so an unselected exit sends no gradient anywhere, as the
+  specification's step 3 says; with personal heads the same as frozen);
 - ``kd_last_exit``: the teacher exit m gets the KD term too (its head and, in the
   plain form, the backbone under it learn toward hbar_i).
 
@@ -64,7 +70,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from cafe_ray.algorithms.fedrod import PRIOR_FLOOR, balanced_softmax_loss, personal_logits
+from cafe_ray.algorithms.fedrod import (
+    PRIOR_FLOOR,
+    balanced_softmax_loss,
+    personal_ce_logits,
+    personal_logits,
+    received_heads,
+)
 from cafe_ray.algorithms.heads import HeadProbe
 from cafe_ray.algorithms.training import LossFn
 from cafe_ray.models.base import EarlyExitNet, LastExitHead
@@ -72,7 +84,7 @@ from cafe_ray.models.base import EarlyExitNet, LastExitHead
 KD_BACKBONE = ("full", "detach", "scaled")
 KD_GATES = ("none", "teacher_correct", "teacher_confident")
 KD_TARGETS = ("full", "own_classes", "prior_corrected")
-UNSELECTED = ("frozen", "ce_detached")
+UNSELECTED = ("frozen", "ce_detached", "excluded")
 KD_SHARED = ("none", "personal", "generic")
 RESIDUAL_CE = ("detached", "backbone")
 RESIDUAL_GENERIC = ("live", "received", "received_ce")
@@ -343,10 +355,7 @@ def make_residual_loss_fn(
     """
     students = tuple(sorted(students))
 
-    received = (
-        [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in probe.linears]
-        if opts.residual_generic in ("received", "received_ce") else None
-    )
+    received = received_heads(probe) if opts.residual_generic in ("received", "received_ce") else None
     kd_received = received if opts.residual_generic == "received" else None
 
     def fixed(k: int, f: torch.Tensor) -> torch.Tensor:
@@ -358,15 +367,12 @@ def make_residual_loss_fn(
         m = model.num_exits
         unselected = frozenset(range(m - 1)) - set(students) if opts.unselected == "ce_detached" else frozenset()
         logits, feats = probe(x)
-        generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
         trained = sorted({*students, m - 1, *unselected})
-        if received is not None:
-            z_ce = {k: fixed(k, feats[k] if opts.residual_ce == "backbone" else feats[k].detach()) for k in trained}
-        elif opts.residual_ce == "backbone":  # same values; the personal CE also trains the stages under f_k
-            z_ce = {k: F.linear(feats[k], probe.linears[k].weight.detach(), probe.linears[k].bias.detach())
-                    + F.linear(feats[k], *heads[k]) for k in trained}
+        if opts.unselected == "excluded":  # an exit outside S_i adds no term at all, not even its BSM
+            generic = sum(balanced_softmax_loss(logits[k], y, counts) for k in trained)
         else:
-            z_ce = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in trained}
+            generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
+        z_ce = personal_ce_logits(probe, logits, feats, list(heads), trained, ce=opts.residual_ce, received=received)
         total = generic + sum(F.cross_entropy(z_ce[k], y) for k in trained)
         kd = logits[-1].new_zeros(())
         if opts.lam > 0 and opts.kd_exits(students, m):
