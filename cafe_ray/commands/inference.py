@@ -158,7 +158,8 @@ def register(app: typer.Typer) -> None:
         run_dir: Annotated[Path, typer.Argument(help="Run directory written by `cafe-ray simulate`.")],
         out: Annotated[Path | None, typer.Option("--out", help="Output folder "
                                                  "(default: RUN_DIR/policies/cascade).")] = None,
-        split: Annotated[str, typer.Option("--split", help="Split to fit on (val or train; never holdout).")] = "val",
+        split: Annotated[str, typer.Option("--split", help="Split to fit on: val or train (never test or "
+                                           "holdout, which overlap where the policy is judged).")] = "val",
         hidden: Annotated[int, typer.Option("--hidden", help="Hidden width of every exit's MLP "
                                             "(0: linear).")] = 32,
         steps: Annotated[int, typer.Option("--steps", help="Full-batch AdamW steps per exit.")] = 300,

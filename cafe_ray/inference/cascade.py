@@ -365,15 +365,25 @@ def within_one_point(trace: ExitTrace, tolerance: float | None = None) -> float:
     return -1.0  # nothing within the margin: full depth (1 - max prob <= -1 never holds)
 
 
+def check_fit_split(split: str) -> None:
+    """A policy is fitted on 'val' or 'train': 'holdout' is where it is reported, and 'test' holds it.
+
+    With a validation split (data.val_fraction > 0) the holdout is the whole test split;
+    without one it is half of it (RunArtifacts.client_data): either way fitting on 'test'
+    would read the samples the policy is later judged on.
+    """
+    if split in ("holdout", "test"):
+        raise ValueError(f"--split {split}: fit the policy on 'val' (or 'train'), not on '{split}': it overlaps "
+                         "'holdout', where `cafe-ray policy equal-macs` compares the policy with thresholds")
+
+
 def fit_for_run(run: str | Path | RunArtifacts, settings: FitSettings = FitSettings(), split: str = "val",
                 clients: Sequence[int] | None = None) -> CascadeNet:
     """One cascade policy for a run, fitted on its clients' ``split`` traces pooled (never ``holdout``:
     that is where :mod:`cafe_ray.inference.matched` reports)."""
     from cafe_ray.runs import RunArtifacts
 
-    if split == "holdout":
-        raise ValueError("fit the cascade policy on 'val' (or 'train'), not on 'holdout': holdout is where it is "
-                         "compared with thresholds")
+    check_fit_split(split)
     art = run if isinstance(run, RunArtifacts) else RunArtifacts(run)
     ids = art.client_ids if clients is None else [int(c) for c in clients]
     traces, priors = [], []
@@ -396,6 +406,7 @@ def cv_for_run(run: str | Path | RunArtifacts, settings: FitSettings = FitSettin
     full-depth forward pass (the keys of the result)."""
     from cafe_ray.runs import RunArtifacts
 
+    check_fit_split(split)
     art = run if isinstance(run, RunArtifacts) else RunArtifacts(run)
     traces, priors = [], []
     for cid in art.client_ids:

@@ -157,7 +157,7 @@ def test_excluded_unselected_exits_send_no_gradient_anywhere() -> None:
 
 
 def test_excluded_exits_are_averaged_over_the_clients_that_trained_them() -> None:
-    model, data = make_tiny_een(), make_clients(3)
+    model = make_tiny_een()
     alg = defaults(num_clients=3, unselected="excluded")
     state = alg.init_server_state(copy.deepcopy(model))
     old = global_params(state)

@@ -153,5 +153,7 @@ def test_cli_fit_then_equal_macs(run_dir, tmp_path):
     assert (out / "equal_macs.png").stat().st_size > 0
     bad = runner.invoke(app, ["policy", "equal-macs", str(run_dir), "--policy", str(out), "--budgets", "x"])
     assert bad.exit_code == 2 and "--budgets" in bad.output
-    hold = runner.invoke(app, ["policy", "fit", str(run_dir), "--split", "holdout", "--out", str(tmp_path / "h")])
-    assert hold.exit_code == 2 and "not on 'holdout'" in hold.output
+    for split in ("holdout", "test"):  # 'test' holds the holdout samples: refused as well
+        hold = runner.invoke(app, ["policy", "fit", str(run_dir), "--split", split, "--out", str(tmp_path / "h")])
+        assert hold.exit_code == 2 and f"not on '{split}'" in hold.output and "overlaps 'holdout'" in hold.output
+        assert not (tmp_path / "h").exists()

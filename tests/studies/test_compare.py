@@ -232,3 +232,24 @@ def test_run_name_keeps_run_directories_when_a_label_changes(tmp_path):
     p.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="share a run directory"):
         load_study(p)
+
+
+def test_parallel_jobs_give_the_same_runs_as_in_process_and_ray_runs_are_reused(tmp_path):
+    """--jobs 2 runs each simulation in its own `cafe-ray simulate` process: the same metrics as the
+    in-process path; --set reaches every run; the executor is not part of a run's identity."""
+    p = _study(tmp_path)
+    serial = {(r["setting"], r["label"]): r for r in run_study(p, tmp_path / "serial")}
+    out = tmp_path / "par"
+    par = {(r["setting"], r["label"]): r for r in run_study(p, out, jobs=2, overrides=["train.lr=0.05"])}
+    assert par.keys() == serial.keys()
+    for key, row in par.items():
+        assert row["acc_avg_exit"] == serial[key]["acc_avg_exit"], key
+    logs = sorted((out / "configs").glob("*.log"))
+    assert len(logs) == 4 and all(y.with_suffix(".yaml").is_file() for y in logs)
+    # the same study on the Ray executor finds every run done (no new run directory)
+    again = run_study(p, out, overrides=["executor=ray"])
+    assert [r["run_dirs"] for r in again] == [par[(r["setting"], r["label"])]["run_dirs"] for r in again]
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_study(p, out, jobs=0)
+    with pytest.raises(ConfigError, match="num_rounds"):
+        run_study(p, out, overrides=["round.num_rounds=0"])
