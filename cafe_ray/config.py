@@ -124,6 +124,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "algorithm.cafedistill.teacher": "qp",
     "algorithm.cafedistill.teacher_distance": "head",
     "algorithm.cafedistill.measure_interference": False,
+    "algorithm.cafedistill.kd_exit_gate": "none",
     "algorithm.fedrod.personal_ce": "detached",
     "algorithm.fedrod.personal_generic": "live",
     "algorithm.fedper.head_init": "shared",
@@ -166,6 +167,11 @@ class CafeDistillConfig(_Strict):
         description="per-sample gating of KD: none; teacher_correct (distil only where the aggregated "
                     "teacher's argmax is the label); teacher_confident (only where the teacher's "
                     "probability of the label exceeds the student's)")
+    kd_exit_gate: Literal["none", "teacher_better"] = Field(
+        "none",
+        description="per-round gating of KD by exit: none; teacher_better (before local training, a student "
+                    "exit is distilled this round only if the aggregated teacher's accuracy on the client's "
+                    "training data is above that exit's own: no KD toward a teacher weaker than the student)")
     kd_target: Literal["full", "own_classes", "prior_corrected"] = Field(
         "own_classes",
         description="label-aware KD target: full (KL over every class); own_classes (KL restricted to "

@@ -245,3 +245,27 @@ def test_measuring_interference_changes_no_training(heads: str) -> None:
     assert_same(off.personal, on.personal)
     assert {"grad_cos_0_1", "grad_cos_0_2", "grad_cos_1_2"} <= set(on.metrics)
     assert all(-1.0 <= on.metrics[k] <= 1.0 for k in on.metrics if k.startswith("grad_cos"))
+
+
+# --------------------------------------------------------------- exit-level KD gate
+@pytest.mark.parametrize("heads", ["personal", "generic_residual"])
+def test_teacher_better_gate_skips_kd_toward_a_weaker_teacher(heads: str) -> None:
+    """A teacher that gets every training sample wrong distils nothing: the update is lambda 0's."""
+    from cafe_ray.algorithms.base import Message
+
+    model, data = make_tiny_een(), make_clients(2)
+    alg = defaults(num_clients=2, heads=heads, kd_exit_gate="teacher_better", kd_gate="none")
+    state, personal = run_rounds(alg, model, data, 3, participants=[(0, 1)] * 3)
+    payload = alg.server_payloads(state, round_ctx(3, 6, (0, 1)))[0]
+    assert payload.meta["lam"] > 0 and payload.meta["students"]
+    w = torch.zeros_like(payload.tensors[TEACHER_W])
+    b = torch.full_like(payload.tensors[TEACHER_B], -10.0)
+    b[3] = 10.0  # always class 3, which client 0 never sees (its classes are 0 and 1)
+    bad = Message({**payload.tensors, TEACHER_W: w, TEACHER_B: b}, dict(payload.meta))
+    off = Message(bad.tensors, {**payload.meta, "lam": 0.0})
+    out = alg.client_update(copy.deepcopy(model), bad, personal[0], data[0], client_ctx(0, 3, 6))
+    ref = alg.client_update(copy.deepcopy(model), off, personal[0], data[0], client_ctx(0, 3, 6))
+    assert out.metrics["kd_exits"] == 0.0
+    assert_same(out.personal, ref.personal)
+    good = alg.client_update(copy.deepcopy(model), payload, personal[0], data[0], client_ctx(0, 3, 6))
+    assert 0 <= good.metrics["kd_exits"] <= len(payload.meta["students"])

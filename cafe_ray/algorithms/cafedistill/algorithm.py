@@ -66,6 +66,7 @@ Decisions where the specification is open (each documented where it is made):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,7 @@ from cafe_ray.algorithms.base import (
 from cafe_ray.algorithms.cafedistill.loss import (
     KDOptions,
     KDStats,
+    forward_stages,
     label_prior,
     make_loss_fn,
     make_residual_loss_fn,
@@ -528,10 +530,15 @@ class CafeDistill(Algorithm):
         prior = label_prior(data.y_train, model.num_classes) if hp.kd_target != "full" else None
         own_weight = float(payload.meta.get("own_weight", 0.0))
         teacher = (payload.tensors[TEACHER_W], payload.tensors[TEACHER_B])
+        heads: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None
         if residual:
-            # generic heads (and the backbone) always train by BSM; frozen applies to the residuals
             counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
             heads = residual_heads(model, personal, hp.residual_init, counts)
+        if hp.kd_exit_gate == "teacher_better" and opts.lam > 0 and students:
+            opts = replace(opts, skip_kd=self._students_at_least_as_good(model, data, teacher, own_weight, heads,
+                                                                         students))
+        if heads is not None:
+            # generic heads (and the backbone) always train by BSM; frozen applies to the residuals
             loss_fn = make_residual_loss_fn(HeadProbe(model), heads, counts, *teacher, students, opts, stats,
                                             prior=prior, own_weight=own_weight)
             excluded = frozen if hp.unselected == "excluded" else set()  # their generic heads stay put too
@@ -540,7 +547,7 @@ class CafeDistill(Algorithm):
         else:
             loss_fn = make_loss_fn(*teacher, students, opts, stats=stats, prior=prior, own_weight=own_weight)
             trainable = [p for n, p in model.named_parameters() if exit_of_key(n) not in frozen]
-        interference = self._interference(model, data, heads if residual else None) if hp.measure_interference else {}
+        interference = self._interference(model, data, heads) if hp.measure_interference else {}
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=trainable)
 
         sd = model.state_dict()
@@ -570,8 +577,45 @@ class CafeDistill(Algorithm):
             samples_processed=seen,
             trained_depth=m,
             metrics={"train_loss": loss, "kd_loss": stats.mean, "num_students": float(len(students)),
-                     "kd_lam": opts.lam, "kd_kept": stats.kept_fraction, **interference},
+                     "kd_lam": opts.lam, "kd_kept": stats.kept_fraction,
+                     "kd_exits": float(len(opts.kd_exits(students, m))), **interference},
         )
+
+    @torch.no_grad()
+    def _students_at_least_as_good(
+        self, model: EarlyExitNet, data: ClientData, teacher: tuple[torch.Tensor, torch.Tensor], own_weight: float,
+        heads: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None, students: Sequence[int],
+    ) -> tuple[int, ...]:
+        """kd_exit_gate teacher_better: the students already as accurate as the teacher on the client's data.
+
+        Measured before local training on (up to 512 of) the client's training samples,
+        with the logits the client uses: the student's personal logits and zbar from its
+        current last-stage feature. Those students get no KD this round.
+        """
+        m = model.num_exits
+        x, y = data.x_train[:512], data.y_train[:512]
+        w, b = teacher
+        was = model.training
+        model.eval()
+        try:
+            if heads is None:
+                logits, _, phi = forward_stages(model, x)
+                if own_weight:
+                    w = w + own_weight * model.last_head.weight
+                    b = b + own_weight * model.last_head.bias
+                student = {k: logits[k] for k in students}
+            else:
+                probe = HeadProbe(model)
+                logits, feats = probe(x)
+                phi = feats[m - 1]
+                if own_weight:
+                    w = w + own_weight * (probe.linears[m - 1].weight + heads[m - 1][0])
+                    b = b + own_weight * (probe.linears[m - 1].bias + heads[m - 1][1])
+                student = {k: logits[k] + F.linear(feats[k], *heads[k]) for k in students}
+        finally:
+            model.train(was)
+        teacher_acc = float((F.linear(phi, w, b).argmax(dim=1) == y).float().mean())
+        return tuple(k for k in students if float((student[k].argmax(dim=1) == y).float().mean()) >= teacher_acc)
 
     def _interference(
         self, model: EarlyExitNet, data: ClientData, heads: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None

@@ -105,10 +105,12 @@ class KDOptions:
     shared: str = "none"  # kd_shared (generic_residual only): none | personal | generic
     residual_ce: str = "detached"  # residual_ce (generic_residual only): detached | backbone
     residual_generic: str = "live"  # residual_generic (generic_residual only): live | received | received_ce
+    skip_kd: tuple[int, ...] = ()  # students left out of KD this round (kd_exit_gate: teacher_better)
 
     def kd_exits(self, students: Sequence[int], m: int) -> tuple[int, ...]:
-        """The exits the KD term covers: S_i, plus m-1 (0-based) under kd_last_exit."""
-        return (*students, m - 1) if self.last_exit else tuple(students)
+        """The exits the KD term covers: S_i (less ``skip_kd``), plus m-1 (0-based) under kd_last_exit."""
+        kept = tuple(k for k in students if k not in self.skip_kd)
+        return (*kept, m - 1) if self.last_exit else kept
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -393,10 +395,11 @@ def make_residual_loss_fn(
             else:  # KD still reaches the residual heads only, though the CE reaches the backbone
                 z_kd = {k: personal_logits(logits[k], feats[k], *heads[k]) for k in kd_exits}
             kd = _kd_sum(kd_exits, z_kd, zbar, y, opts, prior, stats)
-            if opts.shared == "generic" and students:
+            generic_students = [k for k in students if k not in opts.skip_kd]
+            if opts.shared == "generic" and generic_students:
                 # the generic last exit (every client's last head, averaged) teaches the generic students
-                z_g = {k: logits[k] for k in students}
-                kd = kd + _kd_sum(students, z_g, logits[m - 1].detach(), y, replace(opts, target="full"), None)
+                z_g = {k: logits[k] for k in generic_students}
+                kd = kd + _kd_sum(generic_students, z_g, logits[m - 1].detach(), y, replace(opts, target="full"), None)
             total = total + opts.lam * kd
         elif stats is not None:
             stats.add(kd, int(y.shape[0]))
