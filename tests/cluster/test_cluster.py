@@ -319,3 +319,46 @@ def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_i
     assert all(r["actor_resources"].get("pinned") == 1 for r in recs if r["resource_class"] == "edge_gpu")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["acc_avg_exit"] is not None
+
+
+# ------------------------------------------------------- unreachable --address
+def test_simulate_with_an_address_nobody_listens_on_fails_fast_in_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "nowhere", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "digits", "num_clients": 4, "partition": {"kind": "iid"}},
+        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": "fedavg_ee"},
+        "round": {"num_rounds": 1}}))
+    start = time.monotonic()
+    res = subprocess.run([str(BIN / "cafe-ray"), "simulate", str(cfg), "--address", "127.0.0.1:1", "--no-progress"],
+                         env=_env(), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    took = time.monotonic() - start
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --address 127.0.0.1:1: cannot reach"), lines
+    assert "ray start --head" in lines[0] and "ray status" in lines[0]
+    assert took < 30, took
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize(("address", "expect"), [
+    ("127.0.0.1:6380", ("127.0.0.1", 6380)), ("ray://head.example:10002", ("head.example", 10002)),
+    ("ray://head", ("head", 10001)), ("10.0.0.5", ("10.0.0.5", 6379)), ("[::1]:7000", ("::1", 7000)),
+    ("auto", None), ("local", None)])
+def test_addresses_name_a_host_and_port(address, expect):
+    from cafe_ray.cluster.reach import split_address
+
+    assert split_address(address) == expect
+
+
+def test_an_address_with_a_listener_passes_and_a_bad_port_is_named():
+    import socket
+
+    from cafe_ray.cluster.reach import UnreachableAddressError, check_reachable
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        check_reachable(f"127.0.0.1:{srv.getsockname()[1]}")  # something answers: Ray takes over
+    with pytest.raises(UnreachableAddressError, match="port 'x' is not a number"):
+        check_reachable("127.0.0.1:x")
