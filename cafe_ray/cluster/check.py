@@ -54,6 +54,16 @@ AWS_GPUS: dict[str, tuple[str, tuple[int, int]]] = {
     "p5": ("H100", (9, 0)), "p5e": ("H200", (9, 0)), "p5en": ("H200", (9, 0)),
 }
 
+# AWS instance type -> (vCPUs, GPUs): what Ray detects on the node (EC2 instance type pages)
+AWS_SIZES: dict[str, tuple[int, int]] = {
+    "m5.large": (2, 0), "m5.xlarge": (4, 0), "m5.2xlarge": (8, 0), "m5.4xlarge": (16, 0), "m5.8xlarge": (32, 0),
+    "m5.12xlarge": (48, 0), "m5.16xlarge": (64, 0), "m5.24xlarge": (96, 0), "c5.2xlarge": (8, 0),
+    "c5.4xlarge": (16, 0), "c5.9xlarge": (36, 0), "c6i.4xlarge": (16, 0), "m6i.4xlarge": (16, 0),
+    "m7i.4xlarge": (16, 0), "g4dn.xlarge": (4, 1), "g4dn.2xlarge": (8, 1), "g4dn.12xlarge": (48, 4),
+    "g5.xlarge": (4, 1), "g5.2xlarge": (8, 1), "g5.4xlarge": (16, 1), "g5.12xlarge": (48, 4),
+    "g5.48xlarge": (192, 8), "g6.xlarge": (4, 1), "g6.2xlarge": (8, 1), "g6.12xlarge": (48, 4),
+}
+
 # GCP accelerator type -> (GPU, compute capability)
 GCP_GPUS: dict[str, tuple[str, tuple[int, int]]] = {
     "nvidia-tesla-k80": ("K80", (3, 7)), "nvidia-tesla-p4": ("P4", (6, 1)), "nvidia-tesla-p100": ("P100", (6, 0)),
@@ -390,7 +400,65 @@ def check_cluster(path: str | Path, *, configs: Sequence[Any] = (), constraints:
         rep.errors.extend(check_classes(cfg, types, provider))
     if configs and not rep.errors:
         rep.notes.append("every device class of the given config(s) can be placed on some node type")
+        if provider == "aws":
+            for cfg in configs:
+                _size_pools(cfg, raw, rep)
     return rep
+
+
+def pool_nodes(cfg: Any, raw: dict[str, Any]) -> dict[str, int]:
+    """Worker type -> the fewest nodes of it that host every pinned pool of ``cfg`` at full size.
+
+    A pool goes to the worker type that advertises its custom resources; per type, the pools'
+    summed bundles over one node's resources (vCPUs and GPUs of the instance type plus its
+    ``resources``), rounded up. Unpinned pools are left out (they go wherever there is room).
+    """
+    import math
+
+    from cafe_ray.sim.autoscale import actor_bundle
+    from cafe_ray.sim.profiles import resolve_catalog
+
+    types = raw.get("available_node_types") or {}
+    head = raw.get("head_node_type")
+    need: dict[str, dict[str, float]] = {}
+    for c in resolve_catalog(cfg.profiles).classes:
+        b = {r: v for r, v in actor_bundle(c).items() if r != "memory"}
+        custom = [r for r in b if r not in ("CPU", "GPU")]
+        host = next((n for n, t in types.items() if n != head and custom
+                     and all(float((t.get("resources") or {}).get(r, 0)) > 0 for r in custom)), None)
+        if host is None:
+            continue
+        tot = need.setdefault(host, {})
+        for r, v in b.items():
+            tot[r] = tot.get(r, 0.0) + v * (c.actors or 1)
+    out = {}
+    for host, tot in need.items():
+        nt = types[host]
+        cpus, gpus = AWS_SIZES.get(str((nt.get("node_config") or {}).get("InstanceType")), (0, 0))
+        node = {"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in (nt.get("resources") or {}).items()}}
+        if not cpus:
+            continue  # an instance type the table does not know: no estimate
+        out[host] = max(math.ceil(v / node[r] - 1e-9) for r, v in tot.items() if node.get(r))
+    return out
+
+
+def _size_pools(cfg: Any, raw: dict[str, Any], rep: Report) -> None:
+    """Say how many nodes the pools fill, and warn when max_workers cannot reach that."""
+    nodes = pool_nodes(cfg, raw)
+    if not nodes:
+        return
+    types = raw.get("available_node_types") or {}
+    shown = ", ".join(f"{n} x{k} (max_workers {types[n].get('max_workers', '?')})" for n, k in sorted(nodes.items()))
+    rep.notes.append(f"{cfg.name}: its pinned pools fill {shown}: {sum(nodes.values()) + 1} nodes with the head")
+    for n, k in sorted(nodes.items()):
+        cap = types[n].get("max_workers")
+        if cap is not None and k > int(cap):
+            rep.warnings.append(f"{cfg.name}: its pools need {k} {n} nodes but {n}.max_workers is {cap}: the pools "
+                                f"are shrunk to fit; raise available_node_types.{n}.max_workers to {k}")
+    total = raw.get("max_workers")
+    if total is not None and sum(nodes.values()) > int(total):
+        rep.warnings.append(f"{cfg.name}: its pools need {sum(nodes.values())} worker nodes but max_workers is "
+                            f"{total}: raise the top-level max_workers to {sum(nodes.values())}")
 
 
 def _check_worker_images(raw: dict[str, Any], path: Path, rep: Report) -> None:

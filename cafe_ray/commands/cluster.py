@@ -48,11 +48,11 @@ def check(
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
     for line in report.notes:
-        console.print(f"[green]ok[/]    {line}", highlight=False)
+        console.print(f"[green]ok[/]    {line}", highlight=False, soft_wrap=True)
     for line in report.warnings:
-        console.print(f"[yellow]warn[/]  {line}", highlight=False)
+        console.print(f"[yellow]warn[/]  {line}", highlight=False, soft_wrap=True)
     for line in report.errors:
-        console.print(f"[red]error[/] {line}", highlight=False)
+        console.print(f"[red]error[/] {line}", highlight=False, soft_wrap=True)
     if not report.ok:
         console.print(f"[red]{cluster_yaml}: {len(report.errors)} problem(s)[/]")
         raise typer.Exit(1)

@@ -513,3 +513,23 @@ def test_an_address_with_a_listener_passes_and_a_bad_port_is_named():
         check_reachable(f"127.0.0.1:{srv.getsockname()[1]}")  # something answers: Ray takes over
     with pytest.raises(UnreachableAddressError, match="port 'x' is not a number"):
         check_reachable("127.0.0.1:x")
+
+
+TEN_NODES = ["profiles.classes.phone.actors=64", "profiles.classes.single_board.actors=64",
+             "profiles.classes.edge_gpu.actors=12"]
+
+
+def test_check_sizes_the_pools_in_nodes_and_warns_when_max_workers_is_too_low(tmp_path):
+    from cafe_ray.cluster.check import pool_nodes
+
+    assert pool_nodes(load_config(IOT_MIX), _cluster_yaml()) == {"cpu_iot": 2, "gpu_edge": 2}
+    ten = load_config(IOT_MIX, TEN_NODES)
+    assert pool_nodes(ten, _cluster_yaml()) == {"cpu_iot": 6, "gpu_edge": 3}  # the guide's ten-node example
+    rep = _check(ROOT / "cluster.yaml", configs=[ten])
+    assert rep.ok and any("cpu_iot x6" in n and "gpu_edge x3" in n and "10 nodes" in n for n in rep.notes)
+    raw = _cluster_yaml()
+    raw["available_node_types"]["gpu_edge"]["max_workers"] = 2
+    raw["max_workers"] = 8
+    rep = _check(_write(tmp_path, raw), configs=[ten])
+    assert any("3 gpu_edge nodes but gpu_edge.max_workers is 2" in w for w in rep.warnings), rep.warnings
+    assert any("9 worker nodes but max_workers is 8" in w for w in rep.warnings), rep.warnings
