@@ -431,16 +431,19 @@ def _nodes(address: str, expect: int) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _tiny(tmp_path: Path, name: str, clients: int, **top) -> Path:
+    """A small fedavg_ee config on digits, written to tmp_path/<name>.yaml."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "digits", "num_clients": clients, "partition": {"kind": "iid"}},
+        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": "fedavg_ee"}, **top}))
+    return path
+
+
 def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_it(tmp_path):
-    base = tmp_path / "mn.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "multinode", "seed": 0, "output_dir": str(tmp_path / "runs"),
-        "data": {"name": "digits", "num_clients": 10, "partition": {"kind": "iid"}},
-        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": "fedavg_ee"},
-        "train": {"local_epochs": 1, "batch_size": 32, "max_steps": 5},
-        "round": {"num_rounds": 2, "fraction": 1.0, "eval_every": 2},
-        "profiles": {"catalog": "iot_mix"},
-    }))
+    base = _tiny(tmp_path, "multinode", 10, train={"local_epochs": 1, "batch_size": 32, "max_steps": 5},
+                 round={"num_rounds": 2, "fraction": 1.0, "eval_every": 2}, profiles={"catalog": "iot_mix"})
     with local_cluster([{"pinned": 2}]) as address:
         nodes = _nodes(address, expect=2)
         assert len(nodes) == 2
@@ -474,12 +477,7 @@ def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_i
 
 # ------------------------------------------------------- unreachable --address
 def test_simulate_with_an_address_nobody_listens_on_fails_fast_in_one_line(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "name": "nowhere", "seed": 0, "output_dir": str(tmp_path / "runs"),
-        "data": {"name": "digits", "num_clients": 4, "partition": {"kind": "iid"}},
-        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": "fedavg_ee"},
-        "round": {"num_rounds": 1}}))
+    cfg = _tiny(tmp_path, "nowhere", 4, round={"num_rounds": 1})
     start = time.monotonic()
     res = subprocess.run([str(BIN / "cafe-ray"), "simulate", str(cfg), "--address", "127.0.0.1:1", "--no-progress"],
                          env=_env(), capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -73,20 +73,25 @@ def test_the_key_is_created_owner_only_and_covers_every_pickle_tune_wrote(sweep)
     assert all(not f.why for f in signing.findings(out))
 
 
+def _refused(args: list[str], copy: Path, marker: Path, says: str) -> None:
+    """`sweep --resume` exits 2 with one line saying ``says``, and no pickle ran."""
+    r = _resume(args, copy)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert says in lines[0] and "--trust-pickles" in lines[0], lines[0]
+    assert not marker.exists()  # resume never unpickled it
+
+
 def test_a_tampered_pickle_is_refused_before_it_is_unpickled(sweep, tmp_path):
     out, args = sweep
     marker = tmp_path / "pwned"
     evil = pickle.dumps(_Marker(marker))
-    pickle.loads(evil)  # the payload does run when unpickled...
+    pickle.loads(evil)  # the payload does run when unpickled
     assert marker.exists()
     marker.unlink()
     copy = _copy(out, tmp_path / "tampered")
     (copy / "tune" / "tuner.pkl").write_bytes(evil)
-    r = _resume(args, copy)
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert r.exit_code == 2 and len(lines) == 1, r.output
-    assert "tune/tuner.pkl differs from its digest" in lines[0] and "--trust-pickles" in lines[0]
-    assert not marker.exists()  # ...and resume never unpickled it
+    _refused(args, copy, marker, "tune/tuner.pkl differs from its digest")
 
 
 def test_an_added_pickle_is_refused_before_it_is_unpickled(sweep, tmp_path):
@@ -103,14 +108,9 @@ def test_an_added_pickle_is_refused_before_it_is_unpickled(sweep, tmp_path):
     marker.unlink()
     copy = _copy(out, tmp_path / "added")
     (copy / "tune" / "experiment_state-2099-01-01_00-00-00.json").write_text(state)
-    r = _resume(args, copy)
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert r.exit_code == 2 and len(lines) == 1, r.output
-    assert "experiment_state-2099-01-01_00-00-00.json has no digest" in lines[0]
-    assert not marker.exists()
+    _refused(args, copy, marker, "experiment_state-2099-01-01_00-00-00.json has no digest")
     os.remove(copy / signing.MANIFEST)  # a folder without digests at all: refused the same way
-    r = _resume(args, copy)
-    assert r.exit_code == 2 and "tune/tuner.pkl has no digest" in r.output and not marker.exists()
+    _refused(args, copy, marker, "tune/tuner.pkl has no digest")
 
 
 def test_an_untouched_sweep_resumes_and_another_keys_needs_trust_pickles(sweep, tmp_path, monkeypatch):
