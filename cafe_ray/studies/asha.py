@@ -182,6 +182,8 @@ class OrderedASHA(ResumableASHA):
     def _decide(self, tune_controller: object, trial_id: str) -> None:
         trial, result = self._held.pop(trial_id)
         decision = super().on_trial_result(tune_controller, trial, result)
+        if getattr(trial, "status", "RUNNING") != "RUNNING":
+            return  # being stopped meanwhile (the sweep was interrupted): Tune handles it
         controller = getattr(tune_controller, "_tune_controller", tune_controller)  # Tune's restricting wrapper
         if decision == self.STOP:
             controller.stop_trial(trial)

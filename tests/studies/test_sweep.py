@@ -294,8 +294,9 @@ def _report_windows(out: Path) -> list[tuple[float, float]]:
     return spans
 
 
+@pytest.mark.timeout(1500)  # two sweeps of four trials
 def test_a_concurrent_sweep_run_twice_stops_the_same_trials_at_the_same_rungs(tmp_path, ray_session):
-    base = _base(tmp_path, round={"num_rounds": 4, "fraction": 1.0, "eval_every": 1})
+    base = _base(tmp_path, round={"num_rounds": 3, "fraction": 1.0, "eval_every": 1})
     # a grid and a sampled value (drawn from the base seed); default concurrency: as many as fit
     space = {"train.lr": {"grid": [0.05, 0.0005, 0.2, 0.01]}, "algorithm.cafedistill.tau": {"uniform": [1.0, 4.0]}}
     kw = {"grace_period": 1, "reduction_factor": 2.0, "verbose": 0}
