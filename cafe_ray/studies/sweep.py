@@ -487,9 +487,12 @@ def run_sweep(
             trainable,
             param_space=to_tune(spec["space"]),
             tune_config=tune.TuneConfig(  # metric and mode live in the scheduler (see make_scheduler)
-                num_samples=samples, max_concurrent_trials=max_concurrent_trials, scheduler=scheduler,
-                # sampled values (choice, uniform, ...) drawn from the sweep's seed: the same trials every time
-                search_alg=BasicVariantGenerator(random_state=search_seed(spec)),
+                num_samples=samples, scheduler=scheduler,
+                # sampled values (choice, uniform, ...) drawn from the sweep's seed: the same trials every
+                # time; the generator holds the concurrency cap (Tune ignores max_concurrent_trials
+                # when it is given a search_alg that is not a Searcher)
+                search_alg=BasicVariantGenerator(max_concurrent=max_concurrent_trials or 0,
+                                                 random_state=search_seed(spec)),
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=verbose,
                                       callbacks=[*callbacks, signing.tune_callback(out)],
