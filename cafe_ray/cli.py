@@ -104,6 +104,8 @@ def simulate(
         except KeyboardInterrupt as err:
             engine.shutdown_ray_if_started()
             _fail("interrupted while starting Ray; nothing was written", 130, err)
+        except ConfigError as err:  # an --address where nothing answers: says so itself
+            _fail(str(err), 2, err)
         except Exception as err:  # noqa: BLE001 - a wrong address, a cluster that went away
             engine.shutdown_ray_if_started()
             _fail(f"--address {address or '(local)'}: cannot start or reach Ray ({describe(err)})", 2, err)

@@ -54,6 +54,16 @@ AWS_GPUS: dict[str, tuple[str, tuple[int, int]]] = {
     "p5": ("H100", (9, 0)), "p5e": ("H200", (9, 0)), "p5en": ("H200", (9, 0)),
 }
 
+# AWS instance type -> (vCPUs, GPUs): what Ray detects on the node (EC2 instance type pages)
+AWS_SIZES: dict[str, tuple[int, int]] = {
+    "m5.large": (2, 0), "m5.xlarge": (4, 0), "m5.2xlarge": (8, 0), "m5.4xlarge": (16, 0), "m5.8xlarge": (32, 0),
+    "m5.12xlarge": (48, 0), "m5.16xlarge": (64, 0), "m5.24xlarge": (96, 0), "c5.2xlarge": (8, 0),
+    "c5.4xlarge": (16, 0), "c5.9xlarge": (36, 0), "c6i.4xlarge": (16, 0), "m6i.4xlarge": (16, 0),
+    "m7i.4xlarge": (16, 0), "g4dn.xlarge": (4, 1), "g4dn.2xlarge": (8, 1), "g4dn.12xlarge": (48, 4),
+    "g5.xlarge": (4, 1), "g5.2xlarge": (8, 1), "g5.4xlarge": (16, 1), "g5.12xlarge": (48, 4),
+    "g5.48xlarge": (192, 8), "g6.xlarge": (4, 1), "g6.2xlarge": (8, 1), "g6.12xlarge": (48, 4),
+}
+
 # GCP accelerator type -> (GPU, compute capability)
 GCP_GPUS: dict[str, tuple[str, tuple[int, int]]] = {
     "nvidia-tesla-k80": ("K80", (3, 7)), "nvidia-tesla-p4": ("P4", (6, 1)), "nvidia-tesla-p100": ("P100", (6, 0)),
@@ -300,6 +310,9 @@ def check_cluster(path: str | Path, *, configs: Sequence[Any] = (), constraints:
 
     provider = str(raw["provider"]["type"])
     types = node_types(raw)
+    from cafe_ray.cluster.images import pinned_sources
+
+    pins_from = pinned_sources(p.read_text())  # ami ids that `cluster pin-image` wrote, with their source
     constraints = Path(constraints) if constraints else p.resolve().parent / "constraints.txt"
     if not constraints.is_file():
         rep.errors.append(f"{constraints}: not found; pass --constraints (the repo's constraints.txt)")
@@ -327,25 +340,31 @@ def check_cluster(path: str | Path, *, configs: Sequence[Any] = (), constraints:
                 continue
             info = ImageInfo(_norm_os(vouched[key]), None, False, "--os hosts=")
         else:
-            info = image_info(image, vouched)
+            info = image_info(image if image in vouched else pins_from.get(image, image), vouched)
             if info is None:
                 rep.errors.append(f"node type {name!r}: unknown image {image!r}: cannot tell its OS and glibc. Use a "
                                   "known image family (see docs/scale-out.md) or vouch for it with "
                                   f"--os '{image}=ubuntu22.04' (its OS)")
                 continue
         glibc = OS_GLIBC[info.os]
-        shown = image or "hosts"
+        shown = "the hosts" if image is None else f"image {image!r}" if image else "Ray's default image (no ImageId)"
         if glibc < need_glibc:
             rep.errors.append(
-                f"node type {name!r}: image {shown!r} is {info.os} (glibc {glibc[0]}.{glibc[1]}; {info.source}), but "
+                f"node type {name!r}: {shown} is {info.os} (glibc {glibc[0]}.{glibc[1]}; {info.source}), but "
                 f"the pinned wheels need glibc >= {need_glibc[0]}.{need_glibc[1]} ({', '.join(needers[:4])}): "
                 "`pip install -c constraints.txt` fails there. Use an Ubuntu 22.04/24.04 image, e.g. ImageId: "
                 "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id")
         else:
             rep.notes.append(f"node type {name!r}: {info.os} (glibc {glibc[0]}.{glibc[1]}) from {info.source}: ok")
-        if gpu is None or cuda is None:
+        if gpu is None:
             continue
         gpu_name, cc = gpu
+        if cuda is None:
+            rep.errors.append(
+                f"node type {name!r} has a {gpu_name} GPU, but the pinned torch {pins.get('torch', '?')} is a CPU "
+                f"build ({constraints.name} pins no CUDA runtime): its GPU actors would train on the CPU. Pin "
+                "torch's CUDA build (its nvidia-* wheels) in constraints.txt, or use a CPU instance type")
+            continue
         min_driver, min_cc = CUDA_NEEDS.get(cuda, (0, (0, 0)))
         if cc < min_cc:
             rep.errors.append(f"node type {name!r}: {gpu_name} (compute capability {cc[0]}.{cc[1]}) is not supported "
@@ -355,20 +374,24 @@ def check_cluster(path: str | Path, *, configs: Sequence[Any] = (), constraints:
             rep.warnings.append(f"node type {name!r}: check the hosts' NVIDIA driver is >= {min_driver} "
                                 f"(`nvidia-smi`) for torch's CUDA {cuda} build")
         elif not info.has_driver:
-            rep.errors.append(f"node type {name!r} has a {gpu_name} GPU but image {shown!r} ships no NVIDIA driver; "
+            rep.errors.append(f"node type {name!r} has a {gpu_name} GPU but {shown} ships no NVIDIA driver; "
                               f"use an image with driver >= {min_driver}, e.g. the Deep Learning Base OSS Nvidia "
                               "Driver GPU AMI (Ubuntu 22.04)")
         elif info.driver is not None and info.driver < min_driver:
-            rep.errors.append(f"node type {name!r}: image {shown!r} ships NVIDIA driver {info.driver}, but torch's "
+            rep.errors.append(f"node type {name!r}: {shown} ships NVIDIA driver {info.driver}, but torch's "
                               f"CUDA {cuda} build needs >= {min_driver}; use an image with a newer driver")
         elif info.driver is None:
-            rep.warnings.append(f"node type {name!r}: the driver version of {shown!r} is not pinned by its name; "
+            rep.warnings.append(f"node type {name!r}: the driver version of {shown} is not pinned by its name; "
                                 f"torch's CUDA {cuda} build needs >= {min_driver} (the node's setup checks "
                                 "torch.cuda.is_available() and fails loudly otherwise)")
 
-    # setup: the project installed the way `make install` does
-    setup = [str(c) for c in (raw.get("setup_commands") or [])]
-    if not any("make install" in c or "-c constraints.txt" in c for c in setup):
+    if provider == "aws":
+        _check_worker_images(raw, p, rep)
+
+    # setup: the project installed the way `make install` does (or from the head's wheel cache)
+    setup = [str(c) for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+             for c in (raw.get(key) or [])]
+    if not any("make install" in c or "-c constraints.txt" in c or "setup-node" in c for c in setup):
         rep.errors.append("setup_commands: no command installs the project with the pinned constraints; add "
                           "`cd ~/cafe-ray && make install` (or pip install -c constraints.txt -e .)")
 
@@ -377,7 +400,94 @@ def check_cluster(path: str | Path, *, configs: Sequence[Any] = (), constraints:
         rep.errors.extend(check_classes(cfg, types, provider))
     if configs and not rep.errors:
         rep.notes.append("every device class of the given config(s) can be placed on some node type")
+        if provider == "aws":
+            for cfg in configs:
+                _size_pools(cfg, raw, rep)
     return rep
+
+
+def pool_nodes(cfg: Any, raw: dict[str, Any]) -> dict[str, int]:
+    """Worker type -> the fewest nodes of it that host every pinned pool of ``cfg`` at full size.
+
+    A pool goes to the worker type that advertises its custom resources; per type, the pools'
+    summed bundles over one node's resources (vCPUs and GPUs of the instance type plus its
+    ``resources``), rounded up. Unpinned pools are left out (they go wherever there is room).
+    """
+    import math
+
+    from cafe_ray.sim.autoscale import actor_bundle
+    from cafe_ray.sim.profiles import resolve_catalog
+
+    types = raw.get("available_node_types") or {}
+    head = raw.get("head_node_type")
+    need: dict[str, dict[str, float]] = {}
+    for c in resolve_catalog(cfg.profiles).classes:
+        b = {r: v for r, v in actor_bundle(c).items() if r != "memory"}
+        custom = [r for r in b if r not in ("CPU", "GPU")]
+        host = next((n for n, t in types.items() if n != head and custom
+                     and all(float((t.get("resources") or {}).get(r, 0)) > 0 for r in custom)), None)
+        if host is None:
+            continue
+        tot = need.setdefault(host, {})
+        for r, v in b.items():
+            tot[r] = tot.get(r, 0.0) + v * (c.actors or 1)
+    out = {}
+    for host, tot in need.items():
+        nt = types[host]
+        cpus, gpus = AWS_SIZES.get(str((nt.get("node_config") or {}).get("InstanceType")), (0, 0))
+        node = {"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in (nt.get("resources") or {}).items()}}
+        if not cpus:
+            continue  # an instance type the table does not know: no estimate
+        out[host] = max(math.ceil(v / node[r] - 1e-9) for r, v in tot.items() if node.get(r))
+    return out
+
+
+def _size_pools(cfg: Any, raw: dict[str, Any], rep: Report) -> None:
+    """Say how many nodes the pools fill, and warn when max_workers cannot reach that."""
+    nodes = pool_nodes(cfg, raw)
+    if not nodes:
+        return
+    types = raw.get("available_node_types") or {}
+    shown = ", ".join(f"{n} x{k} (max_workers {types[n].get('max_workers', '?')})" for n, k in sorted(nodes.items()))
+    rep.notes.append(f"{cfg.name}: its pinned pools fill {shown}: {sum(nodes.values()) + 1} nodes with the head")
+    for n, k in sorted(nodes.items()):
+        cap = types[n].get("max_workers")
+        if cap is not None and k > int(cap):
+            rep.warnings.append(f"{cfg.name}: its pools need {k} {n} nodes but {n}.max_workers is {cap}: the pools "
+                                f"are shrunk to fit; raise available_node_types.{n}.max_workers to {k}")
+    total = raw.get("max_workers")
+    if total is not None and sum(nodes.values()) > int(total):
+        rep.warnings.append(f"{cfg.name}: its pools need {sum(nodes.values())} worker nodes but max_workers is "
+                            f"{total}: raise the top-level max_workers to {sum(nodes.values())}")
+
+
+def _check_worker_images(raw: dict[str, Any], path: Path, rep: Report) -> None:
+    """Worker ``resolve:ssm:`` images are resolved with the head's instance profile at launch."""
+    types = raw.get("available_node_types") or {}
+    head = raw.get("head_node_type")
+    head_cfg = (types.get(head) or {}).get("node_config") or {}
+    head_image = str(head_cfg.get("ImageId", ""))
+    profile = head_cfg.get("IamInstanceProfile")
+    pins_at_boot = any("pin-image" in str(c) and "--from-instance" in str(c)
+                       for c in raw.get("head_setup_commands") or [])
+    for name, nt in types.items():
+        image = str((nt.get("node_config") or {}).get("ImageId", ""))
+        if name == head or not image.startswith("resolve:ssm:"):
+            continue
+        if pins_at_boot and image == head_image:
+            rep.notes.append(f"node type {name!r}: {image[:40]}... is pinned at bring-up to the head's own AMI "
+                             "(head_setup_commands: cluster pin-image --from-instance): no SSM permission needed")
+        elif profile:
+            rep.warnings.append(f"node type {name!r}: its image is resolved at launch with the head's instance "
+                                f"profile {profile}; its role must allow ssm:GetParameters on "
+                                f"{image[len('resolve:ssm:'):]} (docs/scale-out.md has the policy)")
+        else:
+            rep.errors.append(
+                f"node type {name!r}: ImageId {image} is resolved by whoever launches the node, and workers are "
+                "launched by the head's autoscaler under Ray's default instance profile, which has no "
+                "ssm:GetParameters: every launch would be refused. Write the AMI id in with `cafe-ray cluster "
+                f"pin-image {path}`, or add `cafe-ray cluster pin-image ~/ray_bootstrap_config.yaml "
+                "--from-instance` to head_setup_commands (workers then boot the head's image)")
 
 
 def check_classes(cfg: Any, types: dict[str, dict], provider: str = "aws") -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -17,8 +19,21 @@ AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster a
 
 
 def _fail(msg: str) -> None:
-    err_console.print(f"[red]error:[/] {msg}")
+    """One ``error:`` line, never wrapped and never read as markup, and exit 2."""
+    err_console.print(Text.assemble(("error:", "red"), " ", msg), soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _warn_trusted(out: Path) -> None:
+    """What --trust-pickles is about to unpickle, file by file, and whose key signed each."""
+    from cafe_ray.studies.signing import trust_report
+
+    lines = trust_report(out.resolve())
+    err_console.print(f"[yellow]warning:[/] --trust-pickles: Ray Tune will unpickle these {len(lines)} files as "
+                      "they are; unpickling runs any code they hold, so do this only for a folder you trust. "
+                      "The resumed sweep re-signs them as this installation's.", soft_wrap=True)
+    for line in lines:
+        err_console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +56,9 @@ def register(app: typer.Typer) -> None:
         coordinator_cpus: Annotated[float, typer.Option("--coordinator-cpus", help="CPUs reserved for each "
                                                         "trial's round loop (bundle 0).")] = 0.0,
         address: AddressOpt = None,
+        trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="With --resume: load Ray Tune's "
+                                                    "pickled state even if this installation did not sign it "
+                                                    "(it can run code: only for folders you trust).")] = False,
     ) -> None:
         """Ray Tune sweep over config fields; ASHA early stopping on rounds; table + best config."""
         from cafe_ray.config import ConfigError, load_config
@@ -51,14 +69,18 @@ def register(app: typer.Typer) -> None:
             raw = load_config(config, set_ or []).model_dump(mode="json")
             sp = load_space(space)
             check_sweep(raw, sp, out, samples=samples, resume=resume, grace_period=grace,
-                        reduction_factor=reduction, coordinator_cpus=coordinator_cpus)
+                        reduction_factor=reduction, coordinator_cpus=coordinator_cpus, trust_pickles=trust_pickles)
+            if resume and trust_pickles:
+                _warn_trusted(out)
+            ensure_ray(address)
         except ConfigError as err:
             _fail(str(err))
-        ensure_ray(address)
         try:
-            res = run_sweep(raw, sp, out, samples=samples, resume=resume, grace_period=grace,
-                            reduction_factor=reduction, max_concurrent_trials=concurrent,
-                            coordinator_cpus=coordinator_cpus)
+            with warnings.catch_warnings():  # said above, once
+                warnings.filterwarnings("ignore", message="--trust-pickles")
+                res = run_sweep(raw, sp, out, samples=samples, resume=resume, grace_period=grace,
+                                reduction_factor=reduction, max_concurrent_trials=concurrent,
+                                coordinator_cpus=coordinator_cpus, trust_pickles=trust_pickles)
         except (ConfigError, ValueError, FileNotFoundError) as err:
             _fail(str(err))
         console.print(markdown_table(res.rows, res.params))
@@ -88,9 +110,9 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = load_config(config, set_ or [])
+            ensure_ray(address)
         except ConfigError as err:
             _fail(str(err))
-        ensure_ray(address)
         try:
             run_dir, summary = run_centralized(cfg, epochs=epochs, workers=workers, use_gpu=gpu, out=out)
         except (ValueError, FileNotFoundError) as err:

@@ -153,6 +153,9 @@ def ensure_ray(address: str | None, preload: bool = False) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        from cafe_ray.cluster.reach import check_reachable
+
+        check_reachable(address)  # seconds, where ray.init would retry for minutes
         ray.init(address=address, log_to_driver=False)
         return False
     system = {"preload_python_modules": list(PRELOAD_MODULES)} if preload and PRELOAD_MODULES else None

@@ -42,6 +42,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ from cafe_ray.config import (
     build_config,
     dump_config,
 )
+from cafe_ray.studies import signing
 
 METRIC = "acc_avg_exit"  # what every evaluated round reports (test split)
 VAL_METRIC = "val_acc_avg_exit"  # what trials are ranked and stopped by when a validation split exists
@@ -288,12 +290,14 @@ def max_rounds(base: dict[str, Any], space: dict[str, Any]) -> int:
 
 def check_sweep(base: dict[str, Any], space: dict[str, Any], out: str | Path, *, samples: int = 1,
                 resume: bool = False, grace_period: int | None = None, reduction_factor: float = 2.0,
-                coordinator_cpus: float = 0.0) -> dict[str, Any]:
+                coordinator_cpus: float = 0.0, trust_pickles: bool = False) -> dict[str, Any]:
     """Everything a sweep can get wrong before Ray starts; returns the sweep's spec.
 
     Checks the space and every candidate value against the config, the ASHA settings, and
-    OUT: a new sweep needs an OUT without one, ``resume`` needs the same config and space
-    as the sweep saved there (whose own spec, ASHA settings included, is then returned).
+    OUT: a new sweep needs an OUT without one, ``resume`` needs Tune's state there signed by
+    this installation (:mod:`cafe_ray.studies.signing`; ``trust_pickles`` skips that) and the
+    same config and space as the sweep saved there (whose own spec, ASHA settings included,
+    is then returned).
     """
     out = Path(out).resolve()
     space = check_space(space)
@@ -311,6 +315,8 @@ def check_sweep(base: dict[str, Any], space: dict[str, Any], out: str | Path, *,
     if resume:
         if not spec_path.is_file() or not (exp_path / "tuner.pkl").is_file():
             raise ConfigError(f"--resume: no sweep to continue in {out} (no sweep.json / tune experiment there)")
+        if not trust_pickles:
+            signing.check_trusted(out)  # before anything in it is unpickled
         saved = json.loads(spec_path.read_text())
         if saved["base"] != json.loads(json.dumps(base)) or saved["space"] != json.loads(json.dumps(space)):
             raise ConfigError(f"--resume: the config or space differ from the sweep saved in {spec_path}; "
@@ -320,7 +326,7 @@ def check_sweep(base: dict[str, Any], space: dict[str, Any], out: str | Path, *,
         raise ConfigError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
     t_max = max_rounds(base, space)
     return {"base": base, "space": space, "samples": samples, "out": str(out), "cwd": os.getcwd(),
-            "coordinator_cpus": coordinator_cpus,
+            "coordinator_cpus": coordinator_cpus, "search_seed": cfg0.seed,
             "scheduler": {"metric": selection_metric(base), "mode": MODE, "max_t": t_max,
                           "grace_period": grace_period or min(cfg0.round.eval_every, t_max),
                           "reduction_factor": reduction_factor}}
@@ -359,16 +365,25 @@ def check_placeable(spec: dict[str, Any]) -> None:
                 "(num_cpus, num_gpus, resources) or run on a cluster whose nodes advertise it")
 
 
-def make_scheduler(spec: dict[str, Any]):  # noqa: ANN201 - a ResumableASHA (imports ray.tune)
-    """The sweep's ASHA from its spec (a sweep saved before the spec kept it: the defaults)."""
-    from cafe_ray.studies.asha import ResumableASHA
+def search_seed(spec: dict[str, Any]) -> int:
+    """The seed of the sampled search-space values: the base config's ``seed``."""
+    return int(spec.get("search_seed", build_config(spec["base"]).seed))
+
+
+def make_scheduler(spec: dict[str, Any]):  # noqa: ANN201 - an OrderedASHA (imports ray.tune)
+    """The sweep's ASHA from its spec (a sweep saved before the spec kept it: the defaults).
+
+    Rung decisions are taken in trial order (:class:`~cafe_ray.studies.asha.OrderedASHA`), so
+    the same sweep stops the same trials at the same rungs at any concurrency.
+    """
+    from cafe_ray.studies.asha import OrderedASHA
 
     base, space = spec["base"], spec["space"]
     t_max = max_rounds(base, space)
     sched = spec.get("scheduler") or {
         "metric": selection_metric(base), "mode": MODE, "max_t": t_max,
         "grace_period": min(build_config(base).round.eval_every, t_max), "reduction_factor": 2.0}
-    return ResumableASHA(time_attr=TIME_ATTR, metric=sched["metric"], mode=sched["mode"], max_t=sched["max_t"],
+    return OrderedASHA(time_attr=TIME_ATTR, metric=sched["metric"], mode=sched["mode"], max_t=sched["max_t"],
                          grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
 
 
@@ -407,6 +422,17 @@ def _set_restored_scheduler(tuner: Any, scheduler: Any) -> None:
     cfg.scheduler = scheduler
 
 
+def _set_restored_signer(tuner: Any, out: Path) -> None:
+    """Sign the restored sweep as it runs (the pickled run config may hold none, or another folder's)."""
+    inner = getattr(tuner, "_local_tuner", None)
+    run_config = getattr(inner, "_run_config", None)
+    if run_config is None:
+        raise RuntimeError("cannot hand the signer to this Ray version's restored Tuner "
+                           "(Tuner._local_tuner._run_config is gone); pin ray as constraints.txt does")
+    kept = [cb for cb in (run_config.callbacks or []) if not isinstance(cb, signing.Signer)]
+    run_config.callbacks = [*kept, signing.tune_callback(out)]
+
+
 def run_sweep(
     base: dict[str, Any],
     space: dict[str, Any],
@@ -420,18 +446,26 @@ def run_sweep(
     coordinator_cpus: float = 0.0,
     callbacks: Sequence[Any] = (),
     verbose: int = 1,
+    trust_pickles: bool = False,
 ) -> SweepResult:
     """Run (or resume) a sweep on the connected Ray cluster; write its table and best config.
 
     ``base`` is a raw config mapping (YAML), ``space`` a checked space (``load_space``).
     ASHA stops trials on ``round`` with ``grace_period`` (default: the first
     evaluation round) and ``reduction_factor``. ``callbacks`` are Tune callbacks.
+    Tune's pickled state is signed while the sweep runs; a resume refuses state this
+    installation did not sign unless ``trust_pickles`` (then it is re-signed as ours).
     """
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     out = Path(out).resolve()
     spec = check_sweep(base, space, out, samples=samples, resume=resume, grace_period=grace_period,
-                       reduction_factor=reduction_factor, coordinator_cpus=coordinator_cpus)
+                       reduction_factor=reduction_factor, coordinator_cpus=coordinator_cpus,
+                       trust_pickles=trust_pickles)
+    if resume and trust_pickles:
+        warnings.warn(f"--trust-pickles: unpickling Ray Tune's state in {out} as it is (this runs any code it "
+                      "holds): " + "; ".join(signing.trust_report(out)), stacklevel=2)
     exp_path = out / "tune"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, spec=spec),
@@ -445,6 +479,7 @@ def run_sweep(
         finished, pending = reported_histories(exp_path, scheduler.metric)
         scheduler.replay(finished, pending)  # the rungs as they were (Tune restores none)
         _set_restored_scheduler(tuner, scheduler)
+        _set_restored_signer(tuner, out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(spec, indent=1))
@@ -452,13 +487,22 @@ def run_sweep(
             trainable,
             param_space=to_tune(spec["space"]),
             tune_config=tune.TuneConfig(  # metric and mode live in the scheduler (see make_scheduler)
-                num_samples=samples, max_concurrent_trials=max_concurrent_trials, scheduler=scheduler,
+                num_samples=samples, scheduler=scheduler,
+                # sampled values (choice, uniform, ...) drawn from the sweep's seed: the same trials every
+                # time; the generator holds the concurrency cap (Tune ignores max_concurrent_trials
+                # when it is given a search_alg that is not a Searcher)
+                search_alg=BasicVariantGenerator(max_concurrent=max_concurrent_trials or 0,
+                                                 random_state=search_seed(spec)),
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=verbose,
-                                      callbacks=list(callbacks),
+                                      callbacks=[*callbacks, signing.tune_callback(out)],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    tuner.fit()
+    signing.sign(out)  # tuner.pkl, written by Tuner(): signed before any trial runs
+    try:
+        tuner.fit()
+    finally:
+        signing.sign(out)  # Tune's final state (also after Ctrl+C, which fit() returns from)
     return collect_results(out)
 
 

@@ -66,15 +66,28 @@ def _simulate(c: FakeCluster, args: list[str], cwd: Path, **kw) -> subprocess.Po
                             env=c.env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_simulate_makes_the_autoscaler_launch_the_node_a_class_needs(tmp_path):
+IDLE_S = 20  # the cluster's idle_timeout_minutes, in seconds
+
+
+def test_simulate_makes_the_autoscaler_launch_the_node_a_class_needs_then_it_goes_when_idle(tmp_path):
     cfg = _config(tmp_path, remote=3, local=3)
-    with fake_autoscaling_cluster(dict(HEAD), WORKER_TYPES) as c:
+    with fake_autoscaling_cluster(dict(HEAD), WORKER_TYPES, idle_timeout_minutes=IDLE_S / 60) as c:
         before = _nodes(c)
         assert len(before) == 1 and not any(n["resources"].get("remote_dev") for n in before)
         proc = _simulate(c, [str(cfg)], tmp_path)
         out, _ = proc.communicate(timeout=420)
+        ended = time.monotonic()
         assert proc.returncode == 0, out[-4000:]
         after = _nodes(c)
+        # the run withdrew its request and its actors are gone: the launched node is idle and the
+        # autoscaler terminates it once idle_timeout_minutes have passed (not before)
+        assert any(n["resources"].get("remote_dev") for n in after), after
+        while any(n["resources"].get("remote_dev") for n in _nodes(c)):
+            assert time.monotonic() - ended < IDLE_S + 120, "the idle node was never removed"
+            time.sleep(2)
+        gone_after = time.monotonic() - ended
+        assert [n["id"] for n in _nodes(c)] == [before[0]["id"]]  # the head stays
+    assert gone_after >= IDLE_S / 2, gone_after  # the node was idle from the run's end (give or take)
     assert "waiting for the autoscaler" in out, out[-2000:]
     launched = [n["id"] for n in after if n["resources"].get("remote_dev")]
     head = [n["id"] for n in after if n["resources"].get("head_only")]

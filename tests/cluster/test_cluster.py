@@ -73,7 +73,10 @@ def test_ray_validator_rejects_a_broken_cluster_yaml():
 
 def test_cluster_yaml_installs_like_make_install_and_pins_an_image_per_node_type():
     raw = _cluster_yaml()
-    assert any("make install" in c for c in raw["setup_commands"])
+    assert any("setup-node.sh head" in c for c in raw["head_setup_commands"])
+    assert any("setup-node.sh worker" in c for c in raw["worker_setup_commands"])
+    script = (ROOT / "cafe_ray" / "cluster" / "setup-node.sh").read_text()
+    assert 'pip" install -q "${src[@]}" -c "$CONSTRAINTS" -e "$REPO"' in script  # as `make install`, from the cache
     make = (ROOT / "Makefile").read_text()
     assert "pip install -q -c constraints.txt -e" in make  # what `make install` runs
     assert raw["file_mounts"]["~/cafe-ray"] == "."
@@ -125,6 +128,9 @@ def test_check_fails_on_an_ubuntu_1804_image_naming_glibc(tmp_path, image):
     assert not rep.ok
     text = "\n".join(rep.errors)
     assert "'gpu_edge'" in text and "ubuntu18.04" in text and "glibc 2.27" in text and ">= 2.28" in text
+    assert "'hosts'" not in text
+    if not image:  # said as what it is
+        assert "Ray's default image (no ImageId)" in text
     r = CliRunner().invoke(app, ["cluster", "check", str(tmp_path / "cluster.yaml"),
                                  "--constraints", str(ROOT / "constraints.txt")])
     assert r.exit_code == 1 and "ubuntu18.04" in r.output
@@ -176,6 +182,151 @@ def test_check_needs_the_os_of_on_prem_hosts_and_reads_their_resources():
     cfg = load_config(ROOT / "simulations" / "quickstart.yaml", ["profiles.classes.phone.resources={nope: 1}"])
     rep = _check(ROOT / "cluster-local.yaml", vouched={"hosts": "ubuntu24.04"}, configs=[cfg])
     assert any("'phone'" in e and "nope: 1" in e for e in rep.errors), rep.errors
+
+
+def test_check_passes_the_shipped_workers_because_the_head_pins_them_at_bring_up():
+    rep = _check(ROOT / "cluster.yaml")
+    assert rep.ok, rep.errors
+    assert sum("pinned at bring-up to the head's own AMI" in n for n in rep.notes) == 2  # cpu_iot, gpu_edge
+
+
+def test_check_fails_on_a_worker_resolve_ssm_image_without_the_permission(tmp_path):
+    raw = _cluster_yaml()
+    raw["head_setup_commands"] = [c for c in raw["head_setup_commands"] if "pin-image" not in c]
+    rep = _check(_write(tmp_path, raw))
+    errs = [e for e in rep.errors if "ssm:GetParameters" in e]
+    assert {e.split("'")[1] for e in errs} == {"cpu_iot", "gpu_edge"}, rep.errors
+    assert all("cafe-ray cluster pin-image" in e and "--from-instance" in e for e in errs)
+    # pinned at bring-up, but one worker type on another parameter than the head's: that one fails
+    raw = _cluster_yaml()
+    raw["available_node_types"]["cpu_iot"]["node_config"]["ImageId"] = (
+        "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id")
+    rep = _check(_write(tmp_path, raw))
+    assert [e.split("'")[1] for e in rep.errors if "ssm:GetParameters" in e] == ["cpu_iot"], rep.errors
+    # a head instance profile of your own: its policy cannot be read here, so a warning says what it needs
+    raw = _cluster_yaml()
+    raw["head_setup_commands"] = [c for c in raw["head_setup_commands"] if "pin-image" not in c]
+    raw["available_node_types"]["head"]["node_config"]["IamInstanceProfile"] = {"Name": "cafe-ray-head"}
+    rep = _check(_write(tmp_path, raw))
+    assert rep.ok, rep.errors
+    assert any("ssm:GetParameters" in w and "'gpu_edge'" in w for w in rep.warnings)
+
+
+def test_check_fails_on_a_gpu_node_type_with_a_cpu_torch_build(tmp_path):
+    cpu = tmp_path / "constraints.txt"
+    cpu.write_text("".join(line + "\n" for line in (ROOT / "constraints.txt").read_text().splitlines()
+                           if not line.startswith(("nvidia-", "cuda-"))))
+    rep = check_cluster(ROOT / "cluster.yaml", constraints=cpu)
+    errs = [e for e in rep.errors if "CPU build" in e]
+    assert len(errs) == 1 and "'gpu_edge' has a A10G GPU" in errs[0] and "torch 2.14.1" in errs[0], rep.errors
+    r = CliRunner().invoke(app, ["cluster", "check", str(ROOT / "cluster.yaml"), "--constraints", str(cpu)])
+    assert r.exit_code == 1 and "CPU build" in r.output
+
+
+def _fake_resolver(calls: list):  # noqa: ANN202
+    def resolve(region: str, names: list[str]) -> dict[str, str]:
+        calls.append((region, list(names)))
+        return {n: "ami-0123456789abcdef0" for n in names}
+    return resolve
+
+
+def test_pin_image_writes_the_resolved_ami_and_check_still_knows_its_os(tmp_path, monkeypatch):
+    from cafe_ray.cluster import images
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text((ROOT / "cluster.yaml").read_text())
+    calls: list = []
+    monkeypatch.setattr(images, "ssm_resolver", _fake_resolver(calls))
+    r = CliRunner().invoke(app, ["cluster", "pin-image", str(path)])
+    assert r.exit_code == 0, r.output
+    assert calls == [("us-west-2", ["/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/"
+                                    "latest/ami-id"])]  # one parameter, asked once
+    text = path.read_text()
+    assert "ImageId: resolve:ssm:" not in text and text.count("ImageId: ami-0123456789abcdef0  # pinned from") == 3
+    assert text.startswith("# cafe-ray on AWS")  # comments kept
+    rep = _check(path, configs=[load_config(IOT_MIX)])
+    assert rep.ok, rep.errors  # no --os needed: the pin comment names the image family
+    assert not any("ssm:GetParameters" in e for e in rep.errors)
+    r = CliRunner().invoke(app, ["cluster", "pin-image", str(path)])
+    assert r.exit_code == 0 and "no resolve:ssm: image to pin" in r.output and len(calls) == 1
+
+
+def test_pin_image_refuses_a_parameter_that_is_not_an_ami(tmp_path):
+    from cafe_ray.cluster.images import pin_file
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text((ROOT / "cluster.yaml").read_text())
+    with pytest.raises(ValueError, match="not an AMI id"):
+        pin_file(path, lambda region, names: {n: "" for n in names})
+    assert path.read_text() == (ROOT / "cluster.yaml").read_text()  # untouched
+
+
+def test_pin_image_from_instance_gives_workers_the_heads_ami_over_imds(tmp_path, monkeypatch):
+    """The head's own AMI id from a local stand-in of the EC2 metadata service (IMDSv2, real HTTP)."""
+    import http.server
+    import threading
+
+    class Imds(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802
+            ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+            self._send(200 if ok else 400, b"tok")
+
+        def do_GET(self):  # noqa: N802
+            ok = self.path == "/latest/meta-data/ami-id" and self.headers.get("X-aws-ec2-metadata-token") == "tok"
+            self._send(200 if ok else 401, b"ami-0fedcba9876543210")
+
+        def _send(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):  # noqa: ANN002
+            pass
+
+    from ray.autoscaler._private.util import prepare_config
+
+    boot = tmp_path / "ray_bootstrap_config.yaml"
+    boot.write_text(json.dumps(prepare_config(_cluster_yaml())))  # as `ray up` writes it on the head
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Imds)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CAFE_RAY_IMDS_URL", f"http://127.0.0.1:{srv.server_address[1]}")
+        r = CliRunner().invoke(app, ["cluster", "pin-image", str(boot), "--from-instance"])
+    finally:
+        srv.shutdown()
+    assert r.exit_code == 0, r.output
+    types = json.loads(boot.read_text())["available_node_types"]
+    assert types["cpu_iot"]["node_config"]["ImageId"] == types["gpu_edge"]["node_config"]["ImageId"] == (
+        "ami-0fedcba9876543210")
+    assert types["head"]["node_config"]["ImageId"].startswith("resolve:ssm:")  # launched by `ray up`: untouched
+    monkeypatch.setenv("CAFE_RAY_IMDS_URL", "http://127.0.0.1:1")  # not on EC2: one line, rc 2
+    r = CliRunner().invoke(app, ["cluster", "pin-image", str(boot), "--from-instance"])
+    assert r.exit_code == 2 and "no instance metadata" in r.output
+
+
+def test_setup_node_waits_for_the_dpkg_lock(tmp_path):
+    script = ROOT / "cafe_ray" / "cluster" / "setup-node.sh"
+    lock = tmp_path / "lock-frontend"
+    lock.touch()
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "4"])  # another apt, as at first boot
+    try:
+        time.sleep(0.5)
+        env = {**os.environ, "APT_LOCKS": str(lock), "APT_WAIT_S": "60"}
+        start = time.monotonic()
+        res = subprocess.run(["bash", str(script), "wait-apt"], env=env, capture_output=True, text=True, timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert time.monotonic() - start >= 2.5 and "waiting for another apt/dpkg" in res.stdout
+    finally:
+        holder.wait(timeout=30)
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "30"])
+    try:
+        time.sleep(0.5)
+        env = {**os.environ, "APT_LOCKS": str(lock), "APT_WAIT_S": "3"}
+        res = subprocess.run(["bash", str(script), "wait-apt"], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and "still locked after 3s" in res.stdout
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
 
 
 def test_check_reports_rays_schema_errors(tmp_path):
@@ -280,16 +431,19 @@ def _nodes(address: str, expect: int) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _tiny(tmp_path: Path, name: str, clients: int, **top) -> Path:
+    """A small fedavg_ee config on digits, written to tmp_path/<name>.yaml."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "digits", "num_clients": clients, "partition": {"kind": "iid"}},
+        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": "fedavg_ee"}, **top}))
+    return path
+
+
 def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_it(tmp_path):
-    base = tmp_path / "mn.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "multinode", "seed": 0, "output_dir": str(tmp_path / "runs"),
-        "data": {"name": "digits", "num_clients": 10, "partition": {"kind": "iid"}},
-        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": "fedavg_ee"},
-        "train": {"local_epochs": 1, "batch_size": 32, "max_steps": 5},
-        "round": {"num_rounds": 2, "fraction": 1.0, "eval_every": 2},
-        "profiles": {"catalog": "iot_mix"},
-    }))
+    base = _tiny(tmp_path, "multinode", 10, train={"local_epochs": 1, "batch_size": 32, "max_steps": 5},
+                 round={"num_rounds": 2, "fraction": 1.0, "eval_every": 2}, profiles={"catalog": "iot_mix"})
     with local_cluster([{"pinned": 2}]) as address:
         nodes = _nodes(address, expect=2)
         assert len(nodes) == 2
@@ -319,3 +473,61 @@ def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_i
     assert all(r["actor_resources"].get("pinned") == 1 for r in recs if r["resource_class"] == "edge_gpu")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["acc_avg_exit"] is not None
+
+
+# ------------------------------------------------------- unreachable --address
+def test_simulate_with_an_address_nobody_listens_on_fails_fast_in_one_line(tmp_path):
+    cfg = _tiny(tmp_path, "nowhere", 4, round={"num_rounds": 1})
+    start = time.monotonic()
+    res = subprocess.run([str(BIN / "cafe-ray"), "simulate", str(cfg), "--address", "127.0.0.1:1", "--no-progress"],
+                         env=_env(), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    took = time.monotonic() - start
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --address 127.0.0.1:1: cannot reach"), lines
+    assert "ray start --head" in lines[0] and "ray status" in lines[0]
+    assert took < 30, took
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize(("address", "expect"), [
+    ("127.0.0.1:6380", ("127.0.0.1", 6380)), ("ray://head.example:10002", ("head.example", 10002)),
+    ("ray://head", ("head", 10001)), ("10.0.0.5", ("10.0.0.5", 6379)), ("[::1]:7000", ("::1", 7000)),
+    ("auto", None), ("local", None)])
+def test_addresses_name_a_host_and_port(address, expect):
+    from cafe_ray.cluster.reach import split_address
+
+    assert split_address(address) == expect
+
+
+def test_an_address_with_a_listener_passes_and_a_bad_port_is_named():
+    import socket
+
+    from cafe_ray.cluster.reach import UnreachableAddressError, check_reachable
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        check_reachable(f"127.0.0.1:{srv.getsockname()[1]}")  # something answers: Ray takes over
+    with pytest.raises(UnreachableAddressError, match="port 'x' is not a number"):
+        check_reachable("127.0.0.1:x")
+
+
+TEN_NODES = ["profiles.classes.phone.actors=64", "profiles.classes.single_board.actors=64",
+             "profiles.classes.edge_gpu.actors=12"]
+
+
+def test_check_sizes_the_pools_in_nodes_and_warns_when_max_workers_is_too_low(tmp_path):
+    from cafe_ray.cluster.check import pool_nodes
+
+    assert pool_nodes(load_config(IOT_MIX), _cluster_yaml()) == {"cpu_iot": 2, "gpu_edge": 2}
+    ten = load_config(IOT_MIX, TEN_NODES)
+    assert pool_nodes(ten, _cluster_yaml()) == {"cpu_iot": 6, "gpu_edge": 3}  # the guide's ten-node example
+    rep = _check(ROOT / "cluster.yaml", configs=[ten])
+    assert rep.ok and any("cpu_iot x6" in n and "gpu_edge x3" in n and "10 nodes" in n for n in rep.notes)
+    raw = _cluster_yaml()
+    raw["available_node_types"]["gpu_edge"]["max_workers"] = 2
+    raw["max_workers"] = 8
+    rep = _check(_write(tmp_path, raw), configs=[ten])
+    assert any("3 gpu_edge nodes but gpu_edge.max_workers is 2" in w for w in rep.warnings), rep.warnings
+    assert any("9 worker nodes but max_workers is 8" in w for w in rep.warnings), rep.warnings

@@ -280,3 +280,35 @@ def test_cli_sweep_checks_resume_and_asha_settings_before_ray(tmp_path):
     assert r.exit_code == 2 and "no sweep to continue" in r.output
     r = CliRunner().invoke(app, ["sweep", str(cfg), "--space", str(space), "--reduction-factor", "1"])
     assert r.exit_code == 2 and "--reduction-factor must be > 1" in r.output
+
+
+# ------------------------------------------------- reproducible concurrent sweeps
+def _report_windows(out: Path) -> list[tuple[float, float]]:
+    """(first, last) report time of each trial, from Tune's result.json files."""
+    import json
+
+    spans = []
+    for f in (out / "tune").glob("*/result.json"):
+        ts = [json.loads(line)["timestamp"] for line in f.read_text().splitlines() if line.strip()]
+        spans.append((min(ts), max(ts)))
+    return spans
+
+
+@pytest.mark.timeout(1500)  # two sweeps of four trials
+def test_a_concurrent_sweep_run_twice_stops_the_same_trials_at_the_same_rungs(tmp_path, ray_session):
+    base = _base(tmp_path, round={"num_rounds": 3, "fraction": 1.0, "eval_every": 1})
+    # a grid and a sampled value (drawn from the base seed); default concurrency: as many as fit
+    space = {"train.lr": {"grid": [0.05, 0.0005, 0.2, 0.01]}, "algorithm.cafedistill.tau": {"uniform": [1.0, 4.0]}}
+    kw = {"grace_period": 1, "reduction_factor": 2.0, "verbose": 0}
+    runs = [run_sweep(base, space, tmp_path / name, **kw) for name in ("first", "second")]
+
+    def outcome(res) -> dict:  # noqa: ANN001
+        return {(r["train.lr"], r["algorithm.cafedistill.tau"]): (r["status"], r["rounds"], round(r["acc_avg_exit"], 6))
+                for r in res.rows}
+
+    assert outcome(runs[0]) == outcome(runs[1])
+    assert any(r["status"] == "stopped (ASHA)" for r in runs[0].rows), outcome(runs[0])
+    assert {k: runs[0].best[k] for k in space} == {k: runs[1].best[k] for k in space}  # trial ids differ per run
+    assert load_config(runs[0].paths["best_config"]).model_dump() == load_config(runs[1].paths["best_config"]).model_dump()
+    spans = sorted(_report_windows(tmp_path / "first"))
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), spans  # trials did overlap
