@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
                                 "e.g. executor=sequential.")] = None,
         jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Simulations at once, each its own "
                                           "process (with --set executor=sequential: one core each).")] = 1,
+        trust_pickles: Annotated[bool, typer.Option(
+            "--trust-pickles", help="Resume interrupted tuning sweeps whose Ray Tune state this installation "
+                                    "did not sign (unpickling runs any code it holds: only folders you trust).")] = False,
     ) -> None:
         """Run every (setting, variant, seed) not yet done; write results.md/.parquet and PNG plots.
 
@@ -35,7 +38,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         try:
             rows = run_study(study, out, only=only, only_settings=setting, address=address, console=console,
-                             jobs=jobs, overrides=set_)
+                             jobs=jobs, overrides=set_, trust_pickles=trust_pickles)
         except ConfigError as err:
             Console(stderr=True).print(f"[red]error:[/] {err}")
             raise typer.Exit(2) from None

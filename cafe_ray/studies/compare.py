@@ -309,7 +309,7 @@ def _find_done(run_parent: Path, name: str, cfg: Any = None) -> Path | None:
 def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = None,
               only_settings: list[str] | None = None, address: str | None = None,
               console: Console | None = None, jobs: int = 1,
-              overrides: list[str] | None = None) -> list[dict[str, Any]]:
+              overrides: list[str] | None = None, trust_pickles: bool = False) -> list[dict[str, Any]]:
     """Tune (if asked), run every missing (setting, variant, seed); return one row per cell.
 
     ``only`` (variant labels) and ``only_settings`` (setting names such as
@@ -341,7 +341,8 @@ def run_study(path: str | Path, out: str | Path, *, only: list[str] | None = Non
             skip = skip_setting or bool(only) and v.label not in (only or [])
             tuned: dict[str, Any] = {}
             if study.tuning is not None and v.group != "upper_bound" and not skip:
-                tuned = tune_variant(study, setting, v, out, address=address, console=console)
+                tuned = tune_variant(study, setting, v, out, address=address, console=console,
+                                     trust_pickles=trust_pickles)
             elif study.tuning is not None and v.group != "upper_bound":
                 tuned = _read_tuned(study, setting, v, out)
             for seed in study.seeds:
@@ -429,7 +430,8 @@ def _read_tuned(study: Study, setting: dict[str, Any], v: Variant, out: Path) ->
 
 
 def tune_variant(study: Study, setting: dict[str, Any], v: Variant, out: Path, *,
-                 address: str | None = None, console: Console | None = None) -> dict[str, Any]:
+                 address: str | None = None, console: Console | None = None,
+                 trust_pickles: bool = False) -> dict[str, Any]:
     """Tune one variant on validation with the study's trial budget; return its best values.
 
     Resumable: a finished tuning (best.json) is read back, an interrupted one continues.
@@ -450,7 +452,7 @@ def tune_variant(study: Study, setting: dict[str, Any], v: Variant, out: Path, *
     ensure_ray(address)
     t0 = time.perf_counter()
     res = run_sweep(raw, space, tdir, samples=study.tuning.trials, resume=(tdir / "sweep.json").is_file(),
-                    verbose=0)
+                    verbose=0, trust_pickles=trust_pickles)
     if res.best is None:
         raise RuntimeError(f"tuning {setting_name(setting)} / {v.label}: no trial reported a result; "
                            f"see {tdir / 'results.md'}")

@@ -253,3 +253,26 @@ def test_parallel_jobs_give_the_same_runs_as_in_process_and_ray_runs_are_reused(
         run_study(p, out, jobs=0)
     with pytest.raises(ConfigError, match="num_rounds"):
         run_study(p, out, overrides=["round.num_rounds=0"])
+
+
+def test_trust_pickles_reaches_the_tuning_sweep(tmp_path, monkeypatch):
+    """compare --trust-pickles is handed to the tuning sweep's resume check (which the signing tests
+    exercise for real); without it a resumed tuning sweep checks its signatures."""
+    import cafe_ray.studies.sweep as sweep_mod
+
+    seen: list[bool] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_sweep(*args, trust_pickles=False, **kw):
+        seen.append(trust_pickles)
+        raise Stop
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr("cafe_ray.sim.engine.ensure_ray", lambda *a, **k: False)
+    p = _study(tmp_path, tuning={"trials": 2, "space": {"train.lr": {"choice": [0.01, 0.05]}}})
+    for trust in (False, True):
+        with pytest.raises(Stop):
+            run_study(p, tmp_path / "out", trust_pickles=trust)
+    assert seen == [False, True]
