@@ -647,6 +647,45 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _p_text(p: float | None) -> str:
+    return "-" if p is None else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Variants x settings in one table: the test average exit accuracy (mean over seeds) and,
+    in brackets, the paired per-client mean difference to the setting's reference with its p.
+
+    The last two columns average the test and validation accuracies over the settings
+    (only for a variant that has every setting).
+    """
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    by = {(r["setting"], r["label"]): r for r in rows}
+    head = ["method", *settings, "mean test", "mean val"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    refs = [next((r["reference"] for r in rows if r["setting"] == s and r.get("reference")), None) for s in settings]
+    if any(refs):
+        out.append("| *reference* | " + " | ".join(f"*{r}*" if r else "-" for r in refs) + " | | |")
+    for label in dict.fromkeys(r["label"] for r in rows):
+        cells, tests, vals = [label], [], []
+        for s in settings:
+            r = by.get((s, label))
+            if r is None or r["acc_avg_exit"] is None:
+                cells.append("-")
+                continue
+            cell = f"{100 * r['acc_avg_exit']:.2f}"
+            p = r.get("paired")
+            if p and p.get("mean_diff") is not None:
+                cell += f" ({100 * p['mean_diff']:+.2f}, p={_p_text(p['p_value'])})"
+            cells.append(cell)
+            tests.append(r["acc_avg_exit"])
+            vals.append(r.get("val_acc_avg_exit"))
+        full = len(tests) == len(settings)
+        cells.append(f"{100 * float(np.mean(tests)):.2f}" if full else "-")
+        cells.append(f"{100 * float(np.mean(vals)):.2f}" if full and all(v is not None for v in vals) else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -665,7 +704,10 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, runs: list[dict[str, An
 
     if not rows:
         return
-    (out / "results.md").write_text(markdown_table(rows))
+    summary = ("## Summary\n\nTest average exit accuracy (%), mean over seeds; in brackets the paired per-client "
+               "mean difference to the setting's reference (points) and its Wilcoxon p. The last columns average "
+               "the settings, on test and on validation.\n\n" + summary_table(rows) + "\n\n## Per setting\n\n")
+    (out / "results.md").write_text(summary + markdown_table(rows))
     (out / "results.json").write_text(json.dumps([_jsonable(r) for r in rows], indent=1))
 
     def flat(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
