@@ -38,6 +38,10 @@ def test_study_runs_writes_outputs_and_resumes(tmp_path):
     assert caf["reference"] == "FedPer-EE" and caf["paired"]["n"] == 4  # 4 clients x 1 seed
     assert caf["val_acc_avg_exit"] is not None and caf["samples_per_client_round"] > 0
     assert "vs FedPer-EE" in md and "(reference)" in md
+    summary = md.split("## Per setting")[0]  # variants x settings, with the paired difference to the reference
+    assert "| method | alpha=0.3 | alpha=1.0 | mean test | mean val |" in summary
+    pd = caf["paired"]["mean_diff"] * 100
+    assert f"({pd:+.2f}, p=" in summary and "| *reference* | *FedPer-EE* | *FedPer-EE* |" in summary
     assert pq.read_table(out / "results.parquet").num_rows == 4
     assert pq.read_table(out / "runs.parquet").num_rows == 4
     assert (out / "comparison_alpha=0.3.png").read_bytes()[:4] == b"\x89PNG"
