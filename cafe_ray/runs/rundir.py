@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ CHECKPOINT_STATE = "state.json"
 CHECKPOINT_SERVER = "server.safetensors"
 ROUND_LOGS = (METRICS, CLIENTS, EVAL)
 WARNINGS = "warnings.jsonl"
+PROVENANCE = "provenance.json"  # which code made the run (cafe-ray version, git commit, library versions)
 FAILED = "failed.json"
 
 
@@ -57,7 +59,50 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
         i += 1
     path.mkdir(parents=True)
     (path / CONFIG).write_text(dump_config(cfg))
+    write_json(path / PROVENANCE, provenance(), indent=1)
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """The code that makes a run: cafe-ray's version and, in a git checkout, its commit.
+
+    A study reuses a finished run only when it was made by the same cafe-ray version
+    (studies.compare.same_run); the commit says which code exactly, and whether the
+    checkout had uncommitted changes.
+    """
+    import importlib.metadata as md
+    import platform
+    import subprocess
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    out: dict[str, Any] = {"cafe_ray": version("cafe-ray"), "python": platform.python_version(),
+                           "torch": version("torch"), "numpy": version("numpy"), "ray": version("ray")}
+    src = Path(__file__).resolve().parents[2]
+    if (src / ".git").exists():
+        try:
+            git = ["git", "-C", str(src)]
+            out["git_commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                               timeout=5, check=True).stdout.strip()
+            out["git_dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                                   capture_output=True, text=True, timeout=5).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+def read_provenance(run_dir: Path) -> dict[str, Any] | None:
+    """What :func:`provenance` recorded for a run; None for runs made before it was recorded."""
+    p = Path(run_dir) / PROVENANCE
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

@@ -274,12 +274,16 @@ def _missing_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
 def same_run(path: Path, cfg: Any) -> bool:
     """Whether the finished run at ``path`` was made with ``cfg``, as far as the run can tell.
 
-    Sections of other algorithms are ignored (a default changed there cannot change
-    this run). A field that the run's saved config predates takes the value that
+    A run made by another cafe-ray version (its ``provenance.json``) is never reused:
+    the cache must not mix numbers of different code. Sections of other algorithms are
+    ignored (a default changed there cannot change this run). A field that the run's saved config predates takes the value that
     ``config.LEGACY_VALUES`` says reproduces such runs; any other field of the run's
     own algorithm that the saved config lacks makes it stale (the run used whatever
     that field's behaviour was then).
     """
+    made = rundir.read_provenance(path)
+    if made is not None and made.get("cafe_ray") != rundir.provenance()["cafe_ray"]:
+        return False  # another version of the code made it: its numbers need not be this version's
     cfg_file = path / rundir.CONFIG
     try:
         raw = fill_legacy(yaml.safe_load(cfg_file.read_text()) or {})
@@ -476,6 +480,17 @@ def samples_per_client_round(run_dir: Path) -> float | None:
     return float(np.mean(recs)) if recs else None
 
 
+def _made_by(run_dir: Path) -> str | None:
+    """'cafe-ray VERSION (COMMIT[, with local changes])' from the run's provenance, if recorded."""
+    made = rundir.read_provenance(run_dir)
+    if made is None:
+        return None
+    text = f"cafe-ray {made.get('cafe_ray')}"
+    if made.get("git_commit"):
+        text += f" ({made['git_commit'][:10]}{', with local changes' if made.get('git_dirty') else ''})"
+    return text
+
+
 def run_row(setting: dict[str, Any], v: Variant, seed: int, run_dir: Path,
             tuned: dict[str, Any] | None = None) -> dict[str, Any]:
     """One finished run as a row: final metrics, per-client accuracy, curve, cost."""
@@ -489,7 +504,7 @@ def run_row(setting: dict[str, Any], v: Variant, seed: int, run_dir: Path,
         "cum_bytes": s["cum_bytes_down"] + s["cum_bytes_up"],
         "samples_per_client_round": samples_per_client_round(run_dir),
         "wall_time_s": s["wall_time_s"], "virtual_time_s": s["virtual_time_s"],
-        "tuned": dict(tuned or {}), "run_dir": str(run_dir), "curve": curve,
+        "tuned": dict(tuned or {}), "run_dir": str(run_dir), "curve": curve, "made_by": _made_by(run_dir),
         "per_client": per_client_accuracy(run_dir),
     }
 

@@ -280,3 +280,19 @@ def test_trust_pickles_reaches_the_tuning_sweep(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             run_study(p, tmp_path / "out", trust_pickles=trust)
     assert seen == [False, True]
+
+
+def test_a_run_made_by_another_version_is_not_reused(tmp_path):
+    """Each run records the code that made it; the cache never mixes versions."""
+    p = _study(tmp_path, grid={"data.partition.alpha": [0.5]})
+    out = tmp_path / "out"
+    first = {r["label"]: r for r in run_study(p, out)}
+    made = json.loads((Path(first["FedPer-EE"]["run_dirs"][0]) / "provenance.json").read_text())
+    assert made["cafe_ray"] and made["torch"] and made["python"]
+    runs = pq.read_table(out / "runs.parquet").to_pylist()
+    assert all(r["made_by"].startswith(f"cafe-ray {made['cafe_ray']}") for r in runs)
+    stale = Path(first["FedPer-EE"]["run_dirs"][0]) / "provenance.json"
+    stale.write_text(json.dumps({**made, "cafe_ray": "0.0.1"}))
+    again = {r["label"]: r for r in run_study(p, out)}
+    assert again["FedPer-EE"]["run_dirs"] != first["FedPer-EE"]["run_dirs"]  # made again by this version
+    assert again["CAFEDistill"]["run_dirs"] == first["CAFEDistill"]["run_dirs"]  # reused
