@@ -75,8 +75,21 @@ def register(app: typer.Typer) -> None:
                                                      "on its own port, without the proxy hop (Ray Serve's "
                                                      "experimental direct ingress; a local Ray only); the "
                                                      "replicas' URLs are printed.")] = False,
+        latency_slo_ms: Annotated[float | None, typer.Option("--latency-slo-ms", help="p99 latency target (ms) "
+                                                             "of requests that name no policy: each client's "
+                                                             "exit threshold moves along its validation accuracy-"
+                                                             "vs-MACs curve to hold it (a request can set its "
+                                                             "own with latency_slo_ms).")] = None,
+        max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Accuracy floor of the "
+                                                         "latency-SLO control: at most this many points of "
+                                                         "validation accuracy below full depth.")] = 1.0,
+        autoscale: Annotated[str | None, typer.Option("--autoscale", help="MIN:MAX replicas, scaled by Ray "
+                                                      "Serve on ongoing requests per replica (replaces "
+                                                      "--replicas).")] = None,
+        target_ongoing: Annotated[float, typer.Option("--target-ongoing", help="Autoscaling: ongoing requests "
+                                                      "per replica to aim for.")] = 2.0,
     ) -> None:
-        """Serve a run's personalized early-exit models over HTTP (Ray Serve) until Ctrl-C."""
+        """Serve a run's personalized early-exit models over HTTP (Ray Serve) until Ctrl-C or SIGTERM."""
         from pydantic import ValidationError
 
         from cafe_ray.serve import ingress
@@ -86,26 +99,40 @@ def register(app: typer.Typer) -> None:
                 _fail("--direct-ingress needs the local Ray this command starts; on a cluster, start every node "
                       f"with {ingress.ENV}=1 in its environment (before `ray start`) and drop --direct-ingress")
             ingress.enable_direct_ingress()  # before Ray Serve is imported and before Ray starts
-        from ray import serve
-
-        from cafe_ray.serve.app import running_proxy, start
+        from cafe_ray.serve.app import running_proxy, start, stop
         from cafe_ray.serve.config import ServeConfig, server_url
 
         given = {f for f, v in (("host", host), ("port", port)) if v is not None}
+        scale = None
+        if autoscale is not None:
+            lo, _, hi = autoscale.partition(":")
+            if not (lo.strip().isdigit() and hi.strip().isdigit()):
+                _fail(f"--autoscale: give MIN:MAX replicas, e.g. 1:4 (got {autoscale!r})")
+            scale = (int(lo), int(hi))
         try:
             cfg = ServeConfig(run_dir=str(run_dir), host=host or "127.0.0.1", port=8000 if port is None else port,
                               replicas=replicas, max_batch=max_batch, max_body_bytes=int(max_body_mb * 2**20),
                               app_name=app_name, route_prefix=route_prefix, access_log=access_log,
                               batch_max_requests=batch_requests, batch_wait_ms=batch_wait_ms,
                               max_models_per_replica=max_models, threads=threads, replica_cpus=replica_cpus,
-                              default_threshold=threshold, learned=None if learned is None else str(learned))
+                              default_threshold=threshold, learned=None if learned is None else str(learned),
+                              latency_slo_ms=latency_slo_ms, max_accuracy_drop=max_accuracy_drop, autoscale=scale,
+                              target_ongoing_requests=target_ongoing)
         except ValidationError as err:
             _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
                             for e in err.errors()))
+        def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)
         try:
             start(cfg, address, require=given)
         except (FileNotFoundError, ValueError, RuntimeError) as err:  # RuntimeError: Serve could not deploy
+            stop(cfg.app_name, own_ray=address is None)
             _fail(str(err))
+        except KeyboardInterrupt:
+            stop(cfg.app_name, own_ray=address is None)
+            raise typer.Exit(130) from None
         real_host, real_port = running_proxy()
         if real_host not in LOOPBACK:
             err_console.print(f"[yellow]warning:[/] the proxy binds {real_host}: the API has no authentication; "
@@ -122,20 +149,18 @@ def register(app: typer.Typer) -> None:
             if len(direct) < cfg.replicas:
                 err_console.print(f"[yellow]warning:[/] direct ingress: {len(direct)} of {cfg.replicas} replicas "
                                   "answered on their own port; the proxy URL above serves them all")
-        def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _stop)
+        if cfg.latency_slo_ms is not None:
+            console.print(f"latency SLO: p99 <= {cfg.latency_slo_ms:g} ms for requests that name no policy, at most "
+                          f"{cfg.max_accuracy_drop:g} points of val accuracy below full depth; GET {url}/v1/stats")
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping")
-        finally:
-            if address is None:
-                serve.shutdown()
-            else:  # a shared cluster: remove our application only
-                serve.delete(cfg.app_name)
+        finally:  # a second signal must not cut the cleanup short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            stop(cfg.app_name, own_ray=address is None)  # a shared cluster: our application only
 
     bench = _bench_group(app)
 
