@@ -121,18 +121,16 @@ def register(app: typer.Typer) -> None:
         except ValidationError as err:
             _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
                             for e in err.errors()))
-        def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _stop)
         try:
             start(cfg, address, require=given)
         except (FileNotFoundError, ValueError, RuntimeError) as err:  # RuntimeError: Serve could not deploy
             stop(cfg.app_name, own_ray=address is None)
             _fail(str(err))
-        except KeyboardInterrupt:
-            stop(cfg.app_name, own_ray=address is None)
-            raise typer.Exit(130) from None
+
+        def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)  # after Ray's start: it installs a handler of its own
         real_host, real_port = running_proxy()
         if real_host not in LOOPBACK:
             err_console.print(f"[yellow]warning:[/] the proxy binds {real_host}: the API has no authentication; "

@@ -375,10 +375,14 @@ def build_app(cfg: ServeConfig):  # noqa: ANN201 - a ray.serve Application
     ).bind(cfg)
 
 
-def stop(app_name: str, own_ray: bool, timeout_s: float = 3.0) -> None:
+def stop(app_name: str, own_ray: bool, timeout_s: float = 2.0) -> None:
     """Stop serving within a few seconds: on a cluster, delete only ``app_name``; on the local Ray
     this process started, give Serve ``timeout_s`` to stop gracefully, then end Ray and every
     process of its session (Serve's own shutdown waits up to 30 s for its controller)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
     if not own_ray:
         serve.delete(app_name)
         return

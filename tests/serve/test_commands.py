@@ -39,3 +39,15 @@ def test_serve_rejects_a_directory_that_is_not_a_run(tmp_path):
 def test_serve_rejects_a_bad_port(tmp_path):
     r = runner.invoke(app, ["serve", str(tmp_path), "--port", "70000"])
     assert r.exit_code == 2 and "--port" in r.output
+
+
+def test_serve_rejects_a_bad_autoscale_range(tmp_path):
+    for bad, text in (("3", "--autoscale: give MIN:MAX"), ("3:1", "--autoscale")):
+        r = runner.invoke(app, ["serve", str(tmp_path), "--autoscale", bad])
+        assert r.exit_code == 2 and text in " ".join(r.output.split()), r.output
+
+
+def test_serve_lists_the_slo_and_scale_options():
+    r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    for opt in ("--latency-slo-ms", "--max-accuracy-drop", "--autoscale", "--target-ongoing"):
+        assert opt in r.output

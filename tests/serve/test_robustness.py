@@ -110,7 +110,7 @@ def test_lone_surrogates_in_the_request_do_not_break_the_error_answer(http, raw)
 
 
 def test_a_huge_integer_is_a_4xx(http):
-    for body in ('{"inputs": [[[[%s]]]]}' % ("9" * 5000), '{"inputs": %s, "threshold": 1%s}' % (
-            json.dumps(ONE), "0" * 400)):
+    big = "9" * 5000
+    for body in ('{"inputs": [[[[' + big + ']]]]}', '{"inputs": ' + json.dumps(ONE) + ', "threshold": 1' + "0" * 400 + "}"):
         r = post_raw(http, body)
         assert 400 <= r.status_code < 500, r.text
