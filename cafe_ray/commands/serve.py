@@ -168,7 +168,8 @@ def register(app: typer.Typer) -> None:
                                                        "Fashion-MNIST CNN width 64, FedPer-EE, into --out).")] = None,
         out: Annotated[Path, typer.Option("--out", help="Where the bench run is trained (reused if "
                                           "there).")] = Path("runs/serve-bench"),
-        requests: Annotated[int, typer.Option("--requests", help="Requests per phase.")] = 1000,
+        requests: Annotated[int | None, typer.Option("--requests", help="Requests per phase (default 1000; "
+                                                     "--ramp: 300, at least 8 per request in flight).")] = None,
         concurrency: Annotated[int, typer.Option("--concurrency", help="Concurrent HTTP clients.")] = 8,
         clients: Annotated[int, typer.Option("--clients", help="Client ids the requests spread over.")] = 8,
         samples: Annotated[int, typer.Option("--samples", help="Samples per request.")] = 64,
@@ -193,8 +194,21 @@ def register(app: typer.Typer) -> None:
         direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Send the load to the replica's "
                                                      "own HTTP port (Ray Serve's experimental direct ingress), "
                                                      "not through the proxy; a local Ray only.")] = False,
+        ramp: Annotated[str | None, typer.Option("--ramp", help="Load ramp: requests in flight per step, e.g. "
+                                                 "1,2,4,8,16,32; p99 and accuracy of full depth, the fixed "
+                                                 "threshold and latency-SLO control at each step (then one step "
+                                                 "back at the first load).")] = None,
+        latency_slo_ms: Annotated[float | None, typer.Option("--latency-slo-ms", help="--ramp: the SLO "
+                                                             "(default: 1.5x the unloaded full-depth p99, "
+                                                             "measured first).")] = None,
+        max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="--ramp: the server's "
+                                                         "accuracy floor for SLO control (val points below "
+                                                         "full depth).")] = 1.0,
+        plot_out: Annotated[Path | None, typer.Option("--plot", help="--ramp: write p99 and accuracy against "
+                                                      "load to this PNG.")] = None,
     ) -> None:
-        """HTTP load on loopback from a separate process: threshold policy vs full depth."""
+        """HTTP load on loopback from a separate process: threshold policy vs full depth, or a load ramp
+        with latency-SLO control beside them (--ramp)."""
         import os
 
         from cafe_ray.serve import ingress
@@ -228,11 +242,16 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"| {name} | {ms:.3f} |")
             typer.echo(f"load average before: {' '.join(f'{v:.2f}' for v in load)} on {os.cpu_count()} CPUs")
             return
+        if ramp is not None:
+            _ramp(rd, ramp, requests=requests, samples=samples, clients=clients, slo_ms=latency_slo_ms,
+                  threshold=threshold, max_accuracy_drop=max_accuracy_drop, body=body, direct_ingress=direct_ingress,
+                  port=port, threads=threads, plot_out=plot_out, json_out=json_out, url=url, address=address)
+            return
         if url is not None and (address is not None or port is not None):
             _fail("--url loads a server that is already running; it cannot be combined with --address or --port")
         load_before = os.getloadavg()
         try:
-            res = run_bench(rd, requests=requests, concurrency=concurrency, num_clients=clients, samples=samples,
+            res = run_bench(rd, requests=requests or 1000, concurrency=concurrency, num_clients=clients, samples=samples,
                             threshold=threshold, rounds=rounds, threads=threads, address=address, port=port,
                             url=None if url is None else url.rstrip("/"), external=external, body_format=body,
                             say=console.print, direct_ingress=direct_ingress)
@@ -244,3 +263,35 @@ def register(app: typer.Typer) -> None:
         if json_out:
             json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")
             console.print(f"json: {json_out}")
+
+
+def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clients: int, slo_ms: float | None,
+          threshold: float | None, max_accuracy_drop: float, body: str, direct_ingress: bool, port: int | None,
+          threads: int, plot_out: Path | None, json_out: Path | None, url: str | None, address: str | None) -> None:
+    """`bench serve --ramp`: see :mod:`cafe_ray.bench.ramp`."""
+    import os
+
+    from cafe_ray.bench import ramp as rp
+
+    if url is not None or address is not None:
+        _fail("--ramp deploys its own application on a local Ray (its SLO and accuracy floor); drop --url/--address")
+    try:
+        steps = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--ramp: requests in flight as integers, e.g. 1,2,4,8 (got {spec!r})")
+    load_before = os.getloadavg()
+    try:
+        res = rp.run_ramp(run_dir, steps, requests=requests or 300, samples=samples,
+                          num_clients=clients, slo_ms=slo_ms, threshold=threshold,
+                          max_accuracy_drop=max_accuracy_drop, body_format=body, direct_ingress=direct_ingress,
+                          port=port, threads=threads, say=console.print)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(rp.markdown(res))
+    typer.echo(f"load average (1/5/15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}; after: "
+               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    if plot_out:
+        console.print(f"plot: {rp.plot(res, plot_out)}")
+    if json_out:
+        json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+        console.print(f"json: {json_out}")

@@ -248,6 +248,7 @@ class ClientModels:
             if svc.cached_controller(client_id, slo_ms) is None:  # first use: the client's val curve
                 model = await self.get_model(str(client_id))
                 await asyncio.to_thread(svc.controller, client_id, slo_ms, model)
+                t0 = time.perf_counter()  # its one-time set-up is not load for the controller to react to
             key, policy, shown = svc.slo_policy(client_id, slo_ms, time.perf_counter())
         else:
             policy = svc.cached_policy(client_id, key)

@@ -147,7 +147,7 @@ class SloSettings:
     aim: float = 0.8  # a move picks the most accurate point predicted under aim * target
     low: float = 0.5  # p99 under low * target for `hold_s`: one step back even if none is predicted to fit
     window_s: float = 2.0  # latencies this recent make the p99
-    min_requests: int = 20  # fewer in the window: no decision
+    min_requests: int = 8  # fewer in the window: light load, only moves back up (see update)
     interval_s: float = 0.25  # at most one decision per interval
     hold_s: float = 1.0  # how long a more accurate point must look affordable before moving back up
     settle_s: float = 0.5  # after a move, latencies older than this many seconds are forgotten
@@ -185,39 +185,54 @@ class SloController:
             self._lat.popleft()
         return np.array(self._lat, dtype=np.float64).reshape(-1, 4)
 
-    def predict(self, j: int, queue99: float, samples: float) -> float:
-        """p99 latency expected at point ``j``, from the current point's p99 queueing delay."""
+    def predict(self, j: int, p99: float, queue99: float, samples: float) -> float:
+        """p99 latency expected at point ``j`` from the current point's: the queueing part scales
+        with the service time (the queue drains at the rate requests are served), the model call
+        is the service model's estimate at ``j``, and the rest (HTTP, encoding) stays as it is."""
         here = self.service.call(self.point, samples)
         there = self.service.call(self.points[j], samples)
         ratio = there / here if here > 0 else 1.0
-        return queue99 * ratio + there
+        rest = max(p99 - queue99 - here, 0.0)
+        return rest + queue99 * ratio + there
 
     def update(self, now: float) -> int:
-        """Decide (at most once per ``interval_s``); returns the operating point's index."""
+        """Decide (at most once per ``interval_s``); returns the operating point's index.
+
+        With fewer than ``min_requests`` recent requests the load is light: the controller only
+        moves back toward full depth, and only if every one of them was fast (none at all: idle)."""
         if now < self._next:
             return self.index
-        rec = self._recent(now)
-        if rec.shape[0] < self.s.min_requests:
-            return self.index
         self._next = now + self.s.interval_s
+        rec = self._recent(now)
+        t = self.target
+        if rec.shape[0] < self.s.min_requests:
+            if self.index > 0 and (rec.shape[0] == 0 or rec[:, 1].max() < self.s.low * t):
+                self._hold_then_move(now, self.index - 1)
+            else:
+                self._up_since = None
+            return self.index
         p99 = float(np.percentile(rec[:, 1], 99))
         q99 = float(np.percentile(rec[:, 2], 99))
         n = float(rec[:, 3].mean())
-        t = self.target
         if p99 > self.s.high * t:
             self._up_since = None
-            down = [j for j in range(self.index + 1, len(self.points)) if self.predict(j, q99, n) <= self.s.aim * t]
+            down = [j for j in range(self.index + 1, len(self.points))
+                    if self.predict(j, p99, q99, n) <= self.s.aim * t]
             self._move(now, down[0] if down else len(self.points) - 1)
             return self.index
-        up = [j for j in range(self.index) if self.predict(j, q99, n) <= self.s.aim * t]
+        up = [j for j in range(self.index) if self.predict(j, p99, q99, n) <= self.s.aim * t]
         if up or (self.index > 0 and p99 < self.s.low * t):
-            self._up_since = now if self._up_since is None else self._up_since
-            if now - self._up_since >= self.s.hold_s:
-                self._move(now, up[0] if up else self.index - 1)
-                self._up_since = None
+            self._hold_then_move(now, up[0] if up else self.index - 1)
         else:
             self._up_since = None
         return self.index
+
+    def _hold_then_move(self, now: float, j: int) -> None:
+        """Move back up to ``j`` once a move up has looked right for ``hold_s``."""
+        self._up_since = now if self._up_since is None else self._up_since
+        if now - self._up_since >= self.s.hold_s:
+            self._move(now, j)
+            self._up_since = None
 
     def _move(self, now: float, j: int) -> None:
         if j == self.index:

@@ -140,4 +140,15 @@ def test_controller_validates_its_inputs_and_waits_for_enough_requests():
         ctl.observe(i * 0.01, 1.0, 0.9, 64)
     assert ctl.update(0.05) == 0  # 4 requests: too few to decide
     ctl.observe(0.05, 1.0, 0.9, 64)
-    assert ctl.update(0.06) == 1 and ctl.moves == 1
+    assert ctl.update(0.1) == 0  # one decision per interval_s (0.25 s)
+    assert ctl.update(0.31) == 1 and ctl.moves == 1
+
+
+def test_an_idle_client_returns_to_full_depth():
+    pts = [OperatingPoint(None, 0.9, 1000, (1, 1, 1)), OperatingPoint(0.5, 0.85, 200, (1, 0.2, 0.1))]
+    ctl = SloController(pts, 0.01, ServiceModel([1.0, 1.0, 1.0]), SloSettings(min_requests=5))
+    for i in range(5):
+        ctl.observe(i * 0.01, 1.0, 0.9, 64)
+    assert ctl.update(0.05) == 1
+    assert ctl.update(3.0) == 1  # no request in the window: the move up waits hold_s
+    assert ctl.update(4.0) == 0
