@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
                                                     "merged into one model call.")] = 16,
         batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="serve.batch: how long a batch "
                                                      "waits to fill.")] = 2.0,
+        batch_samples: Annotated[int, typer.Option("--batch-samples", help="Most samples of one client model "
+                                                   "merged into one forward pass (larger merged batches cost "
+                                                   "more per sample on CPU).")] = 128,
         max_models: Annotated[int, typer.Option("--max-models", help="Client models cached per replica "
                                                 "(LRU).")] = 8,
         threads: Annotated[int, typer.Option("--threads", help="torch threads per replica.")] = 1,
@@ -114,6 +117,7 @@ def register(app: typer.Typer) -> None:
                               replicas=replicas, max_batch=max_batch, max_body_bytes=int(max_body_mb * 2**20),
                               app_name=app_name, route_prefix=route_prefix, access_log=access_log,
                               batch_max_requests=batch_requests, batch_wait_ms=batch_wait_ms,
+                              batch_max_samples=batch_samples,
                               max_models_per_replica=max_models, threads=threads, replica_cpus=replica_cpus,
                               default_threshold=threshold, learned=None if learned is None else str(learned),
                               latency_slo_ms=latency_slo_ms, max_accuracy_drop=max_accuracy_drop, autoscale=scale,

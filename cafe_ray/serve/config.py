@@ -22,6 +22,7 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # request body limit, checked before parsing (HTTP 413)
     batch_max_requests: int = Field(16, ge=1)  # serve.batch: requests merged into one model call
     batch_wait_ms: float = Field(2.0, ge=0)  # serve.batch: wait this long for a batch to fill
+    batch_max_samples: int = Field(128, ge=1)  # most samples of one client model merged into one forward pass
     max_models_per_replica: int = Field(8, ge=1)  # serve.multiplexed LRU: client models kept per replica
     max_ongoing_requests: int = Field(64, ge=1)  # per replica; raised to batch_max_requests if lower
     default_policy: str = "threshold"  # policy of a request that names none

@@ -349,12 +349,23 @@ class Job:
     slo_ms: float | None = None  # the latency target whose controller chose the policy, if any
 
 
-def group_jobs(jobs: Sequence[Job]) -> list[list[int]]:
-    """Indices of ``jobs`` grouped by (client, policy key), in order of first appearance."""
-    groups: dict[tuple[int, PolicyKey], list[int]] = {}
+def group_jobs(jobs: Sequence[Job], max_samples: int | None = None) -> list[list[int]]:
+    """Indices of ``jobs`` grouped by (client, policy key), in order of first appearance; with
+    ``max_samples``, a group is closed once adding a job would pass that many samples (a job
+    larger than it runs alone). On CPU a forward pass over very large merged batches costs more
+    per sample (activations leave the cache; docs/serving.md)."""
+    groups: dict[tuple[int, PolicyKey], list[list[int]]] = {}
+    sizes: dict[tuple[int, PolicyKey], int] = {}
+    order: list[list[int]] = []
     for i, j in enumerate(jobs):
-        groups.setdefault((j.client_id, j.key), []).append(i)
-    return list(groups.values())
+        key, n = (j.client_id, j.key), int(j.x.shape[0])
+        if key not in groups or (max_samples is not None and sizes[key] + n > max_samples and sizes[key] > 0):
+            groups.setdefault(key, []).append([])
+            order.append(groups[key][-1])
+            sizes[key] = 0
+        groups[key][-1].append(i)
+        sizes[key] += n
+    return order
 
 
 @dataclass(frozen=True)
@@ -440,13 +451,15 @@ GroupObserver = Callable[[Sequence[Job], Sequence["Answer | Exception"], float],
 
 
 def run_jobs(jobs: Sequence[Job], model: Callable[[int], EarlyExitNet] | Mapping[int, EarlyExitNet],
-             cost: ExitCost, on_group: GroupObserver | None = None) -> list[Answer | Exception]:
+             cost: ExitCost, on_group: GroupObserver | None = None, max_samples: int | None = None,
+             ) -> list[Answer | Exception]:
     """Answer a batch of jobs, aligned with ``jobs``; a group that fails yields its exception for
     each of its jobs and leaves the other groups' answers intact. ``on_group(jobs, answers,
-    seconds)`` is told each group's model call and how long it took (the SLO service model)."""
+    seconds)`` is told each group's model call and how long it took (the SLO service model);
+    ``max_samples`` caps the samples of one model call (:func:`group_jobs`)."""
     get = model.__getitem__ if isinstance(model, Mapping) else model
     out: list[Answer | Exception] = [RuntimeError("unanswered")] * len(jobs)
-    for idx in group_jobs(jobs):
+    for idx in group_jobs(jobs, max_samples):
         group = [jobs[i] for i in idx]
         t0 = time.perf_counter()
         try:

@@ -430,7 +430,7 @@ class ModelService:
                 queued[id(j)] = max(start - j.t0, 0.0) if j.t0 else 0.0
             self.observe_group(group, answers, seconds)
 
-        out = run_jobs(jobs, models, self.cost, on_group)
+        out = run_jobs(jobs, models, self.cost, on_group, self.cfg.batch_max_samples)
         return [dataclasses.replace(a, queue_s=queued.get(id(j), 0.0)) if isinstance(a, Answer) else a
                 for j, a in zip(jobs, out, strict=True)]
 
