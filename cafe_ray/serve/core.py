@@ -94,6 +94,16 @@ class BodyTooLarge(RequestError):
     kind = "body_too_large"
 
 
+class TooManyValues(BodyTooLarge):
+    kind = "too_many_values"
+
+
+class BodyTooDeep(RequestError):
+    status_code = 422
+    loc = ("body",)
+    kind = "json_too_deep"
+
+
 class UnsupportedMediaType(RequestError):
     status_code = 415
     loc = ("header", "content-type")

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from cafe_ray.serve.core import BodyTooLarge, RequestError, UnsupportedMediaType
+from cafe_ray.serve.core import (
+    BodyTooDeep,
+    BodyTooLarge,
+    RequestError,
+    TooManyValues,
+    UnsupportedMediaType,
+)
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -73,18 +79,6 @@ def error_body(items: list[dict[str, Any]]) -> bytes:
     """ASCII JSON: a lone surrogate from the request (an unknown field ``"\\ud800"``) cannot break
     the encoding, as it did starlette's UTF-8 ``JSONResponse``."""
     return json.dumps({"detail": items}, allow_nan=False, ensure_ascii=True).encode()
-
-
-class BodyTooDeep(RequestError):
-    status_code = 422
-    loc = ("body",)
-    kind = "json_too_deep"
-
-
-class TooManyValues(RequestError):
-    status_code = 413
-    loc = ("body",)
-    kind = "too_many_values"
 
 
 def check_json_shape(body: bytes, max_depth: int = MAX_JSON_DEPTH, max_values: int | None = None) -> None:
