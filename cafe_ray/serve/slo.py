@@ -199,15 +199,23 @@ class SloController:
         """Decide (at most once per ``interval_s``); returns the operating point's index.
 
         With fewer than ``min_requests`` recent requests the load is light: the controller only
-        moves back toward full depth, and only if every one of them was fast (none at all: idle)."""
+        moves back toward full depth, to a point predicted to fit from the slowest of them (one
+        step at a time when there are none: the client is idle)."""
         if now < self._next:
             return self.index
         self._next = now + self.s.interval_s
         rec = self._recent(now)
         t = self.target
         if rec.shape[0] < self.s.min_requests:
-            if self.index > 0 and (rec.shape[0] == 0 or rec[:, 1].max() < self.s.low * t):
+            if self.index == 0:
+                return self.index
+            if rec.shape[0] == 0:
                 self._hold_then_move(now, self.index - 1)
+                return self.index
+            worst, queue, n = float(rec[:, 1].max()), float(rec[:, 2].max()), float(rec[:, 3].mean())
+            up = [j for j in range(self.index) if self.predict(j, worst, queue, n) <= self.s.aim * t]
+            if up:
+                self._hold_then_move(now, up[0])
             else:
                 self._up_since = None
             return self.index

@@ -152,3 +152,25 @@ def test_an_idle_client_returns_to_full_depth():
     assert ctl.update(0.05) == 1
     assert ctl.update(3.0) == 1  # no request in the window: the move up waits hold_s
     assert ctl.update(4.0) == 0
+
+
+def test_under_light_load_it_moves_back_up_to_the_point_predicted_to_fit():
+    """Two requests per window (fewer than min_requests): no move down, and back to full depth
+    once the slowest of them predicts full depth under the aim."""
+    pts = [OperatingPoint(None, 0.9, 1000, (1, 1, 1)), OperatingPoint(0.7, 0.88, 600, (1, 0.6, 0.3)),
+           OperatingPoint(0.5, 0.85, 200, (1, 0.2, 0.1))]
+    service = ServiceModel([1e-4, 1e-4, 1e-4])  # 64 samples at full depth: 19.2 ms, at the cheapest 8.3 ms
+    ctl = SloController(pts, 0.05, service, SloSettings(min_requests=8))
+    ctl.index = 2
+    t = 0.0
+    while t < 3.0:
+        ctl.observe(t, 0.0083 + 0.001, 0.0, 64)  # 1 ms outside the model call
+        ctl.update(t)
+        t += 1.0
+    assert ctl.index == 0  # 19.2 + 1 ms predicted < 0.8 x 50 ms
+    slow = SloController(pts, 0.018, service, SloSettings(min_requests=8))
+    slow.index = 2
+    for i in range(6):
+        slow.observe(float(i), 0.0093, 0.0, 64)
+        slow.update(float(i))
+    assert slow.index == 1  # full depth (20.2 ms) would not fit 0.8 x 18 ms; the middle point (13.2) does
