@@ -203,12 +203,12 @@ class SloController:
         step at a time when there are none: the client is idle)."""
         if now < self._next:
             return self.index
-        self._next = now + self.s.interval_s
         rec = self._recent(now)
+        if rec.shape[0] < self.s.min_requests and self.index == 0:
+            return self.index  # light load at full depth: nothing to decide, no interval spent
+        self._next = now + self.s.interval_s
         t = self.target
         if rec.shape[0] < self.s.min_requests:
-            if self.index == 0:
-                return self.index
             if rec.shape[0] == 0:
                 self._hold_then_move(now, self.index - 1)
                 return self.index

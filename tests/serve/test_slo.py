@@ -140,8 +140,9 @@ def test_controller_validates_its_inputs_and_waits_for_enough_requests():
         ctl.observe(i * 0.01, 1.0, 0.9, 64)
     assert ctl.update(0.05) == 0  # 4 requests: too few to decide
     ctl.observe(0.05, 1.0, 0.9, 64)
-    assert ctl.update(0.1) == 0  # one decision per interval_s (0.25 s)
-    assert ctl.update(0.31) == 1 and ctl.moves == 1
+    assert ctl.update(0.06) == 1 and ctl.moves == 1
+    ctl.observe(0.07, 1.0, 0.9, 64)
+    assert ctl.update(0.1) == 1 and ctl._next == pytest.approx(0.31)  # one decision per interval_s
 
 
 def test_an_idle_client_returns_to_full_depth():
