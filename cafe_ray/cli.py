@@ -373,6 +373,18 @@ def bench_startup(
                       f"{statistics.median(beyond):.2f} s; total min {min(total):.2f} s, median {statistics.median(total):.2f} s")
 
 
+@bench_app.command("startup-probe", hidden=True)
+def bench_startup_probe(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
+    out: Annotated[Path, typer.Argument(help="Where the run directory goes.")],
+    preload: Annotated[bool, typer.Option(help="The local Ray's workers preload the engine.")] = True,
+) -> None:
+    """One start-up measured in this fresh process; one JSON line (what `bench startup` reads)."""
+    from cafe_ray.bench import startup
+
+    print(json.dumps(startup.probe(str(config), str(out), preload=preload)), flush=True)
+
+
 @bench_app.command("memory")
 def bench_memory(
     per_round: Annotated[int, typer.Option(help="Clients per round.")] = 50,

@@ -52,7 +52,8 @@ from cafe_ray.algorithms.submodel import SubModelFL, depth_of, prefix_index
 from cafe_ray.algorithms.training import LossFn
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.models.base import EarlyExitNet
-from cafe_ray.models.zoo import TEXT_MODELS, build_model, resolve_model_name
+from cafe_ray.models.inputs import TEXT_MODELS, resolve_model_name
+from cafe_ray.models.zoo import build_model
 
 
 def align_group_norms(sub: nn.Module, full: nn.Module) -> bool:

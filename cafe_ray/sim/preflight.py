@@ -237,7 +237,7 @@ def _in_thread(fn, *args) -> Future:  # noqa: ANN001
 
 
 def _check_model(cfg: ExperimentConfig, ds) -> None:  # noqa: ANN001 - an ArrayDataset
-    from cafe_ray.sim.runner import make_model
+    from cafe_ray.models import make_model
 
     try:
         make_model(cfg, ds)

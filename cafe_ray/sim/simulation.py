@@ -20,13 +20,13 @@ from cafe_ray.algorithms import ClientResult, RoundContext, ServerState, build_a
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.data import load_dataset, partition_clients
 from cafe_ray.data.base import ArrayDataset, ClientSplit, ClientSplits
-from cafe_ray.models import exit_macs
+from cafe_ray.models import exit_macs, make_model
 from cafe_ray.runs import rundir
+from cafe_ray.runs.store import ClientStateStore
 from cafe_ray.sim import seeds
 from cafe_ray.sim.executor import Executor
 from cafe_ray.sim.profiles import Catalog, ClientClasses, ProfileTable, resolve_catalog
-from cafe_ray.sim.runner import EvalJob, EvalResult, FitJob, make_model
-from cafe_ray.sim.store import ClientStateStore
+from cafe_ray.sim.runner import EvalJob, EvalResult, FitJob
 
 ExecutorFactory = Callable[..., Executor]
 
