@@ -11,7 +11,7 @@ traceback. ``cafe-ray simulate`` and ``cafe-ray validate`` both call
 Checked: the algorithm is registered, options set for another algorithm
 (warned), the device catalog and its class overrides, the dataset is present and
 readable, ``data.num_clients`` fits the data and the partition's constraints
-(the partition is computed exactly as the coordinator will), the model builds
+(the partition is computed once, here, and the run reuses it), the model builds
 for the data, ``output_dir`` is writable (and how much disk it has), and the
 resource classes fit this machine when Ray would be started locally.
 """
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cafe_ray.config import ConfigError, ExperimentConfig
+from cafe_ray.sim.plan import RunPlan, load_data
 
 LOW_DISK_BYTES = 200 * 2**20  # warn below this much free space in output_dir
 
@@ -42,9 +43,9 @@ class PreflightReport:
     free_bytes: int | None = None  # free disk in output_dir
     resources: dict[str, float] | None = None  # what the classes were checked against
     resources_source: str = ""  # "this machine" | "the connected cluster" | "not checked"
-    # (dataset, client splits) as loaded and partitioned here, kept with keep_data=True so the
-    # run reuses them instead of loading and partitioning the data a second time
-    data: tuple | None = field(default=None, repr=False, compare=False)
+    # the run as resolved here (catalog; with keep_data=True also the dataset and client splits
+    # loaded and partitioned here): the run reuses it instead of resolving the config again
+    plan: RunPlan | None = field(default=None, repr=False, compare=False)
     # the model check still running in a thread (preflight(..., model_in_background=True))
     pending: Future | None = field(default=None, repr=False, compare=False)
 
@@ -65,8 +66,9 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
     here is only a warning, and its resources are checked by the executor instead.
     ``create_output_dir=False`` leaves no folder behind (``cafe-ray validate``).
     ``run_dir``: resuming this run directory, which must be writable (not output_dir).
-    ``keep_data=True``: keep the loaded dataset and its splits in ``report.data`` for
-    :func:`cafe_ray.sim.engine.run_simulation`, which then does not load them again.
+    ``report.plan`` is the run resolved once (:class:`~cafe_ray.sim.plan.RunPlan`), for
+    :func:`cafe_ray.sim.engine.run_simulation`; ``keep_data=True`` keeps the loaded dataset
+    and its splits in it, so the run does not load and partition them again.
     ``model_in_background=True``: build the model (which imports torch, about 1 s) in a
     thread while the caller starts Ray; the caller must call ``report.finish()`` before
     the run starts (``run_simulation`` does), which raises the model's ConfigError.
@@ -80,15 +82,17 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
     if report.free_bytes is not None and report.free_bytes < LOW_DISK_BYTES:
         report.warnings.append(f"output_dir={target}: only {report.free_bytes / 2**20:.0f} MiB free; "
                                "a run writes checkpoints and client states there")
+    data = None
     if check_data:
         try:
-            _check_data(cfg, report, keep_data, model_in_background)
+            data = _check_data(cfg, report, model_in_background)
         except ConfigError as err:
             if address is None:
                 raise
             report.warnings.append(f"{err} (checked on this machine only: the cluster's nodes read "
                                    "data.root themselves)")
     _check_resources(cfg, catalog, address, report)
+    report.plan = RunPlan(cfg, catalog).with_data(data if keep_data else None)
     return report
 
 
@@ -170,10 +174,9 @@ def check_output_dir(output_dir: str | Path, keep: bool = True, field: str = "ou
     return free
 
 
-def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = False,
-                model_in_background: bool = False) -> None:
-    """Load and partition the data exactly as the coordinator will (or index it, for TinyImageNet)."""
-    from cafe_ray.data import load_dataset, partition_clients
+def _check_data(cfg: ExperimentConfig, report: PreflightReport, model_in_background: bool = False) -> tuple | None:
+    """Load and partition the data as the run uses them; returns (dataset, splits), or None for
+    TinyImageNet, whose files are only indexed here (the run loads and partitions them)."""
     from cafe_ray.data.base import DatasetNotFoundError
     from cafe_ray.data.readers import CorruptDatasetError
 
@@ -185,19 +188,17 @@ def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = Fal
                 raise ValueError(f"data.num_clients={d.num_clients} exceeds the {report.train_samples} "
                                  "training samples; every client needs at least one sample (lower "
                                  "data.num_clients or data.max_train_samples)")
-            return
+            return None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = load_dataset(d, seed=cfg.seed)
+            ds, splits = load_data(cfg)
             report.train_samples = len(ds.y_train)
-            splits = partition_clients(ds, d, seed=cfg.seed)
             if model_in_background:
                 report.pending = _in_thread(_check_model, cfg, ds)
             else:
                 _check_model(cfg, ds)
-            if keep:
-                report.data = (ds, splits)
         report.warnings += [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+        return ds, splits
     except DatasetNotFoundError as err:
         raise ConfigError(f"data.name={d.name}: {err}") from None
     except CorruptDatasetError as err:
