@@ -1,7 +1,8 @@
 """Check everything about an experiment that can be known without training, before Ray starts.
 
-(``simulate`` builds the model, the one check that needs torch, in a thread while Ray
-starts: ``model_in_background``; the run waits for it before creating anything.)
+(Whether the model fits the data is checked here, by the zoo's rules without torch;
+``simulate`` then builds the model, the one check that needs torch, in a thread while
+Ray starts: ``model_in_background``; the run waits for it before creating anything.)
 
 A mistake found here costs the user a few seconds and one line naming the field;
 the same mistake found inside the coordinator cost a Ray start-up and a long
@@ -11,9 +12,9 @@ traceback. ``cafe-ray simulate`` and ``cafe-ray validate`` both call
 Checked: the algorithm is registered, options set for another algorithm
 (warned), the device catalog and its class overrides, the dataset is present and
 readable, ``data.num_clients`` fits the data and the partition's constraints
-(the partition is computed once, here, and the run reuses it), the model builds
-for the data, ``output_dir`` is writable (and how much disk it has), and the
-resource classes fit this machine when Ray would be started locally.
+(the partition is computed once, here, and the run reuses it), the model fits
+the data and builds for it, ``output_dir`` is writable (and how much disk it
+has), and the resource classes fit this machine when Ray would be started locally.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cafe_ray.config import ConfigError, ExperimentConfig
+from cafe_ray.models.inputs import check_inputs
 from cafe_ray.sim.plan import RunPlan, load_data
 
 LOW_DISK_BYTES = 200 * 2**20  # warn below this much free space in output_dir
@@ -125,10 +127,19 @@ def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
     if cfg.algorithm.name not in names:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r}: unknown algorithm; available: "
                           f"{', '.join(names)} (see `cafe-ray algorithms`)")
-    for section in sorted(cfg.algorithm.model_fields_set - {"name"}):
-        if not cfg.algorithm.name.startswith(section):
-            report.warnings.append(f"algorithm.{section} is set but algorithm.name={cfg.algorithm.name} "
-                                   "does not read it")
+    for section in sorted(other_algorithm_settings(cfg)):
+        report.warnings.append(f"algorithm.{section} is set but algorithm.name={cfg.algorithm.name} "
+                               "does not read it")
+
+
+def other_algorithm_settings(cfg: ExperimentConfig) -> list[str]:
+    """The ``algorithm.<section>`` blocks of other algorithms that change something from their
+    defaults. A block left at its defaults reads the same whether written or not: a run's saved
+    config writes every block, and resuming it must warn no more than the run did."""
+    algo = cfg.algorithm
+    return [name for name, f in type(algo).model_fields.items()
+            if name != "name" and not algo.name.startswith(name)
+            and getattr(algo, name).model_dump() != f.get_default(call_default_factory=True).model_dump()]
 
 
 def _check_catalog(cfg: ExperimentConfig):  # noqa: ANN202 - a profiles.Catalog
@@ -193,6 +204,10 @@ def _check_data(cfg: ExperimentConfig, report: PreflightReport, model_in_backgro
             warnings.simplefilter("always")
             ds, splits = load_data(cfg)
             report.train_samples = len(ds.y_train)
+            # the model's fit to the data, by the zoo's own rules and without torch: a model
+            # that cannot take these inputs stops here, before Ray starts
+            check_inputs(cfg.model.name, ds.name, ds.input_shape, ds.num_classes,
+                         cfg.data.vocab_size if ds.is_text else None)
             if model_in_background:
                 report.pending = _in_thread(_check_model, cfg, ds)
             else:

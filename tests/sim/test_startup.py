@@ -157,9 +157,15 @@ def test_the_driver_checks_and_starts_a_run_without_importing_torch(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
-def test_the_model_check_in_the_background_raises_on_finish(tmp_path):
+def test_the_model_check_in_the_background_raises_on_finish(tmp_path, monkeypatch):
+    """The build in the background is the last check, behind the zoo's rules that preflight applies
+    before Ray starts: a model those rules let through and that still cannot be built fails here."""
     from cafe_ray.config import ConfigError
+    from cafe_ray.sim import preflight as preflight_mod
 
+    with pytest.raises(ConfigError, match="model.name='transformer4' does not fit dataset 'digits'"):
+        preflight(tiny_cfg(tmp_path, "model.name=transformer4"), model_in_background=True)
+    monkeypatch.setattr(preflight_mod, "check_inputs", lambda *a, **k: None)  # a rule the zoo forgot
     report = preflight(tiny_cfg(tmp_path, "model.name=transformer4"), model_in_background=True)
     with pytest.raises(ConfigError, match="model.name=transformer4: cannot build it"):
         report.finish()
