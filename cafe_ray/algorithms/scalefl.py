@@ -4,7 +4,7 @@ Ilhan, Su, Liu, "ScaleFL: Resource-Adaptive Federated Learning with
 Heterogeneous Clients", CVPR 2023, pp. 24532-24541. Reference code:
 github.com/git-disl/scale-fl.
 
-As defined in ../shared/CAFEDISTILL.md (Baselines): client i trains a sub-model
+As defined in docs/specification.md (Baselines): client i trains a sub-model
 scaled by its device profile, depth k = ``max_depth`` (first k stages and their
 exits; None = all) and width int(width * ``width_factor``) built by
 :func:`cafe_ray.models.build_model`, whose tensors are prefix slices of the
