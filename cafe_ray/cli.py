@@ -30,9 +30,19 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 _DEBUG = {"on": bool(os.environ.get("CAFE_RAY_DEBUG"))}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cafe_ray import __version__
+
+        console.print(f"cafe-ray {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="On errors, also print the full traceback.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     """Simulate personalized federated learning with early-exit networks on Ray."""
     if debug:

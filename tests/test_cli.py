@@ -29,6 +29,18 @@ def test_validate_unknown_algorithm(tmp_path):
     assert r.exit_code == 2 and "algorithm.name='fedsgd': unknown algorithm" in r.output
 
 
+def test_version_is_the_packages_and_the_projects():
+    """`cafe-ray --version` prints cafe_ray.__version__, the version pyproject.toml builds with."""
+    from setuptools.config import pyprojecttoml
+
+    import cafe_ray
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"cafe-ray {cafe_ray.__version__}"
+    built = pyprojecttoml.read_configuration(Path(__file__).resolve().parents[1] / "pyproject.toml", expand=True)
+    assert built["project"]["version"] == cafe_ray.__version__
+
+
 def test_models_lists_the_zoo():
     r = runner.invoke(app, ["models"])
     assert r.exit_code == 0
