@@ -125,10 +125,15 @@ def register(app: typer.Typer) -> None:
         except ValidationError as err:
             _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
                             for e in err.errors()))
+        import ray
+
+        # Only a Ray this command starts is ours to end: in a notebook or a test session that has
+        # Ray (and maybe Serve) running already, a failed start must leave them as they were.
+        own_ray = address is None and not ray.is_initialized()
         try:
             start(cfg, address, require=given)
         except (FileNotFoundError, ValueError, RuntimeError) as err:  # RuntimeError: Serve could not deploy
-            stop(cfg.app_name, own_ray=address is None)
+            stop(cfg.app_name, own_ray=own_ray)
             _fail(str(err))
 
         def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
@@ -162,7 +167,7 @@ def register(app: typer.Typer) -> None:
         finally:  # a second signal must not cut the cleanup short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            stop(cfg.app_name, own_ray=address is None)  # a shared cluster: our application only
+            stop(cfg.app_name, own_ray=own_ray)  # a shared cluster: our application only
 
     bench = _bench_group(app)
 

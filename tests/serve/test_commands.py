@@ -51,3 +51,12 @@ def test_serve_lists_the_slo_and_scale_options():
     r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     for opt in ("--latency-slo-ms", "--max-accuracy-drop", "--autoscale", "--target-ongoing"):
         assert opt in r.output
+
+
+def test_a_failed_serve_leaves_the_callers_ray_and_serve_running(http, tmp_path):
+    """In a process that already runs Ray and Serve (a notebook, this test session), a serve that
+    fails to start must not end them: only a Ray the command started is its to stop."""
+    assert http.get("/healthz").status_code == 200
+    r = runner.invoke(app, ["serve", str(tmp_path)])
+    assert r.exit_code == 2
+    assert http.get("/healthz").status_code == 200
