@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: demo test lint install bench docs clean
+.PHONY: demo test lint install bench docs clean fuzz-serve
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/cafe-ray bench all
 
+# OpenAPI fuzzing of `cafe-ray serve` (schemathesis, in .fuzz-venv: not a dev dependency).
+fuzz-serve: $(STAMP)
+	CAFE_RAY=$(BIN)/cafe-ray benchmarks/serve_fuzz.sh $(ARGS)
+
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link,
 # a missing page or a config field without a description.
 DOCS_STAMP := $(VENV)/.installed-docs
@@ -38,4 +42,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site
+	rm -rf $(VENV) runs .pytest_cache site .fuzz-venv

@@ -6,7 +6,7 @@ entry-point string: neither torch nor the environment's module is imported until
 ``gym.make`` builds one.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 ENV_ID = "cafe_ray/EarlyExit-v0"
 ENV_ENTRY_POINT = "cafe_ray.envs.early_exit:EarlyExitEnv"

@@ -30,9 +30,19 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 _DEBUG = {"on": bool(os.environ.get("CAFE_RAY_DEBUG"))}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cafe_ray import __version__
+
+        console.print(f"cafe-ray {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="On errors, also print the full traceback.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     """Simulate personalized federated learning with early-exit networks on Ray."""
     if debug:
@@ -373,6 +383,18 @@ def bench_startup(
         total = [r.total_s for r in res if r.preload == p]
         console.print(f"{'with' if p else 'without'} preload: beyond ray.init min {min(beyond):.2f} s, median "
                       f"{statistics.median(beyond):.2f} s; total min {min(total):.2f} s, median {statistics.median(total):.2f} s")
+
+
+@bench_app.command("startup-probe", hidden=True)
+def bench_startup_probe(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML.")],
+    out: Annotated[Path, typer.Argument(help="Where the run directory goes.")],
+    preload: Annotated[bool, typer.Option(help="The local Ray's workers preload the engine.")] = True,
+) -> None:
+    """One start-up measured in this fresh process; one JSON line (what `bench startup` reads)."""
+    from cafe_ray.bench import startup
+
+    print(json.dumps(startup.probe(str(config), str(out), preload=preload)), flush=True)
 
 
 @bench_app.command("memory")

@@ -99,7 +99,7 @@ class SelectionConfig(_Strict):
                     "which R grows to 1: R(t) = min(t / (ramp * T), 1); 0.5 is the spec's min(2t/T, 1)")
 
 
-# The specification's original defaults (../shared/CAFEDISTILL.md steps 1-9, before
+# The specification's original defaults (docs/specification.md steps 1-9, before
 # the validation study): `algorithm.cafedistill.preset: spec` restores them; fields
 # given explicitly still win over the preset.
 CAFEDISTILL_SPEC_PRESET: dict[str, Any] = {

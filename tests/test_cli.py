@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from cafe_ray.cli import app
@@ -26,6 +27,18 @@ def test_validate_unknown_algorithm(tmp_path):
     p.write_text("algorithm: {name: fedsgd}\n")
     r = runner.invoke(app, ["validate", str(p)])
     assert r.exit_code == 2 and "algorithm.name='fedsgd': unknown algorithm" in r.output
+
+
+def test_version_is_the_packages_and_the_projects():
+    """`cafe-ray --version` prints cafe_ray.__version__, the version pyproject.toml builds with."""
+    from setuptools.config import pyprojecttoml
+
+    import cafe_ray
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"cafe-ray {cafe_ray.__version__}"
+    built = pyprojecttoml.read_configuration(Path(__file__).resolve().parents[1] / "pyproject.toml", expand=True)
+    assert built["project"]["version"] == cafe_ray.__version__
 
 
 def test_models_lists_the_zoo():
@@ -71,6 +84,25 @@ def test_resume_refuses_new_settings(tmp_path):
     assert r.exit_code == 2 and "drop CONFIG and --set" in r.output
 
 
+def _warnings(output: str) -> set[str]:
+    return {ln.split(": ", 1)[1] for ln in output.splitlines() if ln.startswith("warning")}
+
+
+@pytest.mark.parametrize("sets", [[], ["algorithm.fedprox.mu_prox=0.5"]])
+def test_resume_prints_no_warning_a_fresh_run_does_not(tmp_path, sets):
+    """The saved config writes every algorithm's block; resuming from it warns about none that a
+    fresh run of the same config does not warn about."""
+    args = [f"output_dir={tmp_path}", "executor=sequential", "round.num_rounds=2", "checkpoint.every=1",
+            "data.num_clients=4", "profiles.catalog=uniform", "train.max_steps=2", *sets]
+    fresh = runner.invoke(app, ["simulate", "--no-progress", *[a for s in args for a in ("--set", s)]])
+    assert fresh.exit_code == 0, fresh.output
+    (run_dir,) = tmp_path.iterdir()
+    resumed = runner.invoke(app, ["simulate", "--resume", str(run_dir), "--no-progress"])
+    assert resumed.exit_code == 0 and "resuming" in resumed.output, resumed.output
+    assert _warnings(resumed.output) <= _warnings(fresh.output), resumed.output
+    assert any("algorithm.fedprox is set" in w for w in _warnings(fresh.output)) == bool(sets)
+
+
 # ---------------------------------------------------------------------------
 # Failures through the real `cafe-ray` executable on real Ray: each bad case gives
 # rc, one `error:` line naming the field, no traceback, no leftover Ray process and
@@ -85,8 +117,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 from cafe_ray.runs import rundir  # noqa: E402
 from cafe_ray.sim.engine import wait_for  # noqa: E402
@@ -190,14 +220,20 @@ def test_bad_input_fails_before_ray_starts(cli, sets, field):
     assert _no_leftovers(cli, p)
 
 
-@pytest.mark.parametrize("sets", [["model.name=transformer4"], ["executor=sequential", "model.name=transformer4"]])
-def test_a_model_that_cannot_be_built_stops_before_the_run(cli, sets):
-    """The model is built in a thread while Ray starts (start-up): its error still ends the command
-    with one line naming the field, no run directory, and no Ray process left behind."""
+@pytest.mark.parametrize(("sets", "message"), [
+    (["model.name=transformer4"], "model.name='transformer4' does not fit dataset 'digits' (image inputs of "
+                                  "shape (1, 8, 8)); allowed for images: auto, cnn_small, conv3, resnet18_ee"),
+    (["executor=sequential", "model.name=transformer4"], "model.name='transformer4' does not fit dataset 'digits'"),
+    (["data.name=synthetic", "data.synthetic_shape=[1, 4, 4]", "model.name=resnet18_ee"],
+     "model.name='resnet18_ee' needs H, W >= 8, got input shape (1, 4, 4); set model.name to cnn_small"),
+])
+def test_a_model_that_does_not_fit_the_data_stops_before_ray_starts(cli, sets, message):
+    """One line naming model.name and what fits, rc 2, before Ray starts: no run directory, no Ray."""
     p = cli(*[a for s in sets for a in ("--set", s)])
     rc, _, err = _finish(p)
     assert rc == 2, err
-    assert "model.name=transformer4: cannot build it for digits" in _one_error_line(err)
+    assert message in _one_error_line(err)
+    assert not _ray_started(cli)
     assert not cli.runs.exists() or not any(cli.runs.iterdir())
     assert _no_leftovers(cli, p)
 

@@ -153,3 +153,42 @@ def test_readme_is_short_and_its_links_resolve() -> None:
     assert "docs/results.md" in local and "docs/troubleshooting.md" in local
     broken = [t for t in local if not (REPO / t).exists()]
     assert not broken, f"README links to missing files: {broken}"
+
+
+def test_docs_hook_generates_the_specifications_table_of_changed_defaults() -> None:
+    """docs/specification.md lists exactly the algorithm.cafedistill defaults that differ from
+    ``preset: spec``, compared here field by field, independently of the generator."""
+    from cafe_ray.commands.reference import spec_changes
+    from cafe_ray.config import CAFEDISTILL_SPEC_PRESET, CafeDistillConfig
+
+    hook = _load_hook()
+    page_md = (DOCS / "specification.md").read_text()
+    out = hook.on_page_markdown(page_md, _Page("specification.md"), None, None)
+    assert hook.SPEC_MARKER in page_md and hook.SPEC_MARKER not in out
+    with pytest.raises(ValueError, match="lost its"):
+        hook.on_page_markdown("# no marker", _Page("specification.md"), None, None)
+
+    default = CafeDistillConfig()
+    expected = []
+    for key, spec_value in CAFEDISTILL_SPEC_PRESET.items():
+        pairs = ([(f"{key}.{k}", v, getattr(default.selection, k)) for k, v in spec_value.items()]
+                 if key == "selection" else [(key, spec_value, getattr(default, key))])
+        expected += [(f"algorithm.cafedistill.{k}", s, d) for k, s, d in pairs if s != d]
+    changes = spec_changes()
+    assert sorted((c.path, c.spec, c.default) for c in changes) == sorted(expected)
+    assert len(changes) >= 5
+    for c in changes:
+        assert f"| `{c.path}` |" in out
+
+
+def test_the_product_names_no_path_outside_the_repository() -> None:
+    """README, docs, configs, code and tests point into the repository (docs/specification.md),
+    never at files a clone does not have."""
+    roots = ["README.md", "docs", "simulations", "cafe_ray", "tests", "benchmarks", "policies"]
+    files = [p for r in roots for p in ([REPO / r] if (REPO / r).is_file() else (REPO / r).rglob("*"))
+             if p.is_file() and p.suffix in (".md", ".py", ".yaml", ".yml", ".toml", ".txt")]
+    assert len(files) > 100
+    outside = re.compile("\\.\\./" + "shared|/work/" + "shared")  # split: this file must not match itself
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    assert not hits, f"paths outside the repository: {hits}"

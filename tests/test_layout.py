@@ -1,8 +1,10 @@
-"""The package's shape: rooms at the root, no import cycles, algorithms free of Ray.
+"""The package's shape: rooms at the root, layers that point one way, no import cycles,
+algorithms free of Ray.
 
-The import graph is read statically (``ast``) from every module of ``cafe_ray``: an edge
-A -> B means that importing A executes an import of B at module level (``if TYPE_CHECKING``
-blocks excluded; imports inside functions are lazy and cannot form an import-time cycle).
+The import graph is read statically (``ast``) from every module of ``cafe_ray``. An edge
+A -> B means that A imports B somewhere: at module level, or lazily inside a function
+(``if TYPE_CHECKING`` blocks too, with ``lazy=True``). The import-time graph
+(``lazy=False``) holds only what importing A runs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,22 @@ import cafe_ray
 
 PKG_DIR = Path(cafe_ray.__file__).parent
 ROOT_MODULES_ALLOWED = {"__init__.py", "cli.py", "config.py"}
+
+# The rooms of cafe_ray from the ground up: a room imports only rooms on lower floors (lazy
+# imports inside functions count too); rooms on one floor do not import each other. "cafe_ray"
+# is the package's own __init__.py. docs/architecture.md draws the same floors.
+ROOM_ORDER: tuple[tuple[str, ...], ...] = (
+    ("cafe_ray", "config"),
+    ("data",),
+    ("models",),
+    ("algorithms",),
+    ("runs",),
+    ("sim", "inference"),
+    ("envs", "serve", "studies", "cluster"),
+    ("bench",),
+    ("commands",),
+    ("cli",),
+)
 
 
 def module_name(path: Path, pkg_dir: Path) -> str:
@@ -38,6 +56,10 @@ def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
     )
+
+
+def _all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
 
 
 def _module_level_imports(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
@@ -74,8 +96,9 @@ def imported_names(node: ast.Import | ast.ImportFrom, current: str, is_pkg: bool
     return [base] + [f"{base}.{a.name}" for a in node.names]
 
 
-def import_graph(pkg_dir: Path) -> dict[str, set[str]]:
-    """Module-level import edges between the package's own modules."""
+def import_graph(pkg_dir: Path, lazy: bool = False) -> dict[str, set[str]]:
+    """Import edges between the package's own modules: module-level ones, or every import
+    anywhere in the file with ``lazy=True``."""
     modules = package_modules(pkg_dir)
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
@@ -83,7 +106,7 @@ def import_graph(pkg_dir: Path) -> dict[str, set[str]]:
         is_pkg = path.name == "__init__.py"
         # A module's ancestor packages are always being imported before it: no new edge.
         ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
-        for node in _module_level_imports(tree.body):
+        for node in _all_imports(tree) if lazy else _module_level_imports(tree.body):
             for target in imported_names(node, name, is_pkg):
                 parts = target.split(".")
                 # importing a.b.c runs a, a.b and a.b.c (`from m import x`: x only if a module)
@@ -117,6 +140,25 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def room_of(module: str) -> str:
+    """cafe_ray.sim.engine -> sim; cafe_ray.cli -> cli; cafe_ray -> cafe_ray."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def floor_of(room: str) -> int:
+    for i, rooms in enumerate(ROOM_ORDER):
+        if room in rooms:
+            return i
+    raise KeyError(room)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every edge from a room to one on its own floor or above."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if room_of(a) != room_of(b) and floor_of(room_of(b)) >= floor_of(room_of(a)))
+
+
 def all_imports(path: Path) -> list[tuple[int, str]]:
     """Every import anywhere in a file (functions included), as (line, dotted name)."""
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -148,11 +190,52 @@ def test_every_package_directory_is_a_package() -> None:
 
 
 def test_no_import_cycles_among_cafe_ray_modules() -> None:
-    graph = import_graph(PKG_DIR)
-    assert len(graph) > 50 and "cafe_ray.sim.simulation" in graph
-    assert "cafe_ray.algorithms.base" in graph["cafe_ray.algorithms.fedavg"]  # edges are found
-    cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+    """Neither at import time nor through imports inside functions."""
+    for lazy in (False, True):
+        graph = import_graph(PKG_DIR, lazy=lazy)
+        assert len(graph) > 50 and "cafe_ray.sim.simulation" in graph
+        assert "cafe_ray.algorithms.base" in graph["cafe_ray.algorithms.fedavg"]  # edges are found
+        cycle = find_cycle(graph)
+        assert cycle is None, f"import cycle ({'lazy imports included' if lazy else 'import time'}): " + " -> ".join(
+            cycle or [])
+
+
+def test_every_room_has_a_floor() -> None:
+    rooms = {room_of(m) for m in package_modules(PKG_DIR)}
+    placed = [r for floor in ROOM_ORDER for r in floor]
+    assert len(placed) == len(set(placed)), "a room is on two floors of ROOM_ORDER"
+    assert rooms == set(placed), (f"rooms without a floor: {sorted(rooms - set(placed))}; "
+                                  f"floors without a room: {sorted(set(placed) - rooms)}")
+
+
+def test_layers_point_one_way() -> None:
+    """No room imports a room on its floor or above, lazily inside a function either."""
+    graph = import_graph(PKG_DIR, lazy=True)
+    assert "cafe_ray.models.zoo" in graph["cafe_ray.sim.runner"] or "cafe_ray.models" in graph["cafe_ray.sim.runner"]
+    bad = upward_imports(graph)
+    assert not bad, "imports against the room order (tests/test_layout.py ROOM_ORDER): " + "; ".join(bad)
+
+
+def test_the_run_directory_imports_nothing_from_the_ray_layer() -> None:
+    graph = import_graph(PKG_DIR, lazy=True)
+    bad = sorted(f"{a} -> {b}" for a, targets in graph.items() if room_of(a) == "runs"
+                 for b in targets if room_of(b) == "sim")
+    assert not bad, "cafe_ray/runs must not import cafe_ray/sim: " + "; ".join(bad)
+
+
+def test_upward_imports_are_found_lazy_ones_included(tmp_path: Path) -> None:
+    pkg = _write_pkg(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/config.py": "",
+        "pkg/data/__init__.py": "",
+        "pkg/data/base.py": "from pkg import config\n",
+        "pkg/sim/__init__.py": "",
+        "pkg/sim/engine.py": "from pkg.data import base\n",
+        "pkg/runs/__init__.py": "",
+        "pkg/runs/rundir.py": "def f():\n    from pkg.sim.engine import x\n",
+    })
+    assert upward_imports(import_graph(pkg)) == []  # the lazy import is no import-time edge
+    assert upward_imports(import_graph(pkg, lazy=True)) == ["pkg.runs.rundir -> pkg.sim", "pkg.runs.rundir -> pkg.sim.engine"]
 
 
 def _write_pkg(root: Path, files: dict[str, str]) -> Path:

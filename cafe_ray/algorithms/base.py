@@ -19,12 +19,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.models.base import EarlyExitNet
+
+if TYPE_CHECKING:
+    from cafe_ray.data.base import ArrayDataset, ClientSplit
 
 Params = dict[str, torch.Tensor]  # parameter/buffer name -> tensor (a partial state_dict)
 
@@ -89,6 +93,22 @@ class ClientData:
     @property
     def num_train(self) -> int:
         return int(self.y_train.shape[0])
+
+    @classmethod
+    def gather(cls, ds: ArrayDataset, split: ClientSplit) -> ClientData:
+        """Client ``split``'s rows of the shared arrays, copied into contiguous tensors (its
+        validation rows come from the training arrays)."""
+
+        def rows(a: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[idx]))
+
+        has_val = len(split.val_idx) > 0
+        return cls(
+            x_train=rows(ds.x_train, split.train_idx), y_train=rows(ds.y_train, split.train_idx),
+            x_test=rows(ds.x_test, split.test_idx), y_test=rows(ds.y_test, split.test_idx),
+            x_val=rows(ds.x_train, split.val_idx) if has_val else None,
+            y_val=rows(ds.y_train, split.val_idx) if has_val else None,
+        )
 
 
 @dataclass(frozen=True)

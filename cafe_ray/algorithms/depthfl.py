@@ -4,7 +4,7 @@ Kim, Yu, Kim, Moon, "DepthFL: Depthwise Federated Learning for Heterogeneous
 Clients", ICLR 2023 (OpenReview pf8RIZTMU58). Reference:
 Flower's baselines/depthfl.
 
-As defined in ../shared/CAFEDISTILL.md (Baselines): client i trains the first
+As defined in docs/specification.md (Baselines): client i trains the first
 k = ``max_depth`` stages of the EEN and their exits (k from its device profile,
 ``ClientContext.max_depth``; None = all m), on
     sum_{e<k} CE(y, z_e) + w(t) / (k-1) * sum_{e<k} sum_{e'<k, e'!=e}

@@ -3,7 +3,7 @@
 Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
 Personalization", ICML 2021 (arXiv:2012.04221).
 
-Early-exit version (../shared/CAFEDISTILL.md, Baselines). Each round client i
+Early-exit version (docs/specification.md, Baselines). Each round client i
 receives the global EEN w^t and
 1. updates a copy of it with local SGD on the sum of per-exit CE and uploads it
    (the server's FedAvg over the whole EEN, as FedAvg-EE);

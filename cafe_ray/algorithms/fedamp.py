@@ -3,7 +3,7 @@
 Huang, Chu, Zhou, Wang, Liu, Pei, Zhang, "Personalized Cross-Silo Federated
 Learning on Non-IID Data", AAAI 2021 (arXiv:2007.03797).
 
-Early-exit version (../shared/CAFEDISTILL.md, Baselines): the personalized
+Early-exit version (docs/specification.md, Baselines): the personalized
 model theta_i is the client's whole EEN (backbone and every exit head). Round t:
 - server (:meth:`FedAMPEE.server_payloads`): for every participant i, with the
   latest uploaded theta_j of every other client j the server holds,

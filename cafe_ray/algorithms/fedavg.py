@@ -3,7 +3,7 @@
 FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data", AISTATS 2017 (arXiv:1602.05629). FedProx: Li et al.,
 "Federated Optimization in Heterogeneous Networks", MLSys 2020 (arXiv:1812.06127).
-Early-exit versions as defined in ../shared/CAFEDISTILL.md (Baselines): every exit
+Early-exit versions as defined in docs/specification.md (Baselines): every exit
 trained with the sum of per-exit cross-entropy.
 """
 

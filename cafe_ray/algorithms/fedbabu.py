@@ -3,7 +3,7 @@
 Oh, Kim, Yun, "FedBABU: Towards Enhanced Representation for Federated Image
 Classification", ICLR 2022 (arXiv:2106.06042).
 
-Early-exit version (../shared/CAFEDISTILL.md, Baselines):
+Early-exit version (docs/specification.md, Baselines):
 - federation: every exit head is frozen at the experiment's deterministic
   initial weights (the same on every client: the execution layer resets the
   model before each job), so only the backbone is trained (sum of per-exit CE

@@ -4,7 +4,7 @@ Xu, Tong, Huang, "Personalized Federated Learning with Feature Alignment and
 Classifier Collaboration", ICLR 2023 (arXiv:2306.11867). Reference code:
 github.com/JianXu95/FedPAC.
 
-Early-exit version (../shared/CAFEDISTILL.md, Baselines): the backbone is shared
+Early-exit version (docs/specification.md, Baselines): the backbone is shared
 (sample-weighted mean), every exit head is personal, and everything FedPAC does
 with "the" feature and "the" classifier is done per exit k, with f_k(x) the input
 of exit k's final linear layer (:mod:`cafe_ray.algorithms.heads`; the pooled

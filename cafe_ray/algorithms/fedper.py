@@ -1,7 +1,7 @@
 """FedPer-EE: shared backbone, every exit head personal.
 
 Arivazhagan et al., "Federated Learning with Personalization Layers",
-arXiv:1912.00818. In the early-exit version (../shared/CAFEDISTILL.md) this is
+arXiv:1912.00818. In the early-exit version (docs/specification.md) this is
 CAFEDistill without distillation and without student selection: the key ablation.
 """
 

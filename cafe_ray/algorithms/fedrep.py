@@ -3,7 +3,7 @@
 Collins, Hassani, Mokhtari, Shakkottai, "Exploiting Shared Representations for
 Personalized Federated Learning", ICML 2021 (arXiv:2102.07078).
 
-Early-exit version (../shared/CAFEDISTILL.md, Baselines): the backbone is shared
+Early-exit version (docs/specification.md, Baselines): the backbone is shared
 and averaged like FedPer-EE, all exit heads are personal. Each round a client
 1. trains the heads of every exit for ``fedrep.head_epochs`` epochs with the
    backbone frozen (sum of per-exit CE), then

@@ -5,7 +5,7 @@ Classification", ICLR 2022 (arXiv:2107.00778). Balanced softmax: Ren et al.,
 "Balanced Meta-Softmax for Long-Tailed Visual Recognition", NeurIPS 2020
 (arXiv:2007.10740).
 
-Early-exit version (../shared/CAFEDISTILL.md, Baselines). The EEN's own exit
+Early-exit version (docs/specification.md, Baselines). The EEN's own exit
 heads are the *generic* heads: they and the backbone are shared and averaged
 (sample-weighted, as FedAvg-EE). Every exit k also has a *personal* head, a
 linear layer on f_k(x), the input of the generic head's final linear layer

@@ -1,6 +1,6 @@
 """Local-EE: no federation; each client trains its own early-exit network.
 
-The lower bound of personalization (../shared/CAFEDISTILL.md, Baselines). Nothing
+The lower bound of personalization (docs/specification.md, Baselines). Nothing
 goes up or down; the whole model is personal state.
 """
 

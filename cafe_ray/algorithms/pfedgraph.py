@@ -4,7 +4,7 @@ Ye, Ni, Wu, Chen, Wang, "Personalized Federated Learning with Inferred
 Collaboration Graphs", ICML 2023 (PMLR vol. 202). Reference code:
 github.com/MediaBrain-SJTU/pFedGraph.
 
-Early-exit version (../shared/CAFEDISTILL.md, Baselines); the model is the
+Early-exit version (docs/specification.md, Baselines); the model is the
 client's whole EEN. Round t:
 - client i starts from its aggregated model thetabar_i (the shared initial
   model before its first aggregation) and runs local SGD on

@@ -4,7 +4,7 @@ Ilhan, Su, Liu, "ScaleFL: Resource-Adaptive Federated Learning with
 Heterogeneous Clients", CVPR 2023, pp. 24532-24541. Reference code:
 github.com/git-disl/scale-fl.
 
-As defined in ../shared/CAFEDISTILL.md (Baselines): client i trains a sub-model
+As defined in docs/specification.md (Baselines): client i trains a sub-model
 scaled by its device profile, depth k = ``max_depth`` (first k stages and their
 exits; None = all) and width int(width * ``width_factor``) built by
 :func:`cafe_ray.models.build_model`, whose tensors are prefix slices of the
@@ -52,7 +52,8 @@ from cafe_ray.algorithms.submodel import SubModelFL, depth_of, prefix_index
 from cafe_ray.algorithms.training import LossFn
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.models.base import EarlyExitNet
-from cafe_ray.models.zoo import TEXT_MODELS, build_model, resolve_model_name
+from cafe_ray.models.inputs import TEXT_MODELS, resolve_model_name
+from cafe_ray.models.zoo import build_model
 
 
 def align_group_norms(sub: nn.Module, full: nn.Module) -> bool:

@@ -142,9 +142,9 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1, clients: Sequence[int] |
     from cafe_ray.algorithms.base import ClientContext, ClientData, load_params
     from cafe_ray.algorithms.training import exit_accuracies, local_sgd
     from cafe_ray.data import load_dataset, partition_clients
+    from cafe_ray.models import make_model
     from cafe_ray.sim import seeds
     from cafe_ray.sim.executor import freeze_heap
-    from cafe_ray.sim.runner import make_model
 
     load = load_avg()
     prev = torch.get_num_threads()
@@ -295,8 +295,9 @@ def cohort_vs_plain(cfg: ExperimentConfig, repeats: int = 3) -> list[CohortResul
 
     from cafe_ray.algorithms import RoundContext, build_algorithm
     from cafe_ray.data import load_dataset, partition_clients
+    from cafe_ray.models import make_model
     from cafe_ray.sim import seeds
-    from cafe_ray.sim.runner import ClientRunner, FitJob, make_model
+    from cafe_ray.sim.runner import ClientRunner, FitJob
 
     n = cfg.data.num_clients
     vec_cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"vectorize": True})})

@@ -1,15 +1,16 @@
 """Start-up: from the command to the end of the first round, and what ``ray.init`` takes of it.
 
-Each run is a fresh interpreter doing what ``cafe-ray simulate CONFIG`` does, in
-the same order and through the same functions: import the CLI, load the config,
+Each run is a fresh ``cafe-ray`` process doing what ``cafe-ray simulate CONFIG`` does,
+in the same order and through the same functions: import the CLI, load the config,
 preflight (which loads and partitions the data), start a local Ray, then
 ``run_simulation`` (coordinator, client actors, round 0). It records the wall
 clock at each step and when round 0's line lands in ``metrics.jsonl``, so the
 numbers include interpreter start, every import and the preflight, and the time
 beyond ``ray.init`` is the total minus the ``ray.init`` call itself.
 
-Run it as ``python -m cafe_ray.bench.startup CONFIG OUT`` for one probe (one JSON
-line on stdout), or through ``cafe-ray bench startup``.
+One probe is ``cafe-ray bench startup-probe CONFIG OUT`` (one JSON line on stdout: the
+command's own entry point, so the CLI's import is timed as users pay it); ``cafe-ray bench
+startup`` runs several and prints the table.
 """
 
 from __future__ import annotations
@@ -52,15 +53,13 @@ def _first_round_watch(folder: Path, stamp: dict[str, float], stop: threading.Ev
         time.sleep(0.01)
 
 
-def _probe(config: str, out: str, preload: bool = True) -> dict[str, float]:
-    """One ``cafe-ray simulate`` start-up, step by step (runs in a fresh interpreter)."""
-    t_import = time.time()
+def probe(config: str, out: str, preload: bool = True) -> dict[str, float]:
+    """One ``cafe-ray simulate`` start-up, step by step, in a ``cafe-ray`` process that has just
+    imported its CLI (``cafe-ray bench startup-probe``)."""
+    t_config = time.time()
     from rich.console import Console
 
-    import cafe_ray.cli  # noqa: F401 - the CLI's own import cost is part of the command
     from cafe_ray.config import load_config
-
-    t_config = time.time()
     from cafe_ray.sim.preflight import preflight  # the CLI's order: preflight, then the engine
 
     cfg = load_config(Path(config), [f"output_dir={out}", "round.num_rounds=2"])
@@ -81,7 +80,7 @@ def _probe(config: str, out: str, preload: bool = True) -> dict[str, float]:
         watch.join()
         engine.shutdown_ray_if_started()
     return {"import_end": t_config, "preflight_end": t_ray, "ray_init_end": t_run,
-            "first_round": stamp.get("first_round", float("nan")), "import_start": t_import}
+            "first_round": stamp.get("first_round", float("nan"))}
 
 
 def measure_startup(config: Path, out: str, preload: bool = True) -> StartupResult:
@@ -95,8 +94,8 @@ def measure_startup(config: Path, out: str, preload: bool = True) -> StartupResu
     folder = Path(out) / f"startup-{time.time_ns()}"  # this probe's run directory only
     load = load_avg()
     launch = time.time()
-    proc = subprocess.run([sys.executable, "-m", "cafe_ray.bench.startup", str(config), str(folder),
-                           "preload" if preload else "no-preload"],
+    proc = subprocess.run([sys.executable, "-m", "cafe_ray.cli", "bench", "startup-probe", str(config), str(folder),
+                           "--preload" if preload else "--no-preload"],
                           check=True, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -107,6 +106,3 @@ def measure_startup(config: Path, out: str, preload: bool = True) -> StartupResu
         ray_init_s=st["ray_init_end"] - st["preflight_end"], to_first_round_s=st["first_round"] - st["ray_init_end"],
         load=load, preload=preload)
 
-
-if __name__ == "__main__":
-    print(json.dumps(_probe(sys.argv[1], sys.argv[2], preload=sys.argv[3:] != ["no-preload"])), flush=True)

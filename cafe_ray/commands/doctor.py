@@ -38,13 +38,7 @@ def _gib(n: float) -> str:
 
 def versions() -> dict[str, str]:
     """Python, cafe-ray and its main libraries."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        own = version("cafe-ray")
-    except PackageNotFoundError:
-        own = "not installed (run from a checkout)"
-    out = {"python": f"{platform.python_version()} ({sys.executable})", "cafe-ray": own}
+    out = {"python": f"{platform.python_version()} ({sys.executable})", "cafe-ray": _version("cafe_ray")}
     for m in ("torch", "ray", "numpy"):
         out[m] = _version(m)
     try:

@@ -165,6 +165,44 @@ def config_reference_markdown(model: type[BaseModel] | None = None, heading: str
     return "\n".join(out)
 
 
+@dataclass(frozen=True)
+class SpecChange:
+    """An ``algorithm.cafedistill`` field whose default is not the specification's value."""
+
+    path: str
+    spec: Any  # the value ``preset: spec`` gives
+    default: Any
+    description: str | None
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for name, sub in value.items() for k, v in _leaves(sub, f"{prefix}.{name}").items()}
+    return {prefix: value}
+
+
+def spec_changes() -> list[SpecChange]:
+    """Every ``algorithm.cafedistill`` default that differs from the specification, read from
+    the config model itself (the defaults against ``preset: spec``), in field order."""
+    from cafe_ray.config import CafeDistillConfig
+
+    prefix = "algorithm.cafedistill"
+    spec = _leaves(CafeDistillConfig(preset="spec").model_dump(mode="json"), prefix)
+    default = _leaves(CafeDistillConfig().model_dump(mode="json"), prefix)
+    info = dict(iter_fields(CafeDistillConfig, f"{prefix}."))
+    return [SpecChange(path, spec[path], default[path], info[path].description)
+            for path in default if path != f"{prefix}.preset" and spec[path] != default[path]]
+
+
+def spec_changes_markdown() -> str:
+    """:func:`spec_changes` as a Markdown table (docs/specification.md)."""
+    lines = ["| key | specification (`preset: spec`) | default | meaning |", "|---|---|---|---|"]
+    for c in spec_changes():
+        meaning = _cell(c.description) if c.description else "**undocumented**"
+        lines.append(f"| `{c.path}` | `{json.dumps(c.spec)}` | `{json.dumps(c.default)}` | {meaning} |")
+    return "\n".join(lines)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("config-reference")
     def config_reference() -> None:

@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
                                                     "merged into one model call.")] = 16,
         batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="serve.batch: how long a batch "
                                                      "waits to fill.")] = 2.0,
+        batch_samples: Annotated[int, typer.Option("--batch-samples", help="Most samples of one client model "
+                                                   "merged into one forward pass (larger merged batches cost "
+                                                   "more per sample on CPU).")] = 128,
         max_models: Annotated[int, typer.Option("--max-models", help="Client models cached per replica "
                                                 "(LRU).")] = 8,
         threads: Annotated[int, typer.Option("--threads", help="torch threads per replica.")] = 1,
@@ -75,8 +78,21 @@ def register(app: typer.Typer) -> None:
                                                      "on its own port, without the proxy hop (Ray Serve's "
                                                      "experimental direct ingress; a local Ray only); the "
                                                      "replicas' URLs are printed.")] = False,
+        latency_slo_ms: Annotated[float | None, typer.Option("--latency-slo-ms", help="p99 latency target (ms) "
+                                                             "of requests that name no policy: each client's "
+                                                             "exit threshold moves along its validation accuracy-"
+                                                             "vs-MACs curve to hold it (a request can set its "
+                                                             "own with latency_slo_ms).")] = None,
+        max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Accuracy floor of the "
+                                                         "latency-SLO control: at most this many points of "
+                                                         "validation accuracy below full depth.")] = 1.0,
+        autoscale: Annotated[str | None, typer.Option("--autoscale", help="MIN:MAX replicas, scaled by Ray "
+                                                      "Serve on ongoing requests per replica (replaces "
+                                                      "--replicas).")] = None,
+        target_ongoing: Annotated[float, typer.Option("--target-ongoing", help="Autoscaling: ongoing requests "
+                                                      "per replica to aim for.")] = 2.0,
     ) -> None:
-        """Serve a run's personalized early-exit models over HTTP (Ray Serve) until Ctrl-C."""
+        """Serve a run's personalized early-exit models over HTTP (Ray Serve) until Ctrl-C or SIGTERM."""
         from pydantic import ValidationError
 
         from cafe_ray.serve import ingress
@@ -86,26 +102,44 @@ def register(app: typer.Typer) -> None:
                 _fail("--direct-ingress needs the local Ray this command starts; on a cluster, start every node "
                       f"with {ingress.ENV}=1 in its environment (before `ray start`) and drop --direct-ingress")
             ingress.enable_direct_ingress()  # before Ray Serve is imported and before Ray starts
-        from ray import serve
-
-        from cafe_ray.serve.app import running_proxy, start
+        from cafe_ray.serve.app import running_proxy, start, stop
         from cafe_ray.serve.config import ServeConfig, server_url
 
         given = {f for f, v in (("host", host), ("port", port)) if v is not None}
+        scale = None
+        if autoscale is not None:
+            lo, _, hi = autoscale.partition(":")
+            if not (lo.strip().isdigit() and hi.strip().isdigit()):
+                _fail(f"--autoscale: give MIN:MAX replicas, e.g. 1:4 (got {autoscale!r})")
+            scale = (int(lo), int(hi))
         try:
             cfg = ServeConfig(run_dir=str(run_dir), host=host or "127.0.0.1", port=8000 if port is None else port,
                               replicas=replicas, max_batch=max_batch, max_body_bytes=int(max_body_mb * 2**20),
                               app_name=app_name, route_prefix=route_prefix, access_log=access_log,
                               batch_max_requests=batch_requests, batch_wait_ms=batch_wait_ms,
+                              batch_max_samples=batch_samples,
                               max_models_per_replica=max_models, threads=threads, replica_cpus=replica_cpus,
-                              default_threshold=threshold, learned=None if learned is None else str(learned))
+                              default_threshold=threshold, learned=None if learned is None else str(learned),
+                              latency_slo_ms=latency_slo_ms, max_accuracy_drop=max_accuracy_drop, autoscale=scale,
+                              target_ongoing_requests=target_ongoing)
         except ValidationError as err:
             _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
                             for e in err.errors()))
+        import ray
+
+        # Only a Ray this command starts is ours to end: in a notebook or a test session that has
+        # Ray (and maybe Serve) running already, a failed start must leave them as they were.
+        own_ray = address is None and not ray.is_initialized()
         try:
             start(cfg, address, require=given)
         except (FileNotFoundError, ValueError, RuntimeError) as err:  # RuntimeError: Serve could not deploy
+            stop(cfg.app_name, own_ray=own_ray)
             _fail(str(err))
+
+        def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)  # after Ray's start: it installs a handler of its own
         real_host, real_port = running_proxy()
         if real_host not in LOOPBACK:
             err_console.print(f"[yellow]warning:[/] the proxy binds {real_host}: the API has no authentication; "
@@ -122,20 +156,18 @@ def register(app: typer.Typer) -> None:
             if len(direct) < cfg.replicas:
                 err_console.print(f"[yellow]warning:[/] direct ingress: {len(direct)} of {cfg.replicas} replicas "
                                   "answered on their own port; the proxy URL above serves them all")
-        def _stop(*_: object) -> None:  # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _stop)
+        if cfg.latency_slo_ms is not None:
+            console.print(f"latency SLO: p99 <= {cfg.latency_slo_ms:g} ms for requests that name no policy, at most "
+                          f"{cfg.max_accuracy_drop:g} points of val accuracy below full depth; GET {url}/v1/stats")
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping")
-        finally:
-            if address is None:
-                serve.shutdown()
-            else:  # a shared cluster: remove our application only
-                serve.delete(cfg.app_name)
+        finally:  # a second signal must not cut the cleanup short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            stop(cfg.app_name, own_ray=own_ray)  # a shared cluster: our application only
 
     bench = _bench_group(app)
 
@@ -145,7 +177,8 @@ def register(app: typer.Typer) -> None:
                                                        "Fashion-MNIST CNN width 64, FedPer-EE, into --out).")] = None,
         out: Annotated[Path, typer.Option("--out", help="Where the bench run is trained (reused if "
                                           "there).")] = Path("runs/serve-bench"),
-        requests: Annotated[int, typer.Option("--requests", help="Requests per phase.")] = 1000,
+        requests: Annotated[int | None, typer.Option("--requests", help="Requests per phase (default 1000; "
+                                                     "--ramp: 300, at least 8 per request in flight).")] = None,
         concurrency: Annotated[int, typer.Option("--concurrency", help="Concurrent HTTP clients.")] = 8,
         clients: Annotated[int, typer.Option("--clients", help="Client ids the requests spread over.")] = 8,
         samples: Annotated[int, typer.Option("--samples", help="Samples per request.")] = 64,
@@ -170,8 +203,21 @@ def register(app: typer.Typer) -> None:
         direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Send the load to the replica's "
                                                      "own HTTP port (Ray Serve's experimental direct ingress), "
                                                      "not through the proxy; a local Ray only.")] = False,
+        ramp: Annotated[str | None, typer.Option("--ramp", help="Load ramp: requests in flight per step, e.g. "
+                                                 "1,2,4,8,16,32; p99 and accuracy of full depth, the fixed "
+                                                 "threshold and latency-SLO control at each step (then one step "
+                                                 "back at the first load).")] = None,
+        latency_slo_ms: Annotated[float | None, typer.Option("--latency-slo-ms", help="--ramp: the SLO "
+                                                             "(default: 1.5x the unloaded full-depth p99, "
+                                                             "measured first).")] = None,
+        max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="--ramp: the server's "
+                                                         "accuracy floor for SLO control (val points below "
+                                                         "full depth).")] = 1.0,
+        plot_out: Annotated[Path | None, typer.Option("--plot", help="--ramp: write p99 and accuracy against "
+                                                      "load to this PNG.")] = None,
     ) -> None:
-        """HTTP load on loopback from a separate process: threshold policy vs full depth."""
+        """HTTP load on loopback from a separate process: threshold policy vs full depth, or a load ramp
+        with latency-SLO control beside them (--ramp)."""
         import os
 
         from cafe_ray.serve import ingress
@@ -205,11 +251,16 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"| {name} | {ms:.3f} |")
             typer.echo(f"load average before: {' '.join(f'{v:.2f}' for v in load)} on {os.cpu_count()} CPUs")
             return
+        if ramp is not None:
+            _ramp(rd, ramp, requests=requests, samples=samples, clients=clients, slo_ms=latency_slo_ms,
+                  threshold=threshold, max_accuracy_drop=max_accuracy_drop, body=body, direct_ingress=direct_ingress,
+                  port=port, threads=threads, plot_out=plot_out, json_out=json_out, url=url, address=address)
+            return
         if url is not None and (address is not None or port is not None):
             _fail("--url loads a server that is already running; it cannot be combined with --address or --port")
         load_before = os.getloadavg()
         try:
-            res = run_bench(rd, requests=requests, concurrency=concurrency, num_clients=clients, samples=samples,
+            res = run_bench(rd, requests=requests or 1000, concurrency=concurrency, num_clients=clients, samples=samples,
                             threshold=threshold, rounds=rounds, threads=threads, address=address, port=port,
                             url=None if url is None else url.rstrip("/"), external=external, body_format=body,
                             say=console.print, direct_ingress=direct_ingress)
@@ -221,3 +272,35 @@ def register(app: typer.Typer) -> None:
         if json_out:
             json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")
             console.print(f"json: {json_out}")
+
+
+def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clients: int, slo_ms: float | None,
+          threshold: float | None, max_accuracy_drop: float, body: str, direct_ingress: bool, port: int | None,
+          threads: int, plot_out: Path | None, json_out: Path | None, url: str | None, address: str | None) -> None:
+    """`bench serve --ramp`: see :mod:`cafe_ray.bench.ramp`."""
+    import os
+
+    from cafe_ray.bench import ramp as rp
+
+    if url is not None or address is not None:
+        _fail("--ramp deploys its own application on a local Ray (its SLO and accuracy floor); drop --url/--address")
+    try:
+        steps = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--ramp: requests in flight as integers, e.g. 1,2,4,8 (got {spec!r})")
+    load_before = os.getloadavg()
+    try:
+        res = rp.run_ramp(run_dir, steps, requests=requests or 300, samples=samples,
+                          num_clients=clients, slo_ms=slo_ms, threshold=threshold,
+                          max_accuracy_drop=max_accuracy_drop, body_format=body, direct_ingress=direct_ingress,
+                          port=port, threads=threads, say=console.print)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(rp.markdown(res))
+    typer.echo(f"load average (1/5/15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}; after: "
+               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    if plot_out:
+        console.print(f"plot: {rp.plot(res, plot_out)}")
+    if json_out:
+        json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+        console.print(f"json: {json_out}")

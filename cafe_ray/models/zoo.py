@@ -10,36 +10,24 @@ behave differently; GroupNorm has neither problem and keeps the state_dict param
 This includes ``resnet18_ee``, which reuses torchvision's ``BasicBlock`` with a GroupNorm
 ``norm_layer`` (so the ``norm_layer`` deviation from torchvision's ResNet-18 is deliberate).
 
-Builders do not seed: the caller (``cafe_ray.sim.runner.make_model``) seeds the RNG.
+Builders do not seed: :func:`make_model` (what a run builds) seeds the RNG.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cafe_ray.config import ModelConfig
+from cafe_ray.config import ExperimentConfig, ModelConfig
 from cafe_ray.models.base import BACKBONE_PREFIX, EarlyExitNet, LastExitHead
+from cafe_ray.models.inputs import check_image_shape, check_inputs
 
-MODEL_NAMES: tuple[str, ...] = ("cnn_small", "conv3", "resnet18_ee", "transformer4")
-IMAGE_MODELS: tuple[str, ...] = ("cnn_small", "conv3", "resnet18_ee")
-TEXT_MODELS: tuple[str, ...] = ("transformer4",)
-
-# name "auto" -> architecture, per dataset (see ModelConfig)
-AUTO_MODEL: dict[str, str] = {
-    "digits": "cnn_small",
-    "fashion_mnist": "cnn_small",
-    "synthetic": "cnn_small",
-    "cifar10": "conv3",
-    "cifar100": "resnet18_ee",
-    "tinyimagenet": "resnet18_ee",
-    "agnews": "transformer4",
-}
-
+if TYPE_CHECKING:
+    from cafe_ray.data.base import ArrayDataset
 
 # ------------------------------------------------------------------------ helpers
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -51,15 +39,6 @@ def group_norm(channels: int) -> nn.GroupNorm:
     cap = max(1, min(32, channels // 2))
     groups = max(g for g in range(1, cap + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
-
-
-def _check_image_shape(name: str, input_shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
-    if len(input_shape) != 3:
-        raise ValueError(f"model.name={name!r} needs image inputs of shape (C, H, W), got {tuple(input_shape)}")
-    c, h, w = (int(s) for s in input_shape)
-    if min(h, w) < min_side or c < 1:
-        raise ValueError(f"model.name={name!r} needs H, W >= {min_side}, got input shape {tuple(input_shape)}")
-    return c, h, w
 
 
 class MaxPool2x2(nn.MaxPool2d):
@@ -119,7 +98,7 @@ def cnn_small(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -
     after a stage while the map is still >= 4 pixels (8x8: 8->4->2->2, 28x28: 28->14->7->3).
     Every head pools to 2x2 + linear (the last one's pooling is phi(x)).
     """
-    c, h, w = _check_image_shape("cnn_small", input_shape, min_side=4)
+    c, h, w = check_image_shape("cnn_small", input_shape)
     chans = [width, 2 * width, 2 * width]
     stages: list[nn.Module] = []
     cin, side = c, min(h, w)
@@ -140,7 +119,7 @@ def conv3(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> Ea
     Stages: conv(w) -> conv(2w) -> conv(4w), each 3x3 + GroupNorm + ReLU + 2x2 max-pool
     (32x32: 32->16->8->4). Every head pools to 2x2 + linear (the last one's pooling is phi(x)).
     """
-    c, _, _ = _check_image_shape("conv3", input_shape, min_side=8)
+    c, _, _ = check_image_shape("conv3", input_shape)
     chans = [width, 2 * width, 4 * width]
     stages: list[nn.Module] = []
     cin = c
@@ -198,7 +177,7 @@ def resnet18_ee(input_shape: tuple[int, ...], num_classes: int, width: int = 64)
     """
     from torchvision.models.resnet import conv3x3
 
-    c, _, _ = _check_image_shape("resnet18_ee", input_shape, min_side=8)
+    c, _, _ = check_image_shape("resnet18_ee", input_shape)
     norm = group_norm
     chans = [width, 2 * width, 4 * width, 8 * width]
     stem = nn.Sequential(conv3x3(c, width), norm(width), nn.ReLU(inplace=True))  # (B, w, H, W)
@@ -345,20 +324,6 @@ def transformer4(
 
 
 # ------------------------------------------------------------------------ factory
-def resolve_model_name(name: str, dataset: str) -> str:
-    """The concrete architecture for ``model.name`` (resolving "auto" by dataset)."""
-    if name == "auto":
-        if dataset not in AUTO_MODEL:
-            raise ValueError(
-                f"model.name='auto' has no default for dataset {dataset!r}; set model.name to one of "
-                f"{', '.join(MODEL_NAMES)} (auto knows: {', '.join(AUTO_MODEL)})"
-            )
-        return AUTO_MODEL[dataset]
-    if name not in MODEL_NAMES:
-        raise ValueError(f"model.name={name!r} is unknown; allowed: auto, {', '.join(MODEL_NAMES)}")
-    return name
-
-
 def build_model(
     cfg: ModelConfig,
     dataset: str,
@@ -368,30 +333,27 @@ def build_model(
 ) -> EarlyExitNet:
     """Build the configured early-exit network for a dataset's input shape and class count.
 
-    Text inputs (shape (L,), vocab_size given) need transformer4; image inputs (C, H, W) need one
-    of the CNNs. Mismatches fail with a ValueError naming ``model.name`` and the allowed values.
+    The inputs are checked first (:func:`cafe_ray.models.inputs.check_inputs`): text inputs
+    (shape (L,), vocab_size given) need transformer4, image inputs (C, H, W) one of the CNNs.
     """
-    name = resolve_model_name(cfg.name, dataset)
+    name = check_inputs(cfg.name, dataset, input_shape, num_classes, vocab_size)
     shape = tuple(int(s) for s in input_shape)
-    is_text = len(shape) == 1
-    if num_classes < 2:
-        raise ValueError(f"model.name={name!r}: need num_classes >= 2, got {num_classes}")
-    if is_text and name not in TEXT_MODELS:
-        raise ValueError(
-            f"model.name={name!r} does not fit dataset {dataset!r} (token inputs of shape {shape}); "
-            f"allowed for text: auto, {', '.join(TEXT_MODELS)}"
-        )
-    if not is_text and name in TEXT_MODELS:
-        raise ValueError(
-            f"model.name={name!r} does not fit dataset {dataset!r} (image inputs of shape {shape}); "
-            f"allowed for images: auto, {', '.join(IMAGE_MODELS)}"
-        )
     if name == "transformer4":
-        if vocab_size is None:
-            raise ValueError(f"model.name='transformer4' on dataset {dataset!r} needs vocab_size")
         return transformer4(shape, num_classes, cfg.width, vocab_size)
     builder = {"cnn_small": cnn_small, "conv3": conv3, "resnet18_ee": resnet18_ee}[name]
     return builder(shape, num_classes, cfg.width)
+
+
+def make_model(cfg: ExperimentConfig, ds: ArrayDataset) -> EarlyExitNet:
+    """The experiment's model for its dataset, with deterministic initial weights (seeded by
+    ``cfg.seed``; the global RNG is left as it was)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        return build_model(cfg.model, ds.name, ds.input_shape, ds.num_classes,
+                           vocab_size=cfg.data.vocab_size if ds.is_text else None)
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def count_params(module: nn.Module) -> int:

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from cafe_ray.algorithms import ClientContext, ServerState, build_algorithm
+from cafe_ray.algorithms import ClientContext, ClientData, ServerState, build_algorithm
 from cafe_ray.config import ExperimentConfig, load_saved_config
 from cafe_ray.data import ArrayDataset, ClientSplit, load_dataset
-from cafe_ray.models import EarlyExitNet, ExitCost, exit_macs
+from cafe_ray.models import EarlyExitNet, ExitCost, exit_macs, make_model
 from cafe_ray.runs import rundir
-from cafe_ray.sim.runner import ClientRunner, make_model
-from cafe_ray.sim.store import ClientStateStore
+from cafe_ray.runs.store import ClientStateStore
 
 
 class RunArtifacts:
@@ -60,17 +59,15 @@ class RunArtifacts:
         m = make_model(self.cfg, self.dataset)
         return exit_macs(m, self.dataset.input_shape, torch.int64 if self.dataset.is_text else torch.float32)
 
-    @cached_property
-    def _runner(self) -> ClientRunner:
-        return ClientRunner(self.cfg, self.dataset, self.splits, self.store.root)
+    def _data(self, client_id: int) -> ClientData:
+        return ClientData.gather(self.dataset, self.splits[client_id])
 
     def client_model(self, client_id: int) -> EarlyExitNet:
         """A fresh model holding client ``client_id``'s inference weights (eval mode)."""
         if client_id not in self.splits:
             raise KeyError(f"client {client_id} is not in this run (clients 0..{len(self.splits) - 1})")
-        r = self._runner
         model = make_model(self.cfg, self.dataset)
-        data = r._data(client_id)
+        data = self._data(client_id)
         ctx = ClientContext(client_id, self.round, self.cfg.round.num_rounds, self.cfg.seed)
         self.algorithm.load_for_eval(model, self.algorithm.eval_payload(self.state),
                                      self.store.load(client_id), data, ctx)
@@ -85,7 +82,7 @@ class RunArtifacts:
         permutation. Either way: calibrate a policy on 'val', report it on 'holdout',
         and neither was trained on.
         """
-        d = self._runner._data(client_id)
+        d = self._data(client_id)
         if split == "test":
             return d.x_test, d.y_test
         if split == "train":

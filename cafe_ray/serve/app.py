@@ -20,6 +20,8 @@ has the model loaded already (the two must agree). Handle calls name the client 
 # rewrites them, and needs the annotations as objects, not strings.
 import asyncio
 import json
+import math
+import time
 from typing import Any
 
 import torch
@@ -34,9 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cafe_ray.serve.config import ServeConfig, server_url
 from cafe_ray.serve.core import (
+    SLO,
     Answer,
     ClientMismatch,
-    InvalidInput,
     Job,
     RequestError,
     client_from_model_id,
@@ -47,7 +49,9 @@ from cafe_ray.serve.http import (
     NPY,
     BodyGuard,
     InvalidBody,
+    check_json_shape,
     check_media_type,
+    error_body,
     error_items,
     validation_items,
 )
@@ -59,6 +63,7 @@ from cafe_ray.serve.schemas import (
     PoliciesResponse,
     PredictRequest,
     PredictResponse,
+    StatsResponse,
 )
 from cafe_ray.serve.service import ModelService, learned_paths
 
@@ -74,18 +79,20 @@ def _err(description: str) -> dict[str, Any]:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: _err("The serve_multiplexed_model_id header names another client than the URL."),
     404: _err("Unknown client id (or no such route)."),
-    413: _err("A body over the server's byte limit (checked before parsing) or more samples than its "
-              "max_batch; the message gives the limit."),
+    405: _err("The path exists but not with this method (the Allow header lists the one it takes)."),
+    413: _err("A body over the server's byte limit (checked before parsing), a JSON body with more values or "
+              "more samples than its max_batch allows; the message gives the limit."),
     415: _err(f"Missing or unsupported Content-Type; send {JSON} or {NPY}."),
-    422: _err("Malformed JSON, a value of the wrong JSON type (no coercion), wrong input shape or dtype, "
-              "NaN/infinite values, unknown or empty policy, or a parameter out of range (the detail says "
-              "which and what is accepted)."),
+    422: _err("Malformed JSON or JSON nested too deep, a value of the wrong JSON type (no coercion), wrong "
+              "input shape or dtype, NaN/infinite values or values that overflow the model, unknown or empty "
+              "policy, or a parameter out of range (the detail says which and what is accepted)."),
 }
-_GET_ERRORS = {422: _ERRORS[422]}  # a GET answers 422 only for a malformed path parameter
-_CLIENT_ERRORS = {404: _ERRORS[404], 422: _ERRORS[422]}
+_CLIENT_ERRORS = {404: _ERRORS[404], 405: _ERRORS[405], 422: _ERRORS[422]}
+_GET_ERRORS = {405: _ERRORS[405]}
 
-# Query parameters of an application/x-npy request (a JSON request puts them in the body).
-_NPY_QUERY = ("policy", "threshold", "max_entropy", "mac_budget", "return_probs")
+# Request fields a query string may carry (a .npy body has no other place for them; a JSON body
+# may put each in the body or the query, not both).
+_NPY_QUERY = ("policy", "threshold", "max_entropy", "mac_budget", "return_probs", "latency_slo_ms")
 _PREDICT_BODY: dict[str, Any] = {
     "requestBody": {"required": True, "content": {
         JSON: {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
@@ -94,7 +101,8 @@ _PREDICT_BODY: dict[str, Any] = {
                                         "int64 for text); the policy fields go in the query string."}},
     }},
     "parameters": [{"name": n, "in": "query", "required": False,
-                    "description": f"Only with an {NPY} body: the PredictRequest field {n}.",
+                    "description": f"The PredictRequest field {n} (an {NPY} body's only way to give it; a JSON "
+                                   "body may give it here instead of in the body, not in both).",
                     "schema": PredictRequest.model_json_schema()["properties"][n]} for n in _NPY_QUERY],
 }
 
@@ -127,42 +135,51 @@ def openapi_schema(app: FastAPI, example: dict[str, Any] | None = None) -> dict[
     return schema
 
 
-def _error_response(status: int, items: list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": items}, headers=headers)
+def _error_response(status: int, items: list[dict[str, Any]], headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(items), status_code=status, media_type=JSON, headers=headers)
 
 
 @api.exception_handler(RequestError)
-async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+async def _request_error(request: Request, err: RequestError) -> Response:
     return _error_response(err.status_code, error_items(err))
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, err: RequestValidationError) -> Response:
     return _error_response(422, validation_items(err.errors()))
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
     loc = ["method"] if err.status_code == 405 else ["url"] if err.status_code == 404 else []
     return _error_response(err.status_code, [{"loc": loc, "msg": str(err.detail), "type": f"http_{err.status_code}"}],
                            headers=getattr(err, "headers", None))
 
 
-def parse_body(body: bytes, content_type: str | None, query: dict[str, str]) -> tuple[PredictRequest, bytes | None]:
-    """A predict body -> (request, raw .npy bytes or None). JSON is parsed strictly (no coercion);
-    an ``application/x-npy`` body takes its policy fields from the query string."""
-    if check_media_type(content_type) == NPY:
-        extra = sorted(set(query) - set(_NPY_QUERY))
-        if extra:
-            raise InvalidBody([{"loc": ["query", k], "msg": f"unknown query parameter; an {NPY} request takes "
-                                f"{', '.join(_NPY_QUERY)}", "type": "extra_forbidden"} for k in extra])
-        try:  # query values are strings by nature: parsed (not strict), still finite and in range
-            return PredictRequest.model_validate(query, strict=False), body
-        except ValidationError as err:
-            raise InvalidBody(validation_items(err.errors(), ("query",))) from None
+def _query_fields(query: dict[str, str]) -> PredictRequest:
+    extra = sorted(set(query) - set(_NPY_QUERY))
+    if extra:
+        raise InvalidBody([{"loc": ["query", k], "msg": f"unknown query parameter; a predict request takes "
+                            f"{', '.join(_NPY_QUERY)}", "type": "extra_forbidden"} for k in extra])
+    try:  # query values are strings by nature: parsed (not strict), still finite and in range
+        return PredictRequest.model_validate(query, strict=False)
+    except ValidationError as err:
+        raise InvalidBody(validation_items(err.errors(), ("query",))) from None
+
+
+def parse_body(body: bytes, content_type: str | None, query: dict[str, str],
+               max_values: int | None = None) -> tuple[PredictRequest, bytes | None]:
+    """A predict body -> (request, raw .npy bytes or None). JSON is parsed strictly (no coercion),
+    after its nesting depth and value count are checked on the bytes (``max_values``); the
+    policy fields may come from the query string (an ``application/x-npy`` body's only place)."""
+    mt = check_media_type(content_type)
+    from_query = _query_fields(query) if query else None
+    if mt == NPY:
+        return from_query or PredictRequest(), body
+    check_json_shape(body, max_values=max_values)
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         pos = getattr(err, "pos", None)
         raise InvalidBody([{"loc": ["body"] if pos is None else ["body", pos],
                             "msg": f"JSON decode error: {err}", "type": "json_invalid"}]) from None
@@ -170,9 +187,17 @@ def parse_body(body: bytes, content_type: str | None, query: dict[str, str]) -> 
         raise InvalidBody([{"loc": ["body"], "msg": f"the body must be a JSON object (a dict with inputs, "
                             f"policy, ...), got a JSON {type(obj).__name__}", "type": "model_type"}])
     try:
-        return PredictRequest.model_validate(obj), None
+        req = PredictRequest.model_validate(obj)
     except ValidationError as err:
         raise InvalidBody(validation_items(err.errors(), ("body",))) from None
+    if from_query is None:
+        return req, None
+    given = from_query.model_dump(exclude_unset=True)
+    both = sorted(set(given) & req.model_fields_set)
+    if both:
+        raise InvalidBody([{"loc": ["query", k], "msg": f"{k} is given in both the body and the query string; give "
+                            "it once", "type": "duplicate_field"} for k in both])
+    return req.model_copy(update=given), None
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -187,6 +212,7 @@ class ClientModels:
         self.service = ModelService(cfg)
         _LIMITS["max_body_bytes"] = cfg.max_body_bytes
         self._schema: dict[str, Any] | None = None
+        self._max_values = cfg.max_batch * math.prod(self.service.spec.shape) + 64  # + the other fields
 
         async def load(model_id: str) -> torch.nn.Module:  # client id -> personal model (cache miss)
             return await asyncio.to_thread(self.service.load_model, int(model_id))
@@ -213,15 +239,28 @@ class ClientModels:
                                     batch_wait_timeout_s=cfg.batch_wait_ms / 1000)(run)
 
     async def _predict(self, client_id: int, req: PredictRequest, x: torch.Tensor | None = None) -> Answer:
+        t0 = time.perf_counter()
         svc = self.service
         x, key = svc.validate(client_id, req, x)
-        policy = svc.cached_policy(client_id, key)
-        if policy is None:  # first use of this (client, policy): may calibrate or load a file
-            model = await self.get_model(str(client_id))
-            policy = await asyncio.to_thread(svc.policy, client_id, key, model)
-        out = await self._batched(Job(client_id, x, key, policy, req.return_probs, svc.public_policy(policy)))
+        slo_ms = None
+        if key[0] == SLO:  # the client's controller picks the threshold
+            slo_ms = float(dict(key[1])["latency_slo_ms"])
+            if svc.cached_controller(client_id, slo_ms) is None:  # first use: the client's val curve
+                model = await self.get_model(str(client_id))
+                await asyncio.to_thread(svc.controller, client_id, slo_ms, model)
+                t0 = time.perf_counter()  # its one-time set-up is not load for the controller to react to
+            key, policy, shown = svc.slo_policy(client_id, slo_ms, time.perf_counter())
+        else:
+            policy = svc.cached_policy(client_id, key)
+            if policy is None:  # first use of this (client, policy): may calibrate or load a file
+                model = await self.get_model(str(client_id))
+                policy = await asyncio.to_thread(svc.policy, client_id, key, model)
+            shown = svc.public_policy(policy)
+        job = Job(client_id, x, key, policy, req.return_probs, shown, t0, slo_ms)
+        out = await self._batched(job)
         if isinstance(out, Exception):
             raise out
+        svc.finish(job, out, time.perf_counter() - t0)
         return out
 
     # ------------------------------------------------------------------ HTTP
@@ -236,19 +275,21 @@ class ClientModels:
         if header is not None and header != str(client_id):
             raise ClientMismatch(f"URL names client {client_id} but header {MODEL_ID_HEADER} is {header!r}")
         req, npy = parse_body(await request.body(), request.headers.get("content-type"),
-                              dict(request.query_params))
+                              dict(request.query_params), self._max_values)
         x = None
         if npy is not None:
             self.service.check_client(client_id)
             x = decode_npy(npy, self.service.spec, self.cfg.max_batch)
-        elif request.query_params:
-            raise InvalidInput(f"a {JSON} request takes no query parameters (got "
-                               f"{', '.join(sorted(request.query_params))}); put them in the body",
-                               loc=("query",))
         out = await self._predict(client_id, req, x)
         return Response(out.json_bytes(), media_type=JSON)
 
-    @api.get("/v1/clients", response_model=ClientsResponse)
+    @api.get("/v1/stats", response_model=StatsResponse, responses=_GET_ERRORS)
+    async def http_stats(self) -> StatsResponse:
+        """Requests, latency percentiles, MACs per sample and implied accuracy, per client and overall,
+        and each latency-SLO controller's operating point (this replica's)."""
+        return self.stats()
+
+    @api.get("/v1/clients", response_model=ClientsResponse, responses=_GET_ERRORS)
     async def http_clients(self) -> ClientsResponse:
         """Client ids and their simulated device profiles."""
         return self.service.clients()
@@ -258,12 +299,12 @@ class ClientModels:
         """Input shape, exits, MACs per exit and this client's per-exit test accuracy."""
         return self.service.client_detail(client_id)
 
-    @api.get("/v1/policies", response_model=PoliciesResponse)
+    @api.get("/v1/policies", response_model=PoliciesResponse, responses=_GET_ERRORS)
     async def http_policies(self) -> PoliciesResponse:
         """Exit policies a request may name, and the server's defaults."""
         return self.service.policies()
 
-    @api.get("/healthz", response_model=Health)
+    @api.get("/healthz", response_model=Health, responses=_GET_ERRORS)
     async def http_health(self) -> Health:
         return self.service.health()
 
@@ -301,15 +342,61 @@ class ClientModels:
     async def health(self) -> Health:
         return self.service.health()
 
+    def stats(self) -> StatsResponse:
+        """``GET /v1/stats``, also a handle call: ``handle.stats.remote()``."""
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (tests, scripts)
+            replica = "local"
+        return self.service.stats_snapshot(str(replica))
+
+
+GRACEFUL_SHUTDOWN_S = 2.0  # a stopping replica finishes its requests for this long (Serve's default: 20 s)
+
 
 def build_app(cfg: ServeConfig):  # noqa: ANN201 - a ray.serve Application
-    """The Serve application for ``cfg`` (not started): ``serve.run(build_app(cfg))``."""
+    """The Serve application for ``cfg`` (not started): ``serve.run(build_app(cfg))``.
+
+    ``cfg.autoscale`` (min, max) replaces the fixed ``replicas`` with Serve's autoscaling on
+    ongoing requests per replica (``target_ongoing_requests``): queue length, which is what a
+    latency target is sensitive to."""
+    scale: dict[str, Any] = {"num_replicas": cfg.replicas}
+    if cfg.autoscale is not None:
+        lo, hi = cfg.autoscale
+        scale = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+                                        "target_ongoing_requests": cfg.target_ongoing_requests,
+                                        "upscale_delay_s": 3.0, "downscale_delay_s": 30.0}}
     return ClientModels.options(
-        num_replicas=cfg.replicas,
+        **scale,
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.replica_cpus},
         logging_config={"enable_access_log": cfg.access_log},
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+        graceful_shutdown_wait_loop_s=0.5,
     ).bind(cfg)
+
+
+def stop(app_name: str, own_ray: bool, timeout_s: float = 2.0) -> None:
+    """Stop serving within a few seconds: on a cluster, delete only ``app_name``; on the local Ray
+    this process started, give Serve ``timeout_s`` to stop gracefully, then end Ray and every
+    process of its session (Serve's own shutdown waits up to 30 s for its controller)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if not own_ray:
+        serve.delete(app_name)
+        return
+    from ray.serve.context import _get_global_client
+
+    from cafe_ray.sim.engine import shutdown_ray_if_started
+
+    try:
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is not None:
+            client.shutdown(timeout_s=timeout_s)
+    finally:
+        shutdown_ray_if_started()
 
 
 class ProxyConflict(ValueError):

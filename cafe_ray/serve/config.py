@@ -22,11 +22,16 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # request body limit, checked before parsing (HTTP 413)
     batch_max_requests: int = Field(16, ge=1)  # serve.batch: requests merged into one model call
     batch_wait_ms: float = Field(2.0, ge=0)  # serve.batch: wait this long for a batch to fill
+    batch_max_samples: int = Field(128, ge=1)  # most samples of one client model merged into one forward pass
     max_models_per_replica: int = Field(8, ge=1)  # serve.multiplexed LRU: client models kept per replica
     max_ongoing_requests: int = Field(64, ge=1)  # per replica; raised to batch_max_requests if lower
     default_policy: str = "threshold"  # policy of a request that names none
     default_threshold: float = Field(0.6, ge=0, le=1)  # threshold of a threshold request that gives none
     default_max_entropy: float = Field(0.5, ge=0)  # max entropy (nats) of an entropy request that gives none
+    latency_slo_ms: float | None = Field(None, gt=0)  # p99 target of requests that name no policy (SLO control)
+    max_accuracy_drop: float = Field(1.0, ge=0, le=100)  # SLO floor: points of val accuracy below full depth
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled on ongoing requests; None: `replicas`
+    target_ongoing_requests: float = Field(2.0, gt=0)  # autoscaling: ongoing requests per replica to aim for
     learned: str | None = None  # learned policy: NAME.safetensors, a folder with policy.*, or a
     #                             `policy train --per-client` folder (client_<ID>/policy.*)
     access_log: bool = True  # Serve's per-request access log lines (replica; proxy when Serve starts here)
@@ -43,6 +48,13 @@ class ServeConfig(BaseModel):
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {v!r}")
+        return v
+
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] <= v[1] or v is not None and v[1] < 1:
+            raise ValueError(f"autoscale is MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, got {v[0]}:{v[1]}")
         return v
 
     @model_validator(mode="after")

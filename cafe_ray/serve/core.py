@@ -13,6 +13,7 @@ messages say what was wrong, the value, and what is accepted.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ POLICY_FIELDS: dict[str, frozenset[str]] = {
     "learned": frozenset({"mac_budget"}),
 }
 _REQUEST_POLICY_FIELDS = ("threshold", "max_entropy", "mac_budget")
+SLO = "slo"  # the key of a request under latency-SLO control: the controller picks its threshold
 
 
 # ---------------------------------------------------------------------------- errors
@@ -90,6 +92,16 @@ class BodyTooLarge(RequestError):
     status_code = 413
     loc = ("body",)
     kind = "body_too_large"
+
+
+class TooManyValues(BodyTooLarge):
+    kind = "too_many_values"
+
+
+class BodyTooDeep(RequestError):
+    status_code = 422
+    loc = ("body",)
+    kind = "json_too_deep"
 
 
 class UnsupportedMediaType(RequestError):
@@ -253,6 +265,7 @@ class PolicyDefaults:
     policy: str = "threshold"
     threshold: float = 0.6
     max_entropy: float = 0.5
+    latency_slo_ms: float | None = None  # SLO control of requests that name no policy and no parameter
 
 
 def policy_request(req: PredictRequest, defaults: PolicyDefaults,
@@ -261,14 +274,26 @@ def policy_request(req: PredictRequest, defaults: PolicyDefaults,
 
     ``params`` are what the policy is built with: ``threshold`` / ``max_entropy`` (defaults
     filled in), ``budget`` (MACs per sample; for ``budget`` the request's ``mac_budget`` or else
-    ``profile_budget``, the client's device profile budget) or nothing.
+    ``profile_budget``, the client's device profile budget) or nothing. A request with
+    ``latency_slo_ms`` (or, on a server with a default SLO, one that names no policy and no
+    parameter) gets the key ``("slo", (("latency_slo_ms", ms),))``: its threshold is the SLO
+    controller's to pick.
     """
+    given = [f for f in _REQUEST_POLICY_FIELDS if getattr(req, f) is not None]
+    if req.latency_slo_ms is not None:
+        if req.policy not in (None, "threshold") or given:
+            raise InvalidPolicy("latency_slo_ms: the server picks the exit threshold that meets it, so give it with "
+                                "policy threshold (or no policy) and without "
+                                f"{', '.join(given) if given else 'another policy'}", loc=("body", "latency_slo_ms"))
+        return SLO, (("latency_slo_ms", float(req.latency_slo_ms)),)
+    if req.policy is None and not given and defaults.latency_slo_ms is not None:
+        return SLO, (("latency_slo_ms", float(defaults.latency_slo_ms)),)
     name = req.policy or defaults.policy
     names = policy_names()
     if name not in names:
         raise InvalidPolicy(f"policy: unknown policy {name!r}; available: {', '.join(names)}")
     takes = POLICY_FIELDS.get(name, frozenset())
-    extra = [f for f in _REQUEST_POLICY_FIELDS if getattr(req, f) is not None and f not in takes]
+    extra = [f for f in given if f not in takes]
     if extra:
         hint = f"it takes {', '.join(sorted(takes))}" if takes else "it takes no parameters"
         raise InvalidPolicy(f"{', '.join(extra)} does not apply to policy {name!r} ({hint})")
@@ -330,14 +355,27 @@ class Job:
     policy: ExitPolicy
     return_probs: bool = False
     described: dict[str, Any] | None = None  # the policy as answers show it (default: policy.describe())
+    t0: float = 0.0  # time.perf_counter() when the replica took the request (queueing delay, latency)
+    slo_ms: float | None = None  # the latency target whose controller chose the policy, if any
 
 
-def group_jobs(jobs: Sequence[Job]) -> list[list[int]]:
-    """Indices of ``jobs`` grouped by (client, policy key), in order of first appearance."""
-    groups: dict[tuple[int, PolicyKey], list[int]] = {}
+def group_jobs(jobs: Sequence[Job], max_samples: int | None = None) -> list[list[int]]:
+    """Indices of ``jobs`` grouped by (client, policy key), in order of first appearance; with
+    ``max_samples``, a group is closed once adding a job would pass that many samples (a job
+    larger than it runs alone). On CPU a forward pass over very large merged batches costs more
+    per sample (activations leave the cache; docs/serving.md)."""
+    groups: dict[tuple[int, PolicyKey], list[list[int]]] = {}
+    sizes: dict[tuple[int, PolicyKey], int] = {}
+    order: list[list[int]] = []
     for i, j in enumerate(jobs):
-        groups.setdefault((j.client_id, j.key), []).append(i)
-    return list(groups.values())
+        key, n = (j.client_id, j.key), int(j.x.shape[0])
+        if key not in groups or (max_samples is not None and sizes[key] + n > max_samples and sizes[key] > 0):
+            groups.setdefault(key, []).append([])
+            order.append(groups[key][-1])
+            sizes[key] = 0
+        groups[key][-1].append(i)
+        sizes[key] += n
+    return order
 
 
 @dataclass(frozen=True)
@@ -351,6 +389,7 @@ class Answer:
     num_exits: int
     full_macs: int
     return_probs: bool
+    queue_s: float = 0.0  # how long its job waited in the replica before its model call
 
     def to_dict(self) -> dict[str, Any]:
         p = self.pred
@@ -392,31 +431,54 @@ def prepare_model(model: EarlyExitNet) -> EarlyExitNet:
     return model.eval()
 
 
-def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[Answer]:
-    """Jobs of one client and one policy key: one early-exit forward over all their samples."""
+def run_group(model: EarlyExitNet, jobs: Sequence[Job], cost: ExitCost) -> list[Answer | Exception]:
+    """Jobs of one client and one policy key: one early-exit forward over all their samples.
+
+    Finite inputs can still overflow the model (1e30 pixels: GroupNorm's variance is inf, the
+    logits NaN); such a job gets :class:`InvalidInput` naming its samples, the others their answers.
+    """
     x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
     pred = predict_batch(model, x, jobs[0].policy, cost)
-    out, a = [], 0
+    finite = torch.isfinite(pred.probs).all(dim=1)
+    out: list[Answer | Exception] = []
+    a = 0
     for j in jobs:
         b = a + j.x.shape[0]
-        out.append(Answer(j.client_id, j.described if j.described is not None else j.policy.describe(),
-                          _slice(pred, a, b), cost.num_exits, int(cost.cascade[-1]), j.return_probs))
+        bad = (~finite[a:b]).nonzero(as_tuple=True)[0]
+        if bad.numel():
+            out.append(InvalidInput(
+                f"inputs: {bad.numel()} sample(s) (the first at index {int(bad[0])}) drive the model's outputs to "
+                "NaN or infinity: their values are far outside what it was trained on; send inputs on the "
+                "training data's scale"))
+        else:
+            out.append(Answer(j.client_id, j.described if j.described is not None else j.policy.describe(),
+                              _slice(pred, a, b), cost.num_exits, int(cost.cascade[-1]), j.return_probs))
         a = b
     return out
 
 
+GroupObserver = Callable[[Sequence[Job], Sequence["Answer | Exception"], float], None]
+
+
 def run_jobs(jobs: Sequence[Job], model: Callable[[int], EarlyExitNet] | Mapping[int, EarlyExitNet],
-             cost: ExitCost) -> list[Answer | Exception]:
+             cost: ExitCost, on_group: GroupObserver | None = None, max_samples: int | None = None,
+             ) -> list[Answer | Exception]:
     """Answer a batch of jobs, aligned with ``jobs``; a group that fails yields its exception for
-    each of its jobs and leaves the other groups' answers intact."""
+    each of its jobs and leaves the other groups' answers intact. ``on_group(jobs, answers,
+    seconds)`` is told each group's model call and how long it took (the SLO service model);
+    ``max_samples`` caps the samples of one model call (:func:`group_jobs`)."""
     get = model.__getitem__ if isinstance(model, Mapping) else model
     out: list[Answer | Exception] = [RuntimeError("unanswered")] * len(jobs)
-    for idx in group_jobs(jobs):
+    for idx in group_jobs(jobs, max_samples):
         group = [jobs[i] for i in idx]
+        t0 = time.perf_counter()
         try:
             answers: list[Answer | Exception] = list(run_group(get(group[0].client_id), group, cost))
         except Exception as err:  # noqa: BLE001 - reported to each request of the group
             answers = [err] * len(group)
+        else:
+            if on_group is not None:
+                on_group(group, answers, time.perf_counter() - t0)
         for i, a in zip(idx, answers, strict=True):
             out[i] = a
     return out

@@ -44,6 +44,11 @@ class PredictRequest(BaseModel):
         "policy=learned: an RL policy's budget_left feature sees it; a `policy fit` policy is calibrated "
         "on the client's val split to it (default: its saved operating point)."))
     return_probs: bool = Field(False, description="Also return the class probabilities at the exit taken.")
+    latency_slo_ms: float | None = Field(None, gt=0, le=3_600_000, description=(
+        "A p99 latency target for this client's requests: the server moves the exit threshold along the "
+        "client's validation accuracy-vs-MACs curve so that its p99 stays under it, never below the server's "
+        "accuracy floor, and back toward full depth when load drops. Only with policy threshold (or none) and "
+        "no threshold. Default: the server's --latency-slo-ms for requests that name no policy."))
 
 
 class ErrorItem(BaseModel):
@@ -117,6 +122,44 @@ class PoliciesResponse(BaseModel):
     defaults: dict[str, Any] = Field(description="Parameters used when a request gives none.")
     learned: str | None = Field(description="The learned policy the server was started with, if any: its "
                                             "name relative to the run directory (or its file name).")
+
+
+class LatencyStats(BaseModel):
+    requests: int = Field(description="Requests answered since the replica started.")
+    samples: int
+    p50_ms: float | None = Field(description="Over the most recent requests (a window of up to 4,096).")
+    p95_ms: float | None
+    p99_ms: float | None
+    queue_p99_ms: float | None = Field(description="p99 of the time a request waited before its model call.")
+    mean_macs: float | None = Field(description="Mean MACs per sample over the recent window.")
+    implied_accuracy: float | None = Field(description="Validation accuracy implied by the operating points the "
+                                                       "recent samples ran at (threshold, full and SLO requests; "
+                                                       "null when none of those).")
+
+
+class OperatingPointInfo(BaseModel):
+    latency_slo_ms: float
+    index: int = Field(description="0: the most accurate point (full depth or a threshold as accurate); higher: "
+                                   "cheaper.")
+    points: int = Field(description="Points on this client's curve above the accuracy floor.")
+    threshold: float | None = Field(description="Exit threshold now in use (null: full depth).")
+    val_accuracy: float = Field(description="The client's validation accuracy at this point.")
+    macs_per_sample: float = Field(description="Mean MACs per sample at this point on the validation split.")
+    moves: int = Field(description="Moves since the controller started.")
+
+
+class ClientStats(LatencyStats):
+    client_id: int
+    operating_points: list[OperatingPointInfo] = Field(description="One per latency target in use.")
+
+
+class StatsResponse(BaseModel):
+    replica: str = Field(description="The replica that answered (each replica counts its own requests).")
+    uptime_s: float
+    overall: LatencyStats
+    clients: list[ClientStats]
+    stage_ms_per_sample: list[float] | None = Field(description="The replica's estimate of each stage's (and exit "
+                                                                "head's) service time per sample.")
 
 
 class Health(BaseModel):

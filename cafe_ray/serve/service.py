@@ -8,12 +8,15 @@ use one directly (``ModelService(ServeConfig(run_dir=...)).predict(3, request)``
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from cafe_ray.inference.policies import ExitPolicy, available_policies, build_policy
@@ -21,6 +24,7 @@ from cafe_ray.models import EarlyExitNet
 from cafe_ray.runs import RunArtifacts
 from cafe_ray.serve.config import ServeConfig
 from cafe_ray.serve.core import (
+    SLO,
     Answer,
     InputSpec,
     InvalidPolicy,
@@ -38,18 +42,39 @@ from cafe_ray.serve.core import (
 from cafe_ray.serve.schemas import (
     ClientDetail,
     ClientsResponse,
+    ClientStats,
     ClientSummary,
     ExitInfo,
     Health,
+    LatencyStats,
     PoliciesResponse,
     PredictRequest,
     PredictResponse,
+    StatsResponse,
 )
+from cafe_ray.serve.slo import ServiceModel, SloController, curve_point, threshold_curve
+from cafe_ray.serve.stats import ServeStats
 
 if TYPE_CHECKING:
     from cafe_ray.inference.cascade import CascadePolicy
 
 POLICY_CACHE = 256  # built policies kept per replica (a calibrated budget policy costs a forward pass)
+SLO_CONTROLLERS = 256  # (client, latency target) controllers kept per replica
+
+
+def stage_seconds(model: EarlyExitNet, x: torch.Tensor, repeats: int = 3) -> list[float]:
+    """Seconds per sample of each stage and its exit head on ``x`` (best of ``repeats``): the SLO
+    service model's prior, timed once by the replica on its own CPU."""
+    best = np.full(model.num_exits, np.inf)
+    with torch.no_grad():
+        for _ in range(repeats):
+            h = x
+            for k in range(model.num_exits):
+                t0 = time.perf_counter()
+                h = model.stages[k](h)
+                model.exits[k](h)
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return (best / max(x.shape[0], 1)).tolist()
 
 
 def learned_paths(path: str | Path | None) -> Path | dict[int, Path] | None:
@@ -86,11 +111,19 @@ class ModelService:
         self.classes = [str(c) for c in ds.classes] or [str(i) for i in range(self.num_classes)]
         self.client_ids = list(self.run.client_ids)
         self._clients = set(self.client_ids)
-        self.defaults = PolicyDefaults(cfg.default_policy, cfg.default_threshold, cfg.default_max_entropy)
+        self.defaults = PolicyDefaults(cfg.default_policy, cfg.default_threshold, cfg.default_max_entropy,
+                                       cfg.latency_slo_ms)
         self.learned = learned_paths(cfg.learned)
         self._accuracy = self.run.last_eval()
         self._lock = threading.Lock()  # RunArtifacts and the policy cache are not thread-safe
         self._policies: OrderedDict[tuple[int, PolicyKey], ExitPolicy] = OrderedDict()
+        self.stats = ServeStats()
+        self.started = time.monotonic()
+        self._scores: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # client -> val (max prob, correct) per exit
+        self._implied: dict[tuple[int, PolicyKey], float] = {}  # val accuracy of a threshold / full key
+        self._slo_lock = threading.Lock()  # controllers and the service model (event loop + model thread)
+        self._controllers: OrderedDict[tuple[int, float], SloController] = OrderedDict()
+        self.service_model: ServiceModel | None = None
 
     # ------------------------------------------------------------------ clients
     def check_client(self, client_id: int) -> None:
@@ -207,6 +240,10 @@ class ModelService:
         if hit is not None:
             return hit
         pol = self._build_policy(client_id, key, model)
+        if key[0] in ("threshold", "full"):
+            t = dict(key[1]).get("threshold")
+            self._implied[(client_id, key)] = curve_point(*self.val_scores(client_id, model), self.cost.cascade,
+                                                          None if t is None else float(t)).accuracy
         with self._lock:
             self._policies[(client_id, key)] = pol
             while len(self._policies) > POLICY_CACHE:
@@ -271,22 +308,141 @@ class ModelService:
         lam, _ = own.calibrate(ExitTrace.from_model(model, x_val, y_val, self.cost), budget)
         return own.with_lam(lam)
 
+    # ------------------------------------------------------------------ latency SLO
+    def val_scores(self, client_id: int, model: EarlyExitNet) -> tuple[np.ndarray, np.ndarray]:
+        """(max softmax probability, answer right) per val sample and exit: the client's curve."""
+        hit = self._scores.get(client_id)
+        if hit is not None:
+            return hit
+        from cafe_ray.inference.trace import ExitTrace
+
+        with self._lock:
+            x_val, y_val = self.run.client_data(client_id, "val")
+        if x_val.shape[0] == 0:
+            raise InvalidPolicy(f"client {client_id} has no val samples to measure its accuracy-vs-MACs curve on "
+                                "(latency_slo_ms needs one); train the run with data.val_fraction > 0")
+        tr = ExitTrace.from_model(model, x_val, y_val, self.cost)
+        z = tr.logits - tr.logits.max(axis=2, keepdims=True)
+        p = np.exp(z)
+        scores = ((p.max(axis=2) / p.sum(axis=2)), tr.logits.argmax(axis=2) == tr.labels[:, None])
+        self._scores[client_id] = scores
+        return scores
+
+    def cached_controller(self, client_id: int, slo_ms: float) -> SloController | None:
+        with self._slo_lock:
+            return self._controllers.get((client_id, slo_ms))
+
+    def controller(self, client_id: int, slo_ms: float, model: EarlyExitNet) -> SloController:
+        """The (client, target) controller, made on first use: the client's val curve above the
+        floor, and (once per replica) the stages timed for the service model's prior."""
+        hit = self.cached_controller(client_id, slo_ms)
+        if hit is not None:
+            return hit
+        mp, ok = self.val_scores(client_id, model)
+        points = threshold_curve(mp, ok, self.cost.cascade, max_accuracy_drop=self.cfg.max_accuracy_drop / 100)
+        if self.service_model is None:
+            with self._lock:
+                x_val, _ = self.run.client_data(client_id, "val")
+            sm = ServiceModel(stage_seconds(model, x_val[:64]))
+        with self._slo_lock:
+            if self.service_model is None:
+                self.service_model = sm
+            ctl = self._controllers.setdefault((client_id, slo_ms), SloController(points, slo_ms / 1000,
+                                                                                   self.service_model))
+            while len(self._controllers) > SLO_CONTROLLERS:
+                self._controllers.popitem(last=False)
+            return ctl
+
+    def slo_policy(self, client_id: int, slo_ms: float, now: float) -> tuple[PolicyKey, ExitPolicy, dict[str, Any]]:
+        """The policy the (existing) controller picks now: its key, the policy, how answers show it."""
+        with self._slo_lock:
+            ctl = self._controllers[(client_id, slo_ms)]
+            ctl.update(now)
+            idx, pt = ctl.index, ctl.point
+        key: PolicyKey = ("full", ()) if pt.threshold is None else ("threshold", (("threshold", pt.threshold),))
+        pol = self.cached_policy(client_id, key)
+        if pol is None:
+            pol = build_policy(key[0], **dict(key[1]))
+            with self._lock:
+                self._policies[(client_id, key)] = pol
+        shown = {**pol.describe(), "latency_slo_ms": slo_ms, "operating_point": idx,
+                 "val_accuracy": pt.accuracy}
+        return key, pol, shown
+
+    def observe_group(self, jobs: Sequence[Job], answers: Sequence[Answer | Exception], seconds: float) -> None:
+        """One model call, for the service model: how many samples ran each stage, and how long."""
+        if self.service_model is None:
+            return
+        ran = np.zeros(self.cost.num_exits)
+        for a in answers:
+            if isinstance(a, Answer):
+                ran += np.bincount(a.pred.exits.numpy(), minlength=self.cost.num_exits)[::-1].cumsum()[::-1]
+        if ran[0] > 0:
+            with self._slo_lock:
+                self.service_model.observe(ran, seconds)
+
+    def finish(self, job: Job, answer: Answer, latency_s: float) -> None:
+        """A request answered: into the stats, and to its SLO controller."""
+        n = int(answer.pred.macs.shape[0])
+        if job.slo_ms is not None:
+            acc = (job.described or {}).get("val_accuracy")
+            with self._slo_lock:
+                ctl = self._controllers.get((job.client_id, job.slo_ms))
+                if ctl is not None:
+                    ctl.observe(time.perf_counter(), latency_s, answer.queue_s, n)
+        else:
+            acc = self._implied.get((job.client_id, job.key))
+        self.stats.record(job.client_id, latency_s, answer.queue_s, n, float(answer.pred.macs.sum()), acc)
+
+    def stats_snapshot(self, replica: str) -> StatsResponse:
+        overall, clients = self.stats.snapshot()
+        with self._slo_lock:
+            ops: dict[int, list[dict[str, Any]]] = {}
+            for (cid, slo_ms), c in self._controllers.items():
+                ops.setdefault(cid, []).append({"latency_slo_ms": slo_ms, "index": c.index, "points": len(c.points),
+                                                "moves": c.moves, **c.point.describe()})
+            stage = None if self.service_model is None else (self.service_model.coef[1:] * 1e3).tolist()
+        rows = [ClientStats(client_id=cid, operating_points=ops.get(cid, []), **s) for cid, s in clients.items()]
+        rows += [ClientStats(client_id=cid, operating_points=o, **self.stats.empty()) for cid, o in sorted(ops.items())
+                 if cid not in clients]
+        return StatsResponse(replica=replica, uptime_s=time.monotonic() - self.started, overall=LatencyStats(**overall),
+                             clients=sorted(rows, key=lambda r: r.client_id), stage_ms_per_sample=stage)
+
     def job(self, client_id: int, req: PredictRequest, model: EarlyExitNet,
             validated: tuple[Any, PolicyKey] | None = None) -> Job:
         x, key = validated or self.validate(client_id, req)
+        if key[0] == SLO:
+            slo_ms = float(dict(key[1])["latency_slo_ms"])
+            self.controller(client_id, slo_ms, model)
+            key, pol, shown = self.slo_policy(client_id, slo_ms, time.perf_counter())
+            return Job(client_id, x, key, pol, req.return_probs, shown, time.perf_counter(), slo_ms)
         pol = self.policy(client_id, key, model)
-        return Job(client_id, x, key, pol, req.return_probs, self.public_policy(pol))
+        return Job(client_id, x, key, pol, req.return_probs, self.public_policy(pol), time.perf_counter())
 
     def run_jobs(self, jobs: Sequence[Job], models: Mapping[int, EarlyExitNet] | Callable[[int], EarlyExitNet],
                  ) -> list[Answer | Exception]:
-        return run_jobs(jobs, models, self.cost)
+        """Answer a batch; each answer carries how long its job waited before its model call."""
+        queued: dict[int, float] = {}
+
+        def on_group(group: Sequence[Job], answers: Sequence[Answer | Exception], seconds: float) -> None:
+            start = time.perf_counter() - seconds
+            for j in group:
+                queued[id(j)] = max(start - j.t0, 0.0) if j.t0 else 0.0
+            self.observe_group(group, answers, seconds)
+
+        out = run_jobs(jobs, models, self.cost, on_group, self.cfg.batch_max_samples)
+        return [dataclasses.replace(a, queue_s=queued.get(id(j), 0.0)) if isinstance(a, Answer) else a
+                for j, a in zip(jobs, out, strict=True)]
 
     def predict(self, client_id: int, req: PredictRequest | dict[str, Any]) -> PredictResponse:
         """One request end to end, in this process (no Ray, no batching, no model cache)."""
         req = req if isinstance(req, PredictRequest) else PredictRequest.model_validate(req)
         validated = self.validate(client_id, req)
         model = self.load_model(client_id)
-        (out,) = self.run_jobs([self.job(client_id, req, model, validated)], {client_id: model})
+        t0 = time.perf_counter()
+        job = self.job(client_id, req, model, validated)
+        (out,) = self.run_jobs([job], {client_id: model})
         if isinstance(out, Exception):
             raise out
+        self.finish(job, out, time.perf_counter() - t0)
         return out.response()

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cafe_ray.config import ExperimentConfig
 from cafe_ray.sim.profiles import ResourceClass, check_fits
 
 Report = Callable[[str], None]
@@ -190,13 +189,3 @@ def grow_plan(current: dict[str, int], wanted: Sequence[ResourceClass],
                 left[r] = left.get(r, 0.0) - v
             add[c.name] = add.get(c.name, 0) + 1
     return add
-
-
-def scale_for_config(cfg: ExperimentConfig, report: Report | None = None) -> dict[str, float]:
-    """:func:`scale_for` with the pools of ``cfg``'s device catalog (the driver calls it
-    before starting the coordinator, so that the wait is shown where the user looks)."""
-    from cafe_ray.sim.profiles import resolve_catalog
-
-    if cfg.executor == "sequential":
-        return {}
-    return scale_for(resolve_catalog(cfg.profiles).classes, cfg.profiles.autoscale_timeout_s, report)

@@ -32,6 +32,7 @@ from cafe_ray.sim.errors import (  # noqa: F401 - RunFailed, RunInterrupted: re-
     one_line,
     unwrap,
 )
+from cafe_ray.sim.plan import RunPlan
 from cafe_ray.sim.preflight import PreflightReport
 
 if TYPE_CHECKING:  # imported where used: the driver of a Ray run never imports torch (start-up)
@@ -58,12 +59,13 @@ class Coordinator:
     the data or creating the pools then reaches the driver as the task's own
     exception (``RayTaskError.cause``), not as an opaque "actor died" error.
     Warnings raised here go to the run's warnings.jsonl, which the driver follows.
-    ``data_refs``: [dataset ref, splits ref] the driver put (what its preflight loaded and
-    partitioned); without them the coordinator loads and partitions the data itself.
+    ``plan``: the run as the driver resolved it, without its arrays; ``data_refs``:
+    [dataset ref, splits ref] the driver put (what its preflight loaded and partitioned);
+    without them the coordinator loads and partitions the data itself.
     """
 
-    def __init__(self, cfg_json: str, run_dir: str, resume: bool, data_refs: list | None = None) -> None:
-        self.cfg = ExperimentConfig.model_validate_json(cfg_json)
+    def __init__(self, plan: RunPlan, run_dir: str, resume: bool, data_refs: list | None = None) -> None:
+        self.plan, self.cfg = plan, plan.cfg
         self.run_dir, self.resume = run_dir, resume
         self.data_refs = data_refs
         self.sim: Simulation | None = None
@@ -81,7 +83,8 @@ class Coordinator:
         refs, self.data_refs = self.data_refs, None
         factory = _ray_factory if refs is None else functools.partial(_ray_factory, data_refs=refs)
         data = None if refs is None else tuple(ray.get(refs))  # zero-copy views of the driver's put
-        self.sim = Simulation(self.cfg, self.run_dir, factory, resume=self.resume, data=data)
+        self.sim = Simulation(self.plan.with_data(data), self.run_dir, factory, resume=self.resume)
+        del data
         from cafe_ray.sim.executor import freeze_heap
 
         freeze_heap()  # the round loop's garbage collections skip the coordinator's set-up
@@ -153,7 +156,7 @@ def ensure_ray(address: str | None, preload: bool = False) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        from cafe_ray.cluster.reach import check_reachable
+        from cafe_ray.sim.reach import check_reachable
 
         check_reachable(address)  # seconds, where ray.init would retry for minutes
         ray.init(address=address, log_to_driver=False)
@@ -193,28 +196,27 @@ def shutdown_ray(keep_ray: bool = False) -> None:
         watchdog.wait()
 
 
-def start(cfg: ExperimentConfig, run_dir: Path, resume: bool, address: str | None = None,  # noqa: ANN201
-          data: tuple | None = None):
+def start(plan: RunPlan | ExperimentConfig, run_dir: Path, resume: bool, address: str | None = None):  # noqa: ANN201
     """Start the coordinator actor; returns (actor handle, run() future).
 
     The coordinator runs on the driver's node: it needs no CPU, so Ray could otherwise
     place it on any worker node, and losing that node (a reclaimed spot instance, an
     autoscaler scale-down) would end the whole run instead of failing a few clients.
-    ``data``: (dataset, splits) already loaded here (by preflight): put in the object store
-    once and handed to the coordinator by reference, so it does not load them again.
+    ``plan``: the resolved run (a bare config is resolved here). Its dataset and splits, when
+    it holds them (preflight loaded them), are put in the object store once and handed to
+    the coordinator by reference, so it does not load them again; the rest of the plan
+    travels as the actor's argument.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ensure_ray(address)
-    refs = None
-    if data is not None:
-        from cafe_ray.sim.simulation import as_client_splits
-
-        refs = [ray.put(data[0]), ray.put(as_client_splits(data[1]))]
+    if not isinstance(plan, RunPlan):
+        plan = RunPlan.resolve(plan)
+    refs = [ray.put(plan.dataset), ray.put(plan.splits)] if plan.has_data else None
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=4, scheduling_strategy=here).remote(
-        cfg.model_dump_json(), str(run_dir.resolve()), resume, refs)  # refs in a list: passed, not resolved
+        plan.without_data(), str(run_dir.resolve()), resume, refs)  # refs in a list: passed, not resolved
     return actor, actor.run.remote()
 
 
@@ -242,10 +244,11 @@ def run_simulation(
 
         report = (preflight(cfg, address=address, keep_data=True) if resume_dir is None
                   else preflight(resume_config(resume_dir), address=address, run_dir=resume_dir, keep_data=True))
-    # what preflight loaded and partitioned (keep_data=True): the run reuses it, and the
-    # report lets go of it so that this process does not hold the data for the whole run
-    data, report.data = report.data, None
     cfg, run_dir, resume = prepare_run(cfg, resume_dir)
+    # the run as preflight resolved it (keep_data=True: with the data it loaded and partitioned);
+    # the report lets go of the data so that this process does not hold it for the whole run
+    plan = report.plan if report.plan is not None else RunPlan.resolve(cfg)
+    report.plan = plan.without_data()
     console.print(f"[bold]cafe-ray[/] {cfg.algorithm.name} on {cfg.data.name}: "
                   f"{cfg.data.num_clients} clients, {cfg.round.num_rounds} rounds -> {run_dir}")
     shown: set[str] = set()
@@ -262,8 +265,8 @@ def run_simulation(
 
             restore = rundir.capture_warnings(run_dir, "driver", echo=False)
             try:
-                sim = Simulation(cfg, run_dir, _sequential_factory, resume=resume, data=data)
-                data = None
+                sim = Simulation(plan, run_dir, _sequential_factory, resume=resume)
+                plan = plan.without_data()
                 summary = _follow_local(sim, console, show_progress, shown)
             finally:
                 restore()
@@ -273,9 +276,10 @@ def run_simulation(
             from cafe_ray.sim import autoscale
 
             ensure_ray(address, preload=True)  # first ask the autoscaler for the pools' nodes, showing the wait here
-            autoscale.scale_for_config(cfg, lambda msg: console.print(f"[yellow]{msg}[/]"))
-            actor, fut = start(cfg, run_dir, resume, address, data=data)
-            data = None  # in the object store now; the driver holds only the references
+            autoscale.scale_for(plan.classes, cfg.profiles.autoscale_timeout_s,
+                                lambda msg: console.print(f"[yellow]{msg}[/]"))
+            actor, fut = start(plan, run_dir, resume, address)
+            plan = plan.without_data()  # in the object store now; the driver holds only the references
             summary = _follow(actor, fut, cfg, console, show_progress, run_dir, shown)
             ray.kill(actor)
     except BaseException as err:  # noqa: BLE001 - Ctrl-C and SIGTERM included: say where it stopped

@@ -1,7 +1,8 @@
 """Check everything about an experiment that can be known without training, before Ray starts.
 
-(``simulate`` builds the model, the one check that needs torch, in a thread while Ray
-starts: ``model_in_background``; the run waits for it before creating anything.)
+(Whether the model fits the data is checked here, by the zoo's rules without torch;
+``simulate`` then builds the model, the one check that needs torch, in a thread while
+Ray starts: ``model_in_background``; the run waits for it before creating anything.)
 
 A mistake found here costs the user a few seconds and one line naming the field;
 the same mistake found inside the coordinator cost a Ray start-up and a long
@@ -11,9 +12,9 @@ traceback. ``cafe-ray simulate`` and ``cafe-ray validate`` both call
 Checked: the algorithm is registered, options set for another algorithm
 (warned), the device catalog and its class overrides, the dataset is present and
 readable, ``data.num_clients`` fits the data and the partition's constraints
-(the partition is computed exactly as the coordinator will), the model builds
-for the data, ``output_dir`` is writable (and how much disk it has), and the
-resource classes fit this machine when Ray would be started locally.
+(the partition is computed once, here, and the run reuses it), the model fits
+the data and builds for it, ``output_dir`` is writable (and how much disk it
+has), and the resource classes fit this machine when Ray would be started locally.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cafe_ray.config import ConfigError, ExperimentConfig
+from cafe_ray.models.inputs import check_inputs
+from cafe_ray.sim.plan import RunPlan, load_data
 
 LOW_DISK_BYTES = 200 * 2**20  # warn below this much free space in output_dir
 
@@ -42,9 +45,9 @@ class PreflightReport:
     free_bytes: int | None = None  # free disk in output_dir
     resources: dict[str, float] | None = None  # what the classes were checked against
     resources_source: str = ""  # "this machine" | "the connected cluster" | "not checked"
-    # (dataset, client splits) as loaded and partitioned here, kept with keep_data=True so the
-    # run reuses them instead of loading and partitioning the data a second time
-    data: tuple | None = field(default=None, repr=False, compare=False)
+    # the run as resolved here (catalog; with keep_data=True also the dataset and client splits
+    # loaded and partitioned here): the run reuses it instead of resolving the config again
+    plan: RunPlan | None = field(default=None, repr=False, compare=False)
     # the model check still running in a thread (preflight(..., model_in_background=True))
     pending: Future | None = field(default=None, repr=False, compare=False)
 
@@ -65,8 +68,9 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
     here is only a warning, and its resources are checked by the executor instead.
     ``create_output_dir=False`` leaves no folder behind (``cafe-ray validate``).
     ``run_dir``: resuming this run directory, which must be writable (not output_dir).
-    ``keep_data=True``: keep the loaded dataset and its splits in ``report.data`` for
-    :func:`cafe_ray.sim.engine.run_simulation`, which then does not load them again.
+    ``report.plan`` is the run resolved once (:class:`~cafe_ray.sim.plan.RunPlan`), for
+    :func:`cafe_ray.sim.engine.run_simulation`; ``keep_data=True`` keeps the loaded dataset
+    and its splits in it, so the run does not load and partition them again.
     ``model_in_background=True``: build the model (which imports torch, about 1 s) in a
     thread while the caller starts Ray; the caller must call ``report.finish()`` before
     the run starts (``run_simulation`` does), which raises the model's ConfigError.
@@ -80,15 +84,17 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
     if report.free_bytes is not None and report.free_bytes < LOW_DISK_BYTES:
         report.warnings.append(f"output_dir={target}: only {report.free_bytes / 2**20:.0f} MiB free; "
                                "a run writes checkpoints and client states there")
+    data = None
     if check_data:
         try:
-            _check_data(cfg, report, keep_data, model_in_background)
+            data = _check_data(cfg, report, model_in_background)
         except ConfigError as err:
             if address is None:
                 raise
             report.warnings.append(f"{err} (checked on this machine only: the cluster's nodes read "
                                    "data.root themselves)")
     _check_resources(cfg, catalog, address, report)
+    report.plan = RunPlan(cfg, catalog).with_data(data if keep_data else None)
     return report
 
 
@@ -121,10 +127,19 @@ def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
     if cfg.algorithm.name not in names:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r}: unknown algorithm; available: "
                           f"{', '.join(names)} (see `cafe-ray algorithms`)")
-    for section in sorted(cfg.algorithm.model_fields_set - {"name"}):
-        if not cfg.algorithm.name.startswith(section):
-            report.warnings.append(f"algorithm.{section} is set but algorithm.name={cfg.algorithm.name} "
-                                   "does not read it")
+    for section in sorted(other_algorithm_settings(cfg)):
+        report.warnings.append(f"algorithm.{section} is set but algorithm.name={cfg.algorithm.name} "
+                               "does not read it")
+
+
+def other_algorithm_settings(cfg: ExperimentConfig) -> list[str]:
+    """The ``algorithm.<section>`` blocks of other algorithms that change something from their
+    defaults. A block left at its defaults reads the same whether written or not: a run's saved
+    config writes every block, and resuming it must warn no more than the run did."""
+    algo = cfg.algorithm
+    return [name for name, f in type(algo).model_fields.items()
+            if name != "name" and not algo.name.startswith(name)
+            and getattr(algo, name).model_dump() != f.get_default(call_default_factory=True).model_dump()]
 
 
 def _check_catalog(cfg: ExperimentConfig):  # noqa: ANN202 - a profiles.Catalog
@@ -170,10 +185,9 @@ def check_output_dir(output_dir: str | Path, keep: bool = True, field: str = "ou
     return free
 
 
-def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = False,
-                model_in_background: bool = False) -> None:
-    """Load and partition the data exactly as the coordinator will (or index it, for TinyImageNet)."""
-    from cafe_ray.data import load_dataset, partition_clients
+def _check_data(cfg: ExperimentConfig, report: PreflightReport, model_in_background: bool = False) -> tuple | None:
+    """Load and partition the data as the run uses them; returns (dataset, splits), or None for
+    TinyImageNet, whose files are only indexed here (the run loads and partitions them)."""
     from cafe_ray.data.base import DatasetNotFoundError
     from cafe_ray.data.readers import CorruptDatasetError
 
@@ -185,19 +199,21 @@ def _check_data(cfg: ExperimentConfig, report: PreflightReport, keep: bool = Fal
                 raise ValueError(f"data.num_clients={d.num_clients} exceeds the {report.train_samples} "
                                  "training samples; every client needs at least one sample (lower "
                                  "data.num_clients or data.max_train_samples)")
-            return
+            return None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = load_dataset(d, seed=cfg.seed)
+            ds, splits = load_data(cfg)
             report.train_samples = len(ds.y_train)
-            splits = partition_clients(ds, d, seed=cfg.seed)
+            # the model's fit to the data, by the zoo's own rules and without torch: a model
+            # that cannot take these inputs stops here, before Ray starts
+            check_inputs(cfg.model.name, ds.name, ds.input_shape, ds.num_classes,
+                         cfg.data.vocab_size if ds.is_text else None)
             if model_in_background:
                 report.pending = _in_thread(_check_model, cfg, ds)
             else:
                 _check_model(cfg, ds)
-            if keep:
-                report.data = (ds, splits)
         report.warnings += [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+        return ds, splits
     except DatasetNotFoundError as err:
         raise ConfigError(f"data.name={d.name}: {err}") from None
     except CorruptDatasetError as err:
@@ -237,7 +253,7 @@ def _in_thread(fn, *args) -> Future:  # noqa: ANN001
 
 
 def _check_model(cfg: ExperimentConfig, ds) -> None:  # noqa: ANN001 - an ArrayDataset
-    from cafe_ray.sim.runner import make_model
+    from cafe_ray.models import make_model
 
     try:
         make_model(cfg, ds)

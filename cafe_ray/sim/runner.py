@@ -12,15 +12,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cafe_ray.algorithms import ClientContext, ClientData, ClientOutput, Message, build_algorithm
 from cafe_ray.algorithms.training import exit_accuracies
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.data.base import ArrayDataset, ClientSplit, ClientSplits
-from cafe_ray.models import EarlyExitNet, build_model
-from cafe_ray.sim.store import ClientStateStore
+from cafe_ray.models import make_model
+from cafe_ray.runs.store import ClientStateStore
 
 
 class ClientJobError(RuntimeError):
@@ -74,19 +73,6 @@ class EvalResult:
         return [c / self.num_val for c in self.val_correct] if self.num_val else []
 
 
-def make_model(cfg: ExperimentConfig, ds: ArrayDataset) -> EarlyExitNet:
-    """The experiment's model with deterministic initial weights (seeded by cfg.seed)."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    try:
-        return build_model(
-            cfg.model, ds.name, ds.input_shape, ds.num_classes,
-            vocab_size=cfg.data.vocab_size if ds.is_text else None,
-        )
-    finally:
-        torch.random.set_rng_state(state)
-
-
 class _Threads:
     """Run torch single-threaded inside a job: deterministic and no oversubscription."""
 
@@ -119,16 +105,7 @@ class ClientRunner:
         self.worker_info = worker_info or {}
 
     def _data(self, client_id: int) -> ClientData:
-        s = self.splits[client_id]
-        has_val = len(s.val_idx) > 0
-        return ClientData(
-            x_train=torch.from_numpy(np.ascontiguousarray(self.ds.x_train[s.train_idx])),
-            y_train=torch.from_numpy(np.ascontiguousarray(self.ds.y_train[s.train_idx])),
-            x_test=torch.from_numpy(np.ascontiguousarray(self.ds.x_test[s.test_idx])),
-            y_test=torch.from_numpy(np.ascontiguousarray(self.ds.y_test[s.test_idx])),
-            x_val=torch.from_numpy(np.ascontiguousarray(self.ds.x_train[s.val_idx])) if has_val else None,
-            y_val=torch.from_numpy(np.ascontiguousarray(self.ds.y_train[s.val_idx])) if has_val else None,
-        )
+        return ClientData.gather(self.ds, self.splits[client_id])
 
     def _reset(self) -> None:
         """Every client starts from the initial weights: copied tensor by tensor into views of

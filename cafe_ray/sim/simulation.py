@@ -18,15 +18,14 @@ import torch
 
 from cafe_ray.algorithms import ClientResult, RoundContext, ServerState, build_algorithm
 from cafe_ray.config import ExperimentConfig
-from cafe_ray.data import load_dataset, partition_clients
-from cafe_ray.data.base import ArrayDataset, ClientSplit, ClientSplits
-from cafe_ray.models import exit_macs
+from cafe_ray.models import exit_macs, make_model
 from cafe_ray.runs import rundir
+from cafe_ray.runs.store import ClientStateStore
 from cafe_ray.sim import seeds
 from cafe_ray.sim.executor import Executor
-from cafe_ray.sim.profiles import Catalog, ClientClasses, ProfileTable, resolve_catalog
-from cafe_ray.sim.runner import EvalJob, EvalResult, FitJob, make_model
-from cafe_ray.sim.store import ClientStateStore
+from cafe_ray.sim.plan import RunPlan
+from cafe_ray.sim.profiles import Catalog, ClientClasses, ProfileTable
+from cafe_ray.sim.runner import EvalJob, EvalResult, FitJob
 
 ExecutorFactory = Callable[..., Executor]
 
@@ -61,17 +60,6 @@ def sample_participants(profiles: ProfileTable, cfg: ExperimentConfig, t: int, v
     return np.sort(chosen).tolist()
 
 
-def load_data(cfg: ExperimentConfig) -> tuple[ArrayDataset, ClientSplits]:
-    """The experiment's dataset and its client splits (what preflight also computes)."""
-    dataset = load_dataset(cfg.data, seed=cfg.seed)
-    return dataset, as_client_splits(partition_clients(dataset, cfg.data, seed=cfg.seed))
-
-
-def as_client_splits(splits: Sequence[ClientSplit]) -> ClientSplits:
-    """Splits as flat CSR arrays (a partition may return a list of per-client splits)."""
-    return splits if isinstance(splits, ClientSplits) else ClientSplits.from_list(splits)
-
-
 AUTO_EVAL_ALL_UP_TO = 1000  # round.eval_clients=auto: all clients up to this many, else a sample of this many
 
 
@@ -95,14 +83,16 @@ def eval_clients(cfg: ExperimentConfig, t: int, participants: list[int]) -> tupl
 class Simulation:
     """One experiment in one run directory; ``run()`` goes to the last round."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, executor_factory: ExecutorFactory,
-                 resume: bool = False, data: tuple[ArrayDataset, Sequence[ClientSplit]] | None = None) -> None:
-        """``data``: the (dataset, splits) :func:`load_data` returns for ``cfg``, when the caller
-        already has them (preflight loaded and partitioned them); else they are loaded here."""
-        self.cfg = cfg
+    def __init__(self, plan: RunPlan | ExperimentConfig, run_dir: str | Path, executor_factory: ExecutorFactory,
+                 resume: bool = False) -> None:
+        """``plan``: the run resolved once (:class:`RunPlan`: catalog, and the data when the
+        caller loaded it already, e.g. preflight); a bare config is resolved here."""
+        if not isinstance(plan, RunPlan):
+            plan = RunPlan.resolve(plan)
+        cfg = self.cfg = plan.cfg
         self.run_dir = Path(run_dir)
         self.progress = Progress(total=cfg.round.num_rounds)
-        self.catalog: Catalog = resolve_catalog(cfg.profiles)
+        self.catalog: Catalog = plan.catalog
         self.profiles = ProfileTable(self.catalog, cfg.data.num_clients, cfg.seed)
         self.store = ClientStateStore(self.run_dir / "store")
         # the executor starts its workers first (Ray: actor processes boot while the data
@@ -112,8 +102,8 @@ class Simulation:
             classes=self.catalog.classes, client_class=ClientClasses(self.profiles),
         )
         try:
-            dataset, splits = load_data(cfg) if data is None else (data[0], as_client_splits(data[1]))
-            data = None  # the executor's copy below is the one kept
+            dataset, splits = plan.data()
+            plan = plan.without_data()  # the executor's copy below is the one kept
             # keep the executor's copy (Ray: zero-copy views of the object store), not a second one
             self.dataset, self.splits = self.executor.attach(dataset, splits)
         except BaseException:

@@ -89,7 +89,7 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     from cafe_ray.algorithms.training import sum_exit_ce
-    from cafe_ray.sim.runner import make_model
+    from cafe_ray.models import make_model
 
     cfg = ExperimentConfig.model_validate_json(config["cfg_json"])
     ds, splits = config["data"]
@@ -159,9 +159,8 @@ def run_centralized(
     from safetensors.torch import save_file
 
     from cafe_ray.data import load_dataset, partition_clients
-    from cafe_ray.models import exit_macs
+    from cafe_ray.models import exit_macs, make_model
     from cafe_ray.runs import rundir
-    from cafe_ray.sim.runner import make_model
 
     epochs = default_epochs(cfg) if epochs is None else epochs
     if epochs < 1:

@@ -323,7 +323,7 @@ def test_client_clock_equals_global_under_full_participation(tiny_een: EarlyExit
 # --------------------------------------------------- regression: FedPer-EE
 @pytest.mark.parametrize("unselected", ["frozen", "ce_detached"])
 def test_plain_ce_configuration_equals_fedper_bit_for_bit(unselected: str) -> None:
-    """lam=0 and schedule=all: CAFEDistill is FedPer-EE (CAFEDISTILL.md), to the last bit."""
+    """lam=0 and schedule=all: CAFEDistill is FedPer-EE (docs/specification.md), to the last bit."""
     model = make_tiny_een()
     data = make_clients(4)
     parts = [(0, 1, 2, 3), (1, 3), (0, 2, 3)]

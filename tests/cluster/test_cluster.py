@@ -495,7 +495,7 @@ def test_simulate_with_an_address_nobody_listens_on_fails_fast_in_one_line(tmp_p
     ("ray://head", ("head", 10001)), ("10.0.0.5", ("10.0.0.5", 6379)), ("[::1]:7000", ("::1", 7000)),
     ("auto", None), ("local", None)])
 def test_addresses_name_a_host_and_port(address, expect):
-    from cafe_ray.cluster.reach import split_address
+    from cafe_ray.sim.reach import split_address
 
     assert split_address(address) == expect
 
@@ -503,7 +503,7 @@ def test_addresses_name_a_host_and_port(address, expect):
 def test_an_address_with_a_listener_passes_and_a_bad_port_is_named():
     import socket
 
-    from cafe_ray.cluster.reach import UnreachableAddressError, check_reachable
+    from cafe_ray.sim.reach import UnreachableAddressError, check_reachable
 
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))

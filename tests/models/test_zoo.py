@@ -7,7 +7,7 @@ import torch
 
 from cafe_ray.config import ModelConfig
 from cafe_ray.models import MODEL_NAMES, LastExitHead, build_model
-from cafe_ray.models.zoo import AUTO_MODEL, resolve_model_name
+from cafe_ray.models.inputs import AUTO_MODEL, resolve_model_name
 
 from .specs import IDS, SPECS, Spec
 

@@ -26,6 +26,7 @@ def serve_run_dir(tmp_path_factory) -> Path:
 
 MAX_BATCH = 8
 MAX_BODY = 64 * 1024  # bytes: a small body cap, so the tests can cross it cheaply
+SLO_DROP_POINTS = 10.0  # the tiny model's val curve has few points within 1 point of full depth
 
 
 def flat(text: str) -> str:
@@ -60,7 +61,7 @@ def served(ray_session, serve_run_dir):
 
     cfg = ServeConfig(run_dir=str(serve_run_dir), port=free_port(), replica_cpus=0, max_batch=MAX_BATCH,
                       max_models_per_replica=2, batch_wait_ms=5, app_name="cafe-ray-test",
-                      max_body_bytes=MAX_BODY)
+                      max_body_bytes=MAX_BODY, max_accuracy_drop=SLO_DROP_POINTS)
     handle = start(cfg)
     try:
         yield cfg, handle

@@ -54,3 +54,31 @@ def test_workload_bodies_in_every_format_carry_the_same_samples():
     np.testing.assert_array_equal(rep.x[2], w.x[0])  # client 3's requests all carry its first body
     assert query_string({"policy": "threshold", "threshold": 0.6, "return_probs": False}) == \
         "?policy=threshold&threshold=0.6&return_probs=false"
+
+
+def test_ramp_table_plot_and_equal_macs_accuracy(tmp_path):
+    from cafe_ray.bench.ramp import Phase, Ramp, _phase, markdown, plot
+
+    y = np.array([[1, 2], [3, 4], [5, 6], [7, 8]])
+    res = {"wall_s": 2.0, "latency_s": np.array([9.0, 0.010, 0.020, 0.030]), "status": np.array([200, 200, 500, 200]),
+           "labels": [[0, 0], [3, 0], [], [7, 8]], "exits": [[0, 0]] * 4, "macs": [[10, 10], [10, 30], [], [20, 20]]}
+    from cafe_ray.bench.serve import Workload
+
+    p = _phase("slo", 4, res, Workload(np.zeros(4, int), np.zeros((4, 2, 1)), y), settle=0.25, uptime="1.0")
+    assert (p.requests, p.errors) == (3, 1)  # the first request (the transient) left out
+    assert p.accuracy == 0.75 and p.mean_macs == 20 and p.p99_ms < 31 and p.throughput == 2.0
+
+    def ph(policy, c, p99, acc, macs):
+        return Phase(policy, c, 10, 0, p99 / 2, p99, 5.0, acc, macs, "0.5 0.5 0.5")
+
+    phases = [ph("full", 1, 10, 0.92, 100), ph("threshold", 1, 6, 0.91, 30), ph("slo", 1, 9, 0.92, 90),
+              ph("full", 8, 80, 0.92, 100), ph("threshold", 8, 40, 0.91, 30), ph("slo", 8, 14, 0.915, 50),
+              ph("full", 1, 10, 0.92, 100), ph("threshold", 1, 6, 0.91, 30), ph("slo", 1, 9, 0.92, 100)]
+    r = Ramp("run", 15.0, 10.0, 0.8, 64, phases, [(100, 0.92), (30, 0.91), (10, 0.8)])
+    assert r.steps == [1, 8, 1] and r.at("slo", 1).p99_ms == 14
+    assert r.accuracy_at_macs(65) == pytest.approx(0.915)
+    table = markdown(r)
+    assert "| 8 | 80.0 / 92.00% |" in table and "| no / yes |" in table and "1 (load drops)" in table
+    out = plot(r, tmp_path / "ramp.png")
+    assert out.stat().st_size > 10_000
+    assert r.to_json()["phases"][5]["p99_ms"] == 14

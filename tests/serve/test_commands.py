@@ -39,3 +39,24 @@ def test_serve_rejects_a_directory_that_is_not_a_run(tmp_path):
 def test_serve_rejects_a_bad_port(tmp_path):
     r = runner.invoke(app, ["serve", str(tmp_path), "--port", "70000"])
     assert r.exit_code == 2 and "--port" in r.output
+
+
+def test_serve_rejects_a_bad_autoscale_range(tmp_path):
+    for bad, text in (("3", "--autoscale: give MIN:MAX"), ("3:1", "--autoscale")):
+        r = runner.invoke(app, ["serve", str(tmp_path), "--autoscale", bad])
+        assert r.exit_code == 2 and text in " ".join(r.output.split()), r.output
+
+
+def test_serve_lists_the_slo_and_scale_options():
+    r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    for opt in ("--latency-slo-ms", "--max-accuracy-drop", "--autoscale", "--target-ongoing"):
+        assert opt in r.output
+
+
+def test_a_failed_serve_leaves_the_callers_ray_and_serve_running(http, tmp_path):
+    """In a process that already runs Ray and Serve (a notebook, this test session), a serve that
+    fails to start must not end them: only a Ray the command started is its to stop."""
+    assert http.get("/healthz").status_code == 200
+    r = runner.invoke(app, ["serve", str(tmp_path)])
+    assert r.exit_code == 2
+    assert http.get("/healthz").status_code == 200

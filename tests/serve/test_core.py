@@ -157,6 +157,19 @@ def test_group_jobs_by_client_and_policy():
     assert group_jobs(jobs) == [[0, 2], [1], [3]]
 
 
+def test_group_jobs_caps_the_samples_of_one_model_call():
+    jobs = [_job(1, 3), _job(1, 2), _job(2, 1), _job(1, 4), _job(1, 1), _job(1, 9)]
+    assert group_jobs(jobs, max_samples=5) == [[0, 1], [2], [3, 4], [5]]  # 3+2 | 4+1 | 9 alone
+    assert group_jobs(jobs, max_samples=None) == [[0, 1, 3, 4, 5], [2]]
+    models = {1: make_tiny_een(seed=1), 2: make_tiny_een(seed=2)}
+    cost = exit_macs(models[1], (8,))
+    seen = []
+    out = run_jobs(jobs, models, cost, on_group=lambda g, a, s: seen.append(sum(j.x.shape[0] for j in g)),
+                   max_samples=5)
+    assert seen == [5, 1, 5, 9] and all(len(a.response().predictions) == j.x.shape[0] for a, j in zip(out, jobs,
+                                                                                                    strict=True))
+
+
 def test_run_jobs_equals_one_predict_batch_per_request():
     models = {1: make_tiny_een(seed=1), 2: make_tiny_een(seed=2)}
     cost = exit_macs(models[1], (8,))

@@ -203,7 +203,8 @@ def test_base64_inputs_answer_like_json(http, serve_artifacts):
     ({"content": b"not npy", "headers": {"content-type": "application/x-npy"}}, 422, ["body"], "not a .npy"),
     ({"content": b"x", "headers": {"content-type": "application/x-npy"}, "params": {"colour": "red"}}, 422,
      ["query", "colour"], "unknown query parameter"),
-    ({"json": {"inputs": ONE}, "params": {"threshold": "0.5"}}, 422, ["query"], "no query parameters"),
+    ({"json": {"inputs": ONE, "policy": "full"}, "params": {"threshold": "0.5"}}, 422, ["body", "policy"],
+     "does not apply"),
 ])
 def test_binary_input_errors(http, kwargs, status, loc, text):
     detail = assert_error_shape(http.post("/v1/clients/1/predict", **kwargs), status)

@@ -8,11 +8,12 @@ import torch
 from cafe_ray.algorithms import RoundContext, build_algorithm, get_algorithm
 from cafe_ray.config import build_config
 from cafe_ray.data import load_dataset, partition_clients
+from cafe_ray.models import make_model
 from cafe_ray.runs import rundir
 from cafe_ray.sim import seeds
 from cafe_ray.sim.cohort import even_runs, split_cohorts
 from cafe_ray.sim.engine import run_simulation
-from cafe_ray.sim.runner import ClientRunner, FitJob, make_model
+from cafe_ray.sim.runner import ClientRunner, FitJob
 from tests.sim.conftest import comparable, tiny_cfg
 
 

@@ -33,8 +33,7 @@ def test_virtual_time_follows_profiles(tmp_path):
     # uniform catalog: 20 GFLOP/s, 50/10 Mbit/s
     from cafe_ray.config import load_config
     from cafe_ray.data import load_dataset
-    from cafe_ray.models import exit_macs
-    from cafe_ray.sim.runner import make_model
+    from cafe_ray.models import exit_macs, make_model
 
     cfg = load_config(run_dir / "config.yaml")
     model = make_model(cfg, load_dataset(cfg.data))

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from cafe_ray.runs import rundir
-from cafe_ray.sim import simulation as simulation_mod
+from cafe_ray.sim import plan as plan_mod
 from cafe_ray.sim.engine import _sequential_factory, run_simulation
+from cafe_ray.sim.plan import as_client_splits, load_data
 from cafe_ray.sim.preflight import preflight
-from cafe_ray.sim.simulation import Simulation, as_client_splits, load_data
+from cafe_ray.sim.simulation import Simulation
 from tests.sim.conftest import comparable, tiny_cfg
 
 
@@ -18,8 +19,8 @@ def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a, **k):  # noqa: ANN002, ANN003, ANN202
         pytest.fail("the run loaded or partitioned the data again instead of reusing preflight's")
 
-    monkeypatch.setattr(simulation_mod, "load_dataset", fail)
-    monkeypatch.setattr(simulation_mod, "partition_clients", fail)
+    monkeypatch.setattr(plan_mod, "load_dataset", fail)
+    monkeypatch.setattr(plan_mod, "partition_clients", fail)
 
 
 def _same_splits(a, b) -> bool:  # noqa: ANN001
@@ -32,12 +33,12 @@ def _same_splits(a, b) -> bool:  # noqa: ANN001
                                        "data.synthetic_samples=9000", "data.val_fraction=0.2")])
 def test_preflight_keeps_exactly_the_data_the_run_would_load(tmp_path, sets):
     cfg = tiny_cfg(tmp_path, *sets)
-    kept = preflight(cfg, keep_data=True).data
+    kept = preflight(cfg, keep_data=True).plan
     ds, splits = load_data(cfg)
-    assert kept is not None and _same_splits(kept[1], splits)
+    assert kept is not None and kept.has_data and _same_splits(kept.splits, splits)
     for k in ("x_train", "y_train", "x_test", "y_test"):
-        assert np.array_equal(getattr(kept[0], k), getattr(ds, k))
-    assert preflight(cfg).data is None  # only kept when asked: `cafe-ray validate` holds nothing
+        assert np.array_equal(getattr(kept.dataset, k), getattr(ds, k))
+    assert not preflight(cfg).plan.has_data  # only kept when asked: `cafe-ray validate` holds nothing
 
 
 def test_run_simulation_reuses_the_preflight_data(tmp_path, monkeypatch):
@@ -46,7 +47,7 @@ def test_run_simulation_reuses_the_preflight_data(tmp_path, monkeypatch):
     report = preflight(cfg, keep_data=True)
     _no_loading(monkeypatch)
     run_dir, summary = run_simulation(cfg, show_progress=False, checked=report)
-    assert report.data is None  # handed to the run: the caller's report no longer holds the data
+    assert not report.plan.has_data  # handed to the run: the caller's report no longer holds the data
     assert summary["acc_exit"] == reference["acc_exit"]
     assert comparable(rundir.read_jsonl(run_dir / rundir.METRICS)) == comparable(
         rundir.read_jsonl(tmp_path / "ref" / rundir.METRICS))
@@ -65,12 +66,12 @@ def test_coordinator_uses_the_drivers_object_refs_and_loads_nothing(tmp_path, mo
     reference = Simulation(tiny_cfg(tmp_path / "s", *sets, executor="sequential"), tmp_path / "ref",
                            _sequential_factory).run()
     cfg = tiny_cfg(tmp_path / "r", *sets)
-    ds, splits = preflight(cfg, keep_data=True).data
-    refs = [ray.put(ds), ray.put(as_client_splits(splits))]
-    del ds, splits
+    plan = preflight(cfg, keep_data=True).plan
+    refs = [ray.put(plan.dataset), ray.put(plan.splits)]
+    plan = plan.without_data()
     _no_loading(monkeypatch)
     monkeypatch.setattr(rundir, "capture_warnings", lambda *a, **k: (lambda: None))  # the actor's, not this process's
-    coord = Coordinator(cfg.model_dump_json(), str(tmp_path / "run"), False, refs)
+    coord = Coordinator(plan, str(tmp_path / "run"), False, refs)
     summary = coord.run()
     sim = coord.sim
     assert not sim.dataset.x_train.flags.writeable and not sim.dataset.x_train.flags.owndata  # the store's views
@@ -150,15 +151,21 @@ def test_the_driver_checks_and_starts_a_run_without_importing_torch(tmp_path):
             "from cafe_ray.sim import preflight as P; from cafe_ray.sim import engine; "
             "P._check_model = lambda cfg, ds: None; "
             f"cfg = load_config(Path('simulations/quickstart.yaml'), ['output_dir={tmp_path}']); "
-            "r = P.preflight(cfg, keep_data=True); assert r.data is not None; "
+            "r = P.preflight(cfg, keep_data=True); assert r.plan.has_data; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_the_model_check_in_the_background_raises_on_finish(tmp_path):
+def test_the_model_check_in_the_background_raises_on_finish(tmp_path, monkeypatch):
+    """The build in the background is the last check, behind the zoo's rules that preflight applies
+    before Ray starts: a model those rules let through and that still cannot be built fails here."""
     from cafe_ray.config import ConfigError
+    from cafe_ray.sim import preflight as preflight_mod
 
+    with pytest.raises(ConfigError, match="model.name='transformer4' does not fit dataset 'digits'"):
+        preflight(tiny_cfg(tmp_path, "model.name=transformer4"), model_in_background=True)
+    monkeypatch.setattr(preflight_mod, "check_inputs", lambda *a, **k: None)  # a rule the zoo forgot
     report = preflight(tiny_cfg(tmp_path, "model.name=transformer4"), model_in_background=True)
     with pytest.raises(ConfigError, match="model.name=transformer4: cannot build it"):
         report.finish()

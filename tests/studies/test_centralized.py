@@ -68,7 +68,7 @@ def test_centralized_upper_bound_with_two_ray_train_workers(tmp_path, ray_sessio
     assert sorted(r["client"] for r in evals) == list(range(cfg.data.num_clients))
     weights = load_file(str(out / "model.safetensors"))
     from cafe_ray.data import load_dataset
-    from cafe_ray.sim.runner import make_model
+    from cafe_ray.models import make_model
 
     model = make_model(cfg, load_dataset(cfg.data, seed=cfg.seed))
     model.load_state_dict(weights)  # the saved model is the experiment's architecture

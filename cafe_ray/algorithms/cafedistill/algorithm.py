@@ -2,7 +2,7 @@
 
 Liu, Zhou, Tong, "CAFEDistill: Learning Personalized and Dynamic Models through
 Federated Early-Exit Network Distillation", arXiv:2601.10015 (2026); the
-project's reconstruction is ../shared/CAFEDISTILL.md, whose notation (n, m, R(t),
+project's reconstruction is docs/specification.md, whose notation (n, m, R(t),
 S_i, w_ij, mu, lambda, tau) this module keeps.
 
 One round t:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cafe_ray.sim.store import ClientStateStore
+from cafe_ray.runs.store import ClientStateStore
 
 
 def test_staged_state_is_invisible_until_commit(tmp_path):

@@ -1,0 +1,177 @@
+"""The latency-SLO controller on synthetic curves and latency traces (no Ray, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cafe_ray.serve.slo import (
+    OperatingPoint,
+    ServiceModel,
+    SloController,
+    SloSettings,
+    threshold_curve,
+)
+
+CASCADE = [100, 400, 1000]
+
+
+def scores(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three exits, deeper ones more confident and more often right; confident answers are right
+    more often (as a real early-exit model's are)."""
+    rng = np.random.default_rng(seed)
+    conf = np.clip(rng.beta([2, 3, 5], [2, 1.5, 1], size=(n, 3)), 0.1, 1.0)
+    correct = rng.random((n, 3)) < 0.45 + 0.5 * conf
+    return conf, correct
+
+
+def test_curve_is_a_pareto_front_above_the_floor():
+    conf, correct = scores()
+    full_acc = correct[:, -1].mean()
+    for drop in (0.0, 0.01, 0.05, 1.0):
+        pts = threshold_curve(conf, correct, CASCADE, max_accuracy_drop=drop)
+        assert pts[0].accuracy >= full_acc - 1e-12
+        assert all(p.accuracy >= full_acc - drop - 1e-12 for p in pts)
+        assert all(a.macs > b.macs and a.accuracy > b.accuracy for a, b in zip(pts, pts[1:], strict=False))
+        for p in pts:
+            assert p.reach[0] == 1.0 and list(p.reach) == sorted(p.reach, reverse=True)
+            assert p.macs == pytest.approx(sum(CASCADE[k] * (p.reach[k] - (p.reach[k + 1] if k < 2 else 0))
+                                               for k in range(3)))
+    assert len(threshold_curve(conf, correct, CASCADE, max_accuracy_drop=1.0)) > \
+        len(threshold_curve(conf, correct, CASCADE, max_accuracy_drop=0.01))
+    full = threshold_curve(conf, correct, CASCADE, thresholds=())
+    assert len(full) == 1 and full[0].threshold is None and full[0].macs == 1000 and full[0].reach == (1, 1, 1)
+    with pytest.raises(ValueError, match="same"):
+        threshold_curve(conf[:, :2], correct, CASCADE)
+
+
+def test_service_model_learns_per_exit_time_that_macs_do_not_show():
+    true_a, true_c = 0.002, np.array([4e-5, 2e-5, 6e-5])  # stage 1 memory-bound: costly for its MACs
+    model = ServiceModel([100, 300, 600], ridge=1e-4)  # MACs as the prior: wrong ratios, learned away
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n0 = rng.integers(16, 512)
+        ran = [n0, rng.integers(0, n0 + 1), 0]
+        ran[2] = rng.integers(0, ran[1] + 1)
+        model.observe(ran, true_a + float(true_c @ ran) + rng.normal(0, 1e-5))
+    np.testing.assert_allclose(model.coef[1:], true_c, rtol=0.05)
+    assert model.coef[0] == pytest.approx(true_a, rel=0.1)
+    p = OperatingPoint(0.5, 0.9, 300.0, (1.0, 0.5, 0.25))
+    assert model.per_sample(p) == pytest.approx(float(true_c @ [1, 0.5, 0.25]), rel=0.05)
+
+
+def test_service_model_starts_from_its_prior_rescaled_to_the_calls():
+    model = ServiceModel([1.0, 3.0, 6.0])
+    assert model.coef[1:] == pytest.approx([1, 3, 6])
+    model.observe([64, 64, 64], 0.01)
+    c = model.coef[1:]
+    assert c[1] / c[0] == pytest.approx(3, rel=0.05) and c[2] / c[0] == pytest.approx(6, rel=0.05)
+    assert model.call(OperatingPoint(None, 1, 1, (1, 1, 1)), 64) == pytest.approx(0.01, rel=0.05)
+    with pytest.raises(ValueError, match="non-negative"):
+        ServiceModel([1.0, -1.0])
+
+
+def simulate(points, target_s, load, samples=64, seed=0):
+    """A replica serving ``load(t)`` clients in a closed loop, one call at a time: a request's
+    service time follows the current point's per-exit cost, its queueing delay is the calls of
+    the requests ahead of it. Returns [(time, in flight, point index, latency)]."""
+    true_a, true_c = 0.002, np.array([6e-5, 3e-5, 5e-5])
+    service = ServiceModel(true_c * [1.2, 0.8, 1.1])  # stages timed once, with an error
+    ctl = SloController(points, target_s, service, SloSettings())
+    rng = np.random.default_rng(seed)
+    out, t = [], 0.0
+    while t < load.end:
+        n = load(t)
+        p = ctl.point
+        s = true_a + samples * float(true_c @ np.asarray(p.reach)) * (1 + 0.05 * rng.standard_normal())
+        service.observe([samples * r for r in p.reach], s)
+        queue = (n - 1) * s
+        ctl.observe(t + s, queue + s, queue, samples)
+        ctl.update(t + s)
+        out.append((t, n, ctl.index, queue + s))
+        t += s
+    return out, ctl
+
+
+class Ramp:
+    """In flight 1, then 2 from 5 s to 15 s, then 1 again until 25 s."""
+
+    end = 25.0
+
+    def __call__(self, t: float) -> int:
+        return 2 if 5 <= t < 15 else 1
+
+
+def test_controller_holds_the_target_under_load_and_returns_to_full_depth():
+    conf, correct = scores()
+    points = threshold_curve(conf, correct, CASCADE, max_accuracy_drop=0.05)
+    assert len(points) >= 4
+    full_s = 0.002 + 64 * (6e-5 + 3e-5 + 5e-5)  # one request at full depth: 10.96 ms
+    target = 1.5 * full_s
+    trace, ctl = simulate(points, target, Ramp())
+    floor = correct[:, -1].mean() - 0.05  # full depth's accuracy - the allowed drop
+    assert all(points[i].accuracy >= floor for _, _, i, _ in trace)  # never below the floor
+    quiet = [lat for t, n, i, lat in trace if t < 5]
+    assert all(i == 0 for t, _, i, _ in trace if t < 5) and max(quiet) < target
+    loaded = [(i, lat) for t, n, i, lat in trace if 8 <= t < 15]  # after converging
+    assert loaded and min(i for i, _ in loaded) > 0
+    assert np.percentile([lat for _, lat in loaded], 99) <= target  # full depth: 2 x 11 ms
+    assert all(i == 0 for t, _, i, _ in trace if t >= 20)  # back at full depth once load dropped
+    again, _ = simulate(points, target, Ramp())
+    assert [r[2] for r in again] == [r[2] for r in trace]  # deterministic
+
+
+def test_controller_goes_no_further_than_the_floor_when_the_target_is_out_of_reach():
+    conf, correct = scores()
+    points = threshold_curve(conf, correct, CASCADE, max_accuracy_drop=0.01)
+    trace, ctl = simulate(points, 0.001, Ramp())  # 1 ms: not even exit 1 for everyone makes it
+    assert ctl.index == len(points) - 1
+    assert all(points[i].accuracy >= correct[:, -1].mean() - 0.01 for _, _, i, _ in trace)
+
+
+def test_controller_validates_its_inputs_and_waits_for_enough_requests():
+    with pytest.raises(ValueError, match="at least one"):
+        SloController([], 0.1, ServiceModel([1.0, 1.0, 1.0]))
+    pts = [OperatingPoint(None, 0.9, 1000, (1, 1, 1)), OperatingPoint(0.5, 0.85, 200, (1, 0.2, 0.1))]
+    with pytest.raises(ValueError, match="> 0"):
+        SloController(pts, 0, ServiceModel([1.0, 1.0, 1.0]))
+    ctl = SloController(pts, 0.01, ServiceModel([1.0, 1.0, 1.0]), SloSettings(min_requests=5))
+    for i in range(4):
+        ctl.observe(i * 0.01, 1.0, 0.9, 64)
+    assert ctl.update(0.05) == 0  # 4 requests: too few to decide
+    ctl.observe(0.05, 1.0, 0.9, 64)
+    assert ctl.update(0.06) == 1 and ctl.moves == 1
+    ctl.observe(0.07, 1.0, 0.9, 64)
+    assert ctl.update(0.1) == 1 and ctl._next == pytest.approx(0.31)  # one decision per interval_s
+
+
+def test_an_idle_client_returns_to_full_depth():
+    pts = [OperatingPoint(None, 0.9, 1000, (1, 1, 1)), OperatingPoint(0.5, 0.85, 200, (1, 0.2, 0.1))]
+    ctl = SloController(pts, 0.01, ServiceModel([1.0, 1.0, 1.0]), SloSettings(min_requests=5))
+    for i in range(5):
+        ctl.observe(i * 0.01, 1.0, 0.9, 64)
+    assert ctl.update(0.05) == 1
+    assert ctl.update(3.0) == 1  # no request in the window: the move up waits hold_s
+    assert ctl.update(4.0) == 0
+
+
+def test_under_light_load_it_moves_back_up_to_the_point_predicted_to_fit():
+    """Two requests per window (fewer than min_requests): no move down, and back to full depth
+    once the slowest of them predicts full depth under the aim."""
+    pts = [OperatingPoint(None, 0.9, 1000, (1, 1, 1)), OperatingPoint(0.7, 0.88, 600, (1, 0.6, 0.3)),
+           OperatingPoint(0.5, 0.85, 200, (1, 0.2, 0.1))]
+    service = ServiceModel([1e-4, 1e-4, 1e-4])  # 64 samples at full depth: 19.2 ms, at the cheapest 8.3 ms
+    ctl = SloController(pts, 0.05, service, SloSettings(min_requests=8))
+    ctl.index = 2
+    t = 0.0
+    while t < 3.0:
+        ctl.observe(t, 0.0083 + 0.001, 0.0, 64)  # 1 ms outside the model call
+        ctl.update(t)
+        t += 1.0
+    assert ctl.index == 0  # 19.2 + 1 ms predicted < 0.8 x 50 ms
+    slow = SloController(pts, 0.018, service, SloSettings(min_requests=8))
+    slow.index = 2
+    for i in range(6):
+        slow.observe(float(i), 0.0093, 0.0, 64)
+        slow.update(float(i))
+    assert slow.index == 1  # full depth (20.2 ms) would not fit 0.8 x 18 ms; the middle point (13.2) does
