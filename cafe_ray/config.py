@@ -141,8 +141,8 @@ class CafeDistillConfig(_Strict):
                     "update_cosine). Fields set explicitly override the preset")
     lam: float = Field(1.0, ge=0, description="lambda: KD weight (0 = no distillation); the KD term is "
                                                 "lambda * tau^2 * KL, so lambda*tau^2 is the effective weight "
-                                                "(1, the specification's, re-chosen on validation in session 6 "
-                                                "after residual_ce: backbone; 3 in sessions 4-5, 0.1 before)")
+                                                "(1, the specification's, re-chosen on validation with "
+                                                "residual_ce: backbone; CHANGELOG.md has the earlier values)")
     tau: float = Field(3.0, gt=0, description="tau: distillation temperature")
     mu: float = Field(2.0, gt=0, description="mu: teacher-weight QP regulariser (small = own teacher, "
                                                "large = uniform over the pool)")
@@ -176,7 +176,7 @@ class CafeDistillConfig(_Strict):
         "own_classes",
         description="label-aware KD target: full (KL over every class); own_classes (KL restricted to "
                     "and renormalised over the classes in the client's training labels; chosen on "
-                    "validation in session 5, full before); prior_corrected (teacher logits + log of "
+                    "validation); prior_corrected (teacher logits + log of "
                     "the client's label prior)")
     center_heads: bool = Field(
         True, description="teacher weights from D_ij = 1 - cos(h_i - h_init, h_j - h_init): distances of "
@@ -210,10 +210,10 @@ class CafeDistillConfig(_Strict):
     residual_ce: Literal["detached", "backbone"] = Field(
         "backbone",
         description="heads=generic_residual: what the personal CE trains. detached (FedRoD: the residual "
-                    "heads only, on detached features; the default before session 6); backbone (the same "
+                    "heads only, on detached features); backbone (the same "
                     "logits, computed so that the CE gradient also reaches the backbone stages, as "
                     "FedPer-EE's personal CE does; never the generic heads, which BSM alone trains; chosen "
-                    "on validation in session 6). No effect with heads=personal, whose CE trains the "
+                    "on validation). No effect with heads=personal, whose CE trains the "
                     "backbone already")
     residual_generic: Literal["live", "received", "received_ce"] = Field(
         "received_ce",
@@ -223,7 +223,7 @@ class CafeDistillConfig(_Strict):
                     "use at inference, after the server averages). Under received the personal CE and KD "
                     "never reach the generic heads; received_ce puts only the personal CE on the received "
                     "heads and leaves KD on the live logits (kd_shared still reaches the generic heads; "
-                    "chosen on validation in session 7, live before). No effect with heads=personal")
+                    "chosen on validation). No effect with heads=personal")
     unselected: Literal["frozen", "ce_detached", "excluded"] = Field(
         "ce_detached",
         description="exits outside S_i (the teacher excepted). frozen (spec): their personal heads are out of "

@@ -355,10 +355,13 @@ def test_plain_configuration_reports_the_same_loss_as_fedper(tiny_een: EarlyExit
     assert TEACHER_B not in out_cd.upload.tensors
 
 
-def test_new_defaults_train_end_to_end(tiny_een: EarlyExitNet) -> None:
+def test_the_defaults_train_end_to_end(tiny_een: EarlyExitNet) -> None:
+    """CafeDistill exactly as configured by default (generic + residual heads), not the
+    personal-head helper: four rounds, then one client's update distils (kd_lam > 0)."""
+    cfg = make_cfg("cafedistill")
+    alg = CafeDistill(cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_clients": 4})}))
+    assert alg.hp == type(alg.hp)()  # every field at its default
     data = make_clients(4)
-    alg = cafe(num_clients=4, kd_gate="teacher_confident", kd_target="own_classes", own_head="live",
-               kd_backbone="scaled")
     state, personal = run_rounds(alg, tiny_een, data, 4, participants=[(0, 1, 2, 3), (0, 2), (1, 3), (0, 1, 2, 3)])
     assert sorted(personal) == [0, 1, 2, 3]
     res = [ClientResult(0, alg.client_update(copy.deepcopy(tiny_een),
