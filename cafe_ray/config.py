@@ -459,6 +459,13 @@ class EngineConfig(_Strict):
         description="train a chunk's clients as one batched computation (torch.func vmap over stacked "
                     "parameters) when the algorithm supports it (`cafe-ray algorithms`); results match "
                     "the plain path within float tolerance and are deterministic for a given chunk")
+    gpu_standin: Literal["cpu"] | None = Field(
+        None,
+        description="a device that takes the place of the GPU a resource class reserves (num_gpus): "
+                    "cpu runs a GPU class's device path (the device chosen from the actor's GPU ids, "
+                    "model, batches and state moved there and back) on a machine without CUDA. "
+                    "None = the actor trains on its GPU (cuda:N) when torch sees CUDA, else on the "
+                    "CPU with a warning")
 
 
 class CheckpointConfig(_Strict):

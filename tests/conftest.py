@@ -30,11 +30,12 @@ def tiny_een() -> EarlyExitNet:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One real local Ray instance for the whole test session (2 CPUs)."""
+    """One real local Ray instance for the whole test session (2 CPUs and one GPU that Ray
+    assigns by id, with no CUDA behind it: GPU classes run with engine.gpu_standin=cpu)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, resources={"cafe_test": 4})
     yield ray
     ray.shutdown()

@@ -361,3 +361,20 @@ def test_doctor_reports_without_starting_ray(cli, tmp_path):
     assert f"found {tmp_path / 'data' / 'cifar-10-batches-py'}" in row
     assert "dataset cifar100" in out and "not found" in out
     assert not _ray_started(cli)
+
+
+def test_doctor_says_which_device_each_class_would_train_on(tmp_path):
+    import torch
+
+    from cafe_ray.commands.doctor import class_devices
+
+    rows = dict(class_devices(Path("simulations/quickstart.yaml"), ["profiles.classes.edge_gpu.num_gpus=0.25"]))
+    assert rows["phone"] == "num_gpus=0: cpu (no GPU reserved)"
+    gpu = "num_gpus=0.25: cuda:0 (GPU 0)" if torch.cuda.is_available() else (
+        "num_gpus=0.25: cpu (GPU 0 reserved but torch sees 0 CUDA device(s)")
+    assert rows["edge_gpu"].startswith(gpu), rows
+    r = runner.invoke(app, ["doctor", "--output-dir", str(tmp_path), "--config", "simulations/quickstart.yaml"])
+    assert r.exit_code == 0 and "class edge_gpu trains on" in r.output, r.output
+    r = runner.invoke(app, ["doctor", "--output-dir", str(tmp_path), "--config", "simulations/quickstart.yaml",
+                            "--set", "engine.gpu_standin=gpu"])
+    assert r.exit_code == 2 and "engine.gpu_standin" in r.output

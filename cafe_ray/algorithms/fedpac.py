@@ -115,14 +115,14 @@ def feature_statistics(
     m = probe.model.num_exits
     counts = torch.bincount(y.long(), minlength=num_classes).to(torch.float64)
     sums: list[torch.Tensor] = []
-    sq = [torch.zeros(num_classes, dtype=torch.float64) for _ in range(m)]
+    sq = [torch.zeros(num_classes, dtype=torch.float64, device=y.device) for _ in range(m)]
     for start in range(0, len(y), batch_size):
         yb = y[start : start + batch_size].long()
         _, feats = probe(x[start : start + batch_size])
         for k, f in enumerate(feats):
             f = f.reshape(f.shape[0], -1).to(torch.float64)  # (B, D_k)
             if len(sums) < m:
-                sums.append(torch.zeros(num_classes, f.shape[1], dtype=torch.float64))
+                sums.append(torch.zeros(num_classes, f.shape[1], dtype=torch.float64, device=f.device))
             sums[k].index_add_(0, yb, f)
             sq[k].index_add_(0, yb, (f * f).sum(dim=1))
     safe = counts.clamp_min(1.0)

@@ -140,7 +140,8 @@ class ScaleFL(SubModelFL):
         for w in candidates:
             if w >= full_w:
                 break
-            net = build_scaled(self.cfg, w, input_shape, model.num_classes)
+            # built on the full model's device: the client trains where its runner put the model
+            net = build_scaled(self.cfg, w, input_shape, model.num_classes).to(next(model.parameters()).device)
             if align_group_norms(net, model) and is_prefix_model(net, model):
                 self._widths[key] = w
                 return net, w

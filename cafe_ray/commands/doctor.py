@@ -3,7 +3,8 @@
 Versions (Python, torch, Ray, numpy), where each dataset would be read from,
 free disk in output_dir and shared memory for Ray's object store, and the Ray
 resources: what a local ``ray.init()`` would get (no cluster is started), or the
-live totals of the cluster at ``--address``.
+live totals of the cluster at ``--address``; with ``--config``, the device each
+resource class of that config would train on here.
 """
 
 from __future__ import annotations
@@ -84,6 +85,24 @@ def resources(address: str | None) -> tuple[str, dict[str, float], int]:
         ray.shutdown()
 
 
+def class_devices(config: Path, sets: list[str]) -> list[tuple[str, str]]:
+    """(resource class, the device its client actors would train on here) for a config's catalog.
+
+    A class with ``num_gpus`` trains on its GPU when torch sees CUDA on this machine
+    (cafe_ray.sim.device decides it the same way inside each actor, from Ray's GPU ids).
+    """
+    import torch
+
+    from cafe_ray.config import load_config
+    from cafe_ray.sim.device import class_device
+    from cafe_ray.sim.profiles import resolve_catalog
+
+    cfg = load_config(config, sets)
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [(c.name, f"num_gpus={c.num_gpus:g}: " + class_device(c.num_gpus, cuda, cfg.engine.gpu_standin).describe())
+            for c in resolve_catalog(cfg.profiles).classes]
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def doctor(
@@ -92,8 +111,13 @@ def register(app: typer.Typer) -> None:
                                                       "$CAFE_RAY_DATA or ~/.cache/cafe-ray/data).")] = None,
         address: Annotated[str | None, typer.Option("--address", help="Also report this Ray cluster's "
                                                     "resources (connects to it; starts nothing).")] = None,
+        config: Annotated[Path | None, typer.Option("--config", help="Also say which device each resource "
+                                                    "class of this config would train on here.")] = None,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field (with --config), "
+                                                       "e.g. profiles.classes.edge_gpu.num_gpus=0.25.")] = None,
     ) -> None:
-        """Report versions, datasets found, free disk and Ray resources (starts no cluster)."""
+        """Report versions, datasets found, free disk, Ray resources and, with --config, each class's
+        training device (starts no cluster)."""
         t = Table(title="cafe-ray doctor", show_header=False)
         t.add_column("item", style="bold")
         t.add_column("value")
@@ -120,6 +144,16 @@ def register(app: typer.Typer) -> None:
             shown = ", ".join(f"{k}={'unbounded' if v == float('inf') else f'{v:g}'}"
                               for k, v in sorted(res.items()) if not k.startswith("node:"))
             t.add_row("Ray resources", f"{src} {shown} ({nodes} node{'s' if nodes != 1 else ''})")
+        if config is not None:
+            from cafe_ray.config import ConfigError
+
+            try:
+                rows = class_devices(config, set_ or [])
+            except (ConfigError, ValueError) as err:
+                Console(stderr=True).print(f"[red]error:[/] {err}", soft_wrap=True)
+                raise typer.Exit(2) from None
+            for name, where in rows:
+                t.add_row(f"class {name} trains on", where)
         console.print(t, soft_wrap=True)
         if missing:
             console.print(f"missing datasets ({', '.join(missing)}) are needed only by configs that name "

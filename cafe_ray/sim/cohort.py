@@ -85,10 +85,11 @@ def cohort_sgd(model: EarlyExitNet, starts: Sequence[Params], datas: Sequence[Cl
     step_fn = vmap(grad_and_value(loss_fn))
     model.train()
     for s in range(steps):
-        X = torch.zeros((C, B, *x0.shape[1:]), dtype=x0.dtype)
-        Y = torch.zeros((C, B), dtype=torch.int64)
-        W = torch.zeros((C, B), dtype=torch.float32)
-        active = torch.zeros(C, dtype=torch.bool)
+        dev = x0.device  # the runner's device: batches are built where the cohort trains
+        X = torch.zeros((C, B, *x0.shape[1:]), dtype=x0.dtype, device=dev)
+        Y = torch.zeros((C, B), dtype=torch.int64, device=dev)
+        W = torch.zeros((C, B), dtype=torch.float32, device=dev)
+        active = torch.zeros(C, dtype=torch.bool, device=dev)
         for c, plan in enumerate(plans):
             if s < len(plan):
                 idx = plan[s]

@@ -426,6 +426,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     table.add_row("virtual time", f"{summary['virtual_time_s']:.1f} s")
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     table.add_row("failed / late client-rounds", f"{summary['failed_total']} / {summary['dropped_late_total']}")
+    if summary.get("devices"):
+        table.add_row("training devices", "; ".join(f"{c}: {', '.join(d)}" for c, d in summary["devices"].items()))
     console.print(table)
 
 

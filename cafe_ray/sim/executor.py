@@ -78,7 +78,7 @@ class SequentialExecutor(Executor):
 
     def attach(self, dataset: ArrayDataset, splits: Sequence[ClientSplit]) -> tuple[ArrayDataset, Sequence[ClientSplit]]:
         self.runner = ClientRunner(self.cfg, dataset, splits, self.store_root,
-                                   worker_info={"pid": os.getpid(), "executor": "sequential"})
+                                   worker_info={"pid": os.getpid(), "executor": "sequential", "device": "cpu"})
         return dataset, splits
 
     def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
@@ -231,6 +231,7 @@ class _ClientActor:
         import torch
 
         from cafe_ray.config import ExperimentConfig
+        from cafe_ray.sim.device import actor_device
 
         torch.set_num_threads(1)  # once, not per job: deterministic and no oversubscription
         ctx = ray.get_runtime_context()
@@ -247,6 +248,12 @@ class _ClientActor:
 
         # warnings reach the driver through <run dir>/warnings.jsonl (the store lies in the run dir)
         rundir.capture_warnings(Path(store_root).parent, f"client actor {class_name}")
+        # the device follows the GPUs Ray assigned to this actor (cafe_ray.sim.device)
+        choice = actor_device(self.cfg.engine.gpu_standin)
+        self.worker_info.update(device=choice.device, device_note=choice.note)
+        if choice.gpu_ids and choice.device == "cpu" and not self.cfg.engine.gpu_standin:
+            warnings.warn(f"resource class {class_name}: {choice.note}", stacklevel=1)
+        self.device = choice.device
         self.runner: ClientRunner | None = None
 
     def attach(self, data_refs: list) -> bool:
@@ -254,7 +261,8 @@ class _ClientActor:
             import ray
 
             dataset, splits = ray.get(data_refs)
-            self.runner = ClientRunner(self.cfg, dataset, splits, self.store_root, worker_info=self.worker_info)
+            self.runner = ClientRunner(self.cfg, dataset, splits, self.store_root, worker_info=self.worker_info,
+                                       device=self.device)
             freeze_heap()
         return True
 

@@ -4,6 +4,11 @@ A :class:`ClientRunner` knows the dataset (shared, read-only arrays), the client
 splits, the algorithm and one model instance that it resets to the experiment's
 deterministic initial weights before every job. It knows nothing about Ray: the
 sequential executor calls it in-process, a Ray client actor wraps it.
+
+The runner trains on the ``device`` it is given (the Ray layer resolves it from the
+actor's GPUs, cafe_ray.sim.device): model, batches, optimizer and distillation
+state live there; payloads and personal state arrive as CPU tensors and are moved
+on, uploads and personal state go back to the CPU before they leave the runner.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cafe_ray.algorithms import ClientContext, ClientData, ClientOutput, Message, build_algorithm
+from cafe_ray.algorithms.base import Params
 from cafe_ray.algorithms.training import exit_accuracies
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.data.base import ArrayDataset, ClientSplit, ClientSplits
@@ -84,6 +90,10 @@ class _Threads:
         torch.set_num_threads(self.prev)
 
 
+def _cpu(params: Params) -> Params:
+    return {k: v.detach().cpu() for k, v in params.items()}
+
+
 class ClientRunner:
     def __init__(
         self,
@@ -92,20 +102,47 @@ class ClientRunner:
         splits: list[ClientSplit] | dict[int, ClientSplit],
         store_root: str | Path,
         worker_info: dict | None = None,
+        device: str = "cpu",
     ) -> None:
         self.cfg = cfg
+        # one path for every device: on the CPU the moves below return the same tensors
+        self.device = torch.device(device)
         self.ds = dataset
         # ClientSplits is indexed by client id already (and may hold a million clients)
         self.splits = splits if isinstance(splits, dict | ClientSplits) else {s.client_id: s for s in splits}
         self.store = ClientStateStore(store_root)
         self.algorithm = build_algorithm(cfg)
-        self.model = make_model(cfg, dataset)
+        self.model = make_model(cfg, dataset).to(self.device)
+        self._payload: tuple[Message, Message] | None = None  # (payload as sent, on the device): reused by a chunk
         self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self._live: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (tensors, their state_dict views)
         self.worker_info = worker_info or {}
 
     def _data(self, client_id: int) -> ClientData:
-        return ClientData.gather(self.ds, self.splits[client_id])
+        data = ClientData.gather(self.ds, self.splits[client_id])
+        return replace(data, **{f: getattr(data, f).to(self.device) for f in
+                                ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
+                                if getattr(data, f) is not None})
+
+    def _on_device(self, params: Params | None) -> Params | None:
+        if params is None:
+            return params
+        return {k: v.to(self.device) for k, v in params.items()}
+
+    def _in(self, payload: Message) -> Message:
+        """The payload on the device: moved once for a run of jobs sharing it (most do)."""
+        if self._payload is None or self._payload[0] is not payload:
+            self._payload = (payload, replace(payload, tensors=self._on_device(payload.tensors)))
+        return self._payload[1]
+
+    def _personal(self, client_id: int) -> Params | None:
+        return self._on_device(self.store.load(client_id))
+
+    def _out(self, out: ClientOutput) -> ClientOutput:
+        """Uploads and personal state back on the CPU: they cross the network or go to disk."""
+        up = out.upload
+        return replace(out, upload=replace(up, tensors=_cpu(up.tensors)),
+                       personal=None if out.personal is None else _cpu(out.personal))
 
     def _reset(self) -> None:
         """Every client starts from the initial weights: copied tensor by tensor into views of
@@ -135,12 +172,13 @@ class ClientRunner:
             with _Threads():
                 self._reset()
                 data = self._data(job.client_id)
-                personal = self.store.load(job.client_id)
+                personal = self._personal(job.client_id)
                 ctx = ClientContext(job.client_id, job.round, job.num_rounds, job.seed, job.max_depth,
                                     job.width_factor)
                 stage = "client_update"
-                out = self.algorithm.client_update(self.model, job.payload, personal, data, ctx)
+                out = self.algorithm.client_update(self.model, self._in(job.payload), personal, data, ctx)
                 stage = "store"
+                out = self._out(out)
                 if out.personal is not None:
                     self.store.stage(job.client_id, job.round, out.personal)
         except Exception as err:
@@ -178,9 +216,9 @@ class ClientRunner:
                         raise ClientJobError(f"client {j.client_id} round {j.round}: fit job has no payload")
                     self._reset()
                     data = self._data(j.client_id)
-                    personal = self.store.load(j.client_id)
+                    personal = self._personal(j.client_id)
                     ctx = ClientContext(j.client_id, j.round, j.num_rounds, j.seed, j.max_depth, j.width_factor)
-                    self.algorithm.client_start(self.model, j.payload, personal, data, ctx)
+                    self.algorithm.client_start(self.model, self._in(j.payload), personal, data, ctx)
                     starts.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
                     datas.append(data)
                     ctxs.append(ctx)
@@ -194,7 +232,8 @@ class ClientRunner:
                     with torch.no_grad():  # every parameter is overwritten and there are no buffers
                         for n, p in self.model.named_parameters():
                             p.copy_(params[n])
-                    out = self.algorithm.client_finish(self.model, j.payload, personal, data, ctx, loss, seen)
+                    out = self._out(self.algorithm.client_finish(self.model, self._in(j.payload), personal, data,
+                                                                 ctx, loss, seen))
                     if out.personal is not None:
                         self.store.stage(j.client_id, j.round, out.personal)
                     outs.append(out)
@@ -218,9 +257,9 @@ class ClientRunner:
             with _Threads():
                 self._reset()
                 data = self._data(job.client_id)
-                personal = self.store.load(job.client_id)
+                personal = self._personal(job.client_id)
                 ctx = ClientContext(job.client_id, job.round, job.num_rounds, job.seed)
-                self.algorithm.load_for_eval(self.model, job.payload, personal, data, ctx)
+                self.algorithm.load_for_eval(self.model, self._in(job.payload), personal, data, ctx)
                 accs = exit_accuracies(self.model, data.x_test, data.y_test)
                 val_accs = (exit_accuracies(self.model, data.x_val, data.y_val)
                             if data.x_val is not None else [])

@@ -120,6 +120,7 @@ class Simulation:
         self.virtual_time = 0.0
         self.cum_down = 0
         self.cum_up = 0
+        self.devices: dict[str, set[str]] = {}  # resource class -> torch devices its clients trained on
         if resume:
             self._restore()
         else:
@@ -204,6 +205,9 @@ class Simulation:
                 client_recs.append(rec)
                 continue
             out = res.output
+            w = res.worker
+            device = f"{w['device']} ({w['device_note']})" if w.get("device_note") else w.get("device", "cpu")
+            self.devices.setdefault(prof.resource_class, set()).add(device)
             b_up = out.upload.nbytes
             up += b_up
             v = (prof.compute_seconds(self._train_macs(out.trained_depth), out.samples_processed)
@@ -213,6 +217,7 @@ class Simulation:
             rec.update(status="late" if late else "ok", virtual_s=v, bytes_down=b_down, bytes_up=b_up,
                        wall_s=res.wall_s, samples=out.samples_processed, pid=res.worker.get("pid"),
                        node_id=res.worker.get("node_id"), actor_resources=res.worker.get("resources"),
+                       device=device,
                        **{k: float(x) for k, x in out.metrics.items()})
             client_recs.append(rec)
             if late:
@@ -334,6 +339,8 @@ class Simulation:
             "dropped_late_total": sum(r.get("dropped_late", 0) for r in records),
             "wall_time_s": sum(r.get("wall_s", 0.0) for r in records),
             "exit_macs": list(self.cost.cumulative),
+            # which torch device each resource class trained on (a GPU class: cuda:N, or why not)
+            "devices": {c: sorted(d) for c, d in sorted(self.devices.items())},
             "final_checkpoint": str(rundir.latest_checkpoint(self.run_dir)),
         }
         rundir.write_summary(self.run_dir, summary)
