@@ -77,6 +77,19 @@ def test_synthetic_shape_and_separable() -> None:
     assert np.array_equal(ds.x_train, load_dataset(cfg, seed=5).x_train)
 
 
+def test_synthetic_draws_float32_the_same_for_any_chunk() -> None:
+    from cafe_ray.data.datasets import gaussian_clusters
+
+    means = np.arange(3 * 4, dtype=np.float32).reshape(3, 1, 2, 2)
+    whole = gaussian_clusters(np.random.default_rng(7), means, 1000, chunk=1000)
+    parts = gaussian_clusters(np.random.default_rng(7), means, 1000, chunk=37)
+    assert whole[0].dtype == np.float32 and whole[0].shape == (1000, 1, 2, 2)
+    assert np.array_equal(whole[0], parts[0]) and np.array_equal(whole[1], parts[1])
+    assert np.bincount(whole[1]).tolist() == [334, 333, 333]
+    noise = whole[0] - means[whole[1]]
+    assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1.0) < 0.1
+
+
 # ------------------------------------------------------------ fashion mnist
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_mnist_idx_under_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
