@@ -237,6 +237,10 @@ def _bench_out(out: Path | None) -> str:
     return str(out) if out else tempfile.mkdtemp(prefix="cafe-ray-bench-")
 
 
+JsonOpt = Annotated[Path | None, typer.Option(
+    "--json", help="Also write the rows, ratios included, as JSON Lines to this file (- = stdout, instead of the table).")]
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     dataset: Annotated[str, typer.Option(help="fashion_mnist (compute-bound workload) or digits/synthetic.")] = "fashion_mnist",
@@ -248,11 +252,12 @@ def bench_overhead(
     out: Annotated[Path | None, typer.Option(help="Where the engine's run directories go.")] = None,
     parallel: Annotated[bool, typer.Option(help="Also time W bare loops at once, each on its share of the clients "
                                                 "(what W busy cores of this machine deliver).")] = True,
+    json_out: JsonOpt = None,
 ) -> None:
     """Engine vs a fair floor (bare loop, 1 thread, same training and evaluation) and floor / workers."""
     import statistics
 
-    from cafe_ray.bench import overhead
+    from cafe_ray.bench import overhead, rows
     from cafe_ray.sim.engine import ensure_ray
 
     ensure_ray(None)
@@ -267,6 +272,8 @@ def bench_overhead(
     }
     results = [overhead.measure(label, cfg, repeats, parallel=parallel)
                for k, (label, cfg) in work.items() if only in (None, k)]
+    if rows.write_rows(rows.overhead_rows(results), json_out):
+        return
     table = Table(title="engine vs floor (wall s; min / median of alternated runs; lower is better)")
     for col in ("workload", "client-rounds", "floor 1 thread", "ideal floor/W", "parallel floor", "engine rounds",
                 "engine end-to-end", "engine/ideal", "steady/ideal", "steady/parallel", "ms/client-round above ideal",
@@ -293,11 +300,12 @@ def bench_overhead(
 def bench_cohort(
     clients: Annotated[list[int] | None, typer.Option(help="Cohort sizes (clients in one round).")] = None,
     repeats: Annotated[int, typer.Option(help="Plain/cohort pairs, alternated.")] = 3,
+    json_out: JsonOpt = None,
 ) -> None:
     """engine.vectorize's compute: one batched cohort vs the same clients one by one (1 thread, no Ray)."""
     import statistics
 
-    from cafe_ray.bench import overhead
+    from cafe_ray.bench import overhead, rows
 
     table = Table(title="vectorized cohort vs per-client training, one process, 1 thread")
     for col in ("workload", "clients", "per client s (min / median)", "cohort s (min / median)", "speed-up (min / median)",
@@ -307,11 +315,13 @@ def bench_cohort(
             for n in clients or [16, 50]]
     digits = overhead.workload("digits", 16, 1, 2, None, 8, None, "/tmp")
     work.append(("digits, 2 epochs (~10 steps), w8", digits))
-    for label, cfg in work:
-        res = overhead.cohort_vs_plain(cfg, repeats)
+    measured = [(label, cfg.data.num_clients, overhead.cohort_vs_plain(cfg, repeats)) for label, cfg in work]
+    if rows.write_rows(rows.cohort_rows(measured), json_out):
+        return
+    for label, clients, res in measured:
         p = [r.plain_s for r in res]
         c = [r.cohort_s for r in res]
-        table.add_row(label, str(cfg.data.num_clients), f"{min(p):.3f} / {statistics.median(p):.3f}", f"{min(c):.3f} / {statistics.median(c):.3f}",
+        table.add_row(label, str(clients), f"{min(p):.3f} / {statistics.median(p):.3f}", f"{min(c):.3f} / {statistics.median(c):.3f}",
                       f"{min(p) / min(c):.2f}x / {statistics.median(p) / statistics.median(c):.2f}x",
                       f"{max(r.max_param_diff for r in res):.1e}", " ".join(f"{r.load:.1f}" for r in res))
     Console(width=max(console.width, 200)).print(table)
@@ -326,16 +336,19 @@ def bench_scale(
     samples: Annotated[int, typer.Option(help="Synthetic training samples (the same in both runs).")] = 2_000_000,
     repeats: Annotated[int, typer.Option(help="Small/large pairs, alternated.")] = 1,
     out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
+    json_out: JsonOpt = None,
 ) -> None:
     """Steady round time and peak memory at 1,000 vs 1,000,000 registered clients, 100 per round."""
     import statistics
 
-    from cafe_ray.bench import scale
+    from cafe_ray.bench import rows, scale
     from cafe_ray.sim.engine import ensure_ray
 
     ensure_ray(None)
     o = _bench_out(out)
     res = [scale.measure_scale(n, per_round, rounds, o, samples) for _ in range(repeats) for n in (small, big)]
+    if rows.write_rows(rows.scale_rows(res, small, big), json_out):
+        return
     table = Table(title="rounds vs registered clients (same data, same clients per round)")
     for col in ("registered", "per round", "setup s", "steady round s (median)", "rounds s",
                 "steady CPU s/round (Ray processes, median)", "peak RSS MB", "load avg"):
@@ -360,15 +373,18 @@ def bench_startup(
     repeats: Annotated[int, typer.Option(help="Runs.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
     compare_preload: Annotated[bool, typer.Option(help="Alternate runs with and without the workers' preload.")] = False,
+    json_out: JsonOpt = None,
 ) -> None:
     """From the command to the end of the first round (fresh interpreter each run), and beyond ray.init."""
     import statistics
 
-    from cafe_ray.bench import startup
+    from cafe_ray.bench import rows, startup
 
     o = _bench_out(out)
     modes = (True, False) if compare_preload else (True,)
     res = [startup.measure_startup(config, o, preload=p) for _ in range(repeats) for p in modes]
+    if rows.write_rows(rows.startup_rows(res, str(config)), json_out):
+        return
     table = Table(title=f"start-up: {config}, command to end of round 0 (s)")
     for col in ("run", "workers preload", "interpreter + import CLI", "config + preflight", "ray.init",
                 "after ray.init to round 0 end", "total", "beyond ray.init", "load avg"):
@@ -402,16 +418,20 @@ def bench_memory(
     per_round: Annotated[int, typer.Option(help="Clients per round.")] = 50,
     rounds: Annotated[int, typer.Option(help="Rounds.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
+    json_out: JsonOpt = None,
 ) -> None:
     """Peak RSS (driver + actors) with 100 vs 1000 registered clients, same clients per round."""
     import ray
 
-    from cafe_ray.bench import memory
+    from cafe_ray.bench import memory, rows
     from cafe_ray.sim.engine import ensure_ray
 
     ensure_ray(None)
     o = _bench_out(out)
     res = [memory.measure(n, per_round, rounds, o) for n in (100, 1000)]
+    if rows.write_rows(rows.memory_rows(res), json_out):
+        ray.shutdown()
+        return
     table = Table(title="memory vs registered clients")
     for col in ("registered", "per round", "peak RSS MB", "client store MB"):
         table.add_column(col)
@@ -423,13 +443,18 @@ def bench_memory(
 
 
 @bench_app.command("all")
-def bench_all() -> None:
+def bench_all(json_dir: Annotated[Path | None, typer.Option(
+        "--json", help="Also write each benchmark's rows as JSON Lines into this folder (<name>.jsonl).")] = None,
+) -> None:
     """Every benchmark with its defaults."""
-    bench_overhead()
-    bench_memory()
-    bench_cohort()
-    bench_scale()
-    bench_startup()
+    def to(name: str) -> Path | None:
+        return json_dir / f"{name}.jsonl" if json_dir else None
+
+    bench_overhead(json_out=to("overhead"))
+    bench_memory(json_out=to("memory"))
+    bench_cohort(json_out=to("cohort"))
+    bench_scale(json_out=to("scale"))
+    bench_startup(json_out=to("startup"))
 
 
 def _register_command_modules() -> None:
