@@ -78,7 +78,7 @@ def test_enabling_after_ray_serve_was_imported_is_refused(monkeypatch):
 class _Health(BaseHTTPRequestHandler):
     run = ""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         ok = self.path in ("/healthz", "/app/healthz")
         data = json.dumps({"status": "ok", "run": self.run}).encode() if ok else b"{}"
         self.send_response(200 if ok else 404)
