@@ -151,8 +151,8 @@ def cli(tmp_path):
         procs.append(p)
         return p
 
-    start.ray_tmp = ray_tmp  # type: ignore[attr-defined]
-    start.runs = tmp_path / "runs"  # type: ignore[attr-defined]
+    start.ray_tmp = ray_tmp  # type: ignore[attr-defined]  # the fixture's folders, on what it yields
+    start.runs = tmp_path / "runs"  # type: ignore[attr-defined]  # (as above)
     yield start
     for p in procs:
         if p.poll() is None:
@@ -249,7 +249,7 @@ def _wait_for_checkpoint(cli, proc: subprocess.Popen) -> Path:
 
     assert wait_for(lambda: ckpt() is not None or proc.poll() is not None, timeout=300, interval=0.05)
     assert proc.poll() is None, _finish(proc)
-    return ckpt().parent.parent  # type: ignore[union-attr]
+    return ckpt().parent.parent  # type: ignore[union-attr]  # the wait above saw one
 
 
 def _resume_and_check(cli, run_dir: Path, printed: str, rounds: int) -> None:

@@ -362,7 +362,7 @@ def make_residual_loss_fn(
 
     def fixed(k: int, f: torch.Tensor) -> torch.Tensor:
         """(W_k^G0 + W_k^P) f + b_k^G0 + b_k^P: the residual on the received generic head."""
-        w0, b0 = received[k]  # type: ignore[index]
+        w0, b0 = received[k]  # type: ignore[index]  # fixed() runs only with a received head
         return F.linear(f, w0 + heads[k][0], b0 + heads[k][1])
 
     def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
