@@ -441,6 +441,7 @@ def _tiny(tmp_path: Path, name: str, clients: int, **top) -> Path:
     return path
 
 
+@pytest.mark.slow  # three `ray start` raylets and a CLI run through their address: minutes
 def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_it(tmp_path):
     base = _tiny(tmp_path, "multinode", 10, train={"local_epochs": 1, "batch_size": 32, "max_steps": 5},
                  round={"num_rounds": 2, "fraction": 1.0, "eval_every": 2}, profiles={"catalog": "iot_mix"})

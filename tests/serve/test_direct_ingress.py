@@ -24,6 +24,7 @@ from tests.serve.conftest import flat, free_port, read_until
 runner = CliRunner()
 
 
+@pytest.mark.slow  # a `cafe-ray serve --direct-ingress` process with its own Ray and Serve
 def test_serve_direct_ingress_answers_on_the_replica_port_like_the_proxy(serve_run_dir, serve_artifacts):
     """A separate `cafe-ray serve --direct-ingress` (its own local Ray): the printed replica URL
     answers /healthz for this run and predicts exactly what the proxy URL predicts."""
