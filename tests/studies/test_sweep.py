@@ -294,6 +294,7 @@ class _MostRunningAtOnce(Callback):
         self.most = max(self.most, sum(t.status == "RUNNING" for t in trials))
 
 
+@pytest.mark.slow  # two Tune sweeps of four trials each (862 s on the shared 2-core machine)
 @pytest.mark.timeout(1500)  # two sweeps of four trials
 def test_a_concurrent_sweep_run_twice_stops_the_same_trials_at_the_same_rungs(tmp_path, ray_session):
     base = _base(tmp_path, round={"num_rounds": 3, "fraction": 1.0, "eval_every": 1})
