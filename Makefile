@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: demo test lint install bench docs clean fuzz-serve
+.PHONY: demo test test-all lint install bench docs clean fuzz-serve
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,11 +18,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cafe-ray simulate $(ARGS)
 
+# `make test`: every test but the long end-to-end ones (`@pytest.mark.slow`: real multi-node
+# clusters, the autoscaler, repeated sweeps); `make test-all`: all of them, as CI runs.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# ruff on everything, mypy on cafe_ray/ (its settings: [tool.mypy] in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/cafe-ray bench all

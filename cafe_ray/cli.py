@@ -62,7 +62,7 @@ def _fail(msg: str, code: int = 2, err: BaseException | None = None) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Path | None, sets: list[str] | None):  # noqa: ANN202
+def _load(config: Path | None, sets: list[str] | None):
     path = config
     if path is None:
         if not DEFAULT_CONFIG.is_file():

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from cafe_ray.inference.learned import ExitMLP, PolicySpec, save_policy
 from cafe_ray.inference.observation import OBS_FEATURES
 
 
-def sb3_to_exit_mlp(model, env: EarlyExitEnv, meta: dict) -> ExitMLP:  # noqa: ANN001 - an SB3 PPO
+def sb3_to_exit_mlp(model: Any, env: EarlyExitEnv, meta: dict) -> ExitMLP:  # model: an SB3 PPO
     """Copy an SB3 ``MlpPolicy`` (shared flatten extractor, policy MLP, action head) into an ExitMLP."""
     pol = model.policy
     linears = [m for m in pol.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]

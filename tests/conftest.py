@@ -11,6 +11,9 @@ from torch import nn
 from cafe_ray.models.base import EarlyExitNet, LastExitHead
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The tests' models and policy fits are tiny: one thread runs them 2-4x faster than several
+# competing for the cores (as the simulation's own runners and Ray workers already do).
+torch.set_num_threads(1)
 
 
 def make_tiny_een(in_dim: int = 8, hidden: int = 16, num_classes: int = 4, m: int = 3, seed: int = 0) -> EarlyExitNet:

@@ -1,11 +1,22 @@
 """The CLI through typer's runner: real files, real commands, exit codes and messages."""
 
 import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from cafe_ray.cli import app
+from cafe_ray.runs import rundir
+from cafe_ray.sim.engine import wait_for
+from cafe_ray.sim.reaper import kill_session, session_pids
 
 runner = CliRunner()
 
@@ -109,18 +120,6 @@ def test_resume_prints_no_warning_a_fresh_run_does_not(tmp_path, sets):
 # no lost checkpoint. Each test runs Ray under its own RAY_TMPDIR, so "its"
 # processes are exactly those with that folder in their command line or open files
 # (plus those still in the CLI's own process session): other Ray users are untouched.
-import os  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from cafe_ray.runs import rundir  # noqa: E402
-from cafe_ray.sim.engine import wait_for  # noqa: E402
-from cafe_ray.sim.reaper import kill_session, session_pids  # noqa: E402
 
 CAFE_RAY = str(Path(sys.executable).parent / "cafe-ray")
 TINY = """name: t
@@ -152,8 +151,8 @@ def cli(tmp_path):
         procs.append(p)
         return p
 
-    start.ray_tmp = ray_tmp  # type: ignore[attr-defined]
-    start.runs = tmp_path / "runs"  # type: ignore[attr-defined]
+    start.ray_tmp = ray_tmp  # type: ignore[attr-defined]  # the fixture's folders, on what it yields
+    start.runs = tmp_path / "runs"  # type: ignore[attr-defined]  # (as above)
     yield start
     for p in procs:
         if p.poll() is None:
@@ -250,7 +249,7 @@ def _wait_for_checkpoint(cli, proc: subprocess.Popen) -> Path:
 
     assert wait_for(lambda: ckpt() is not None or proc.poll() is not None, timeout=300, interval=0.05)
     assert proc.poll() is None, _finish(proc)
-    return ckpt().parent.parent  # type: ignore[union-attr]
+    return ckpt().parent.parent  # type: ignore[union-attr]  # the wait above saw one
 
 
 def _resume_and_check(cli, run_dir: Path, printed: str, rounds: int) -> None:

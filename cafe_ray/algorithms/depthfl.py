@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from cafe_ray.algorithms.base import ClientContext, ClientData, register
 from cafe_ray.algorithms.cafedistill.loss import kd_term
 from cafe_ray.algorithms.submodel import SubModelFL, depth_of
-from cafe_ray.algorithms.training import LossFn
+from cafe_ray.algorithms.training import LossFn, tensor_sum
 from cafe_ray.models.base import EarlyExitNet
 
 
@@ -40,11 +40,11 @@ def mutual_distillation_loss(
 ) -> torch.Tensor:
     """sum_e CE(y, z_e) + kd_weight / (k-1) * sum_{e != e'} tau^2 KL(p_e' || p_e), teachers detached."""
     k = len(logits)
-    ce = sum(F.cross_entropy(z, y) for z in logits)
+    ce = tensor_sum(F.cross_entropy(z, y) for z in logits)
     if k < 2 or kd_weight == 0:
-        return ce  # type: ignore[return-value]
-    kd = sum(kd_term(logits[e], logits[o], temperature) for e in range(k) for o in range(k) if o != e)
-    return ce + kd_weight * kd / (k - 1)  # type: ignore[return-value]
+        return ce
+    kd = tensor_sum(kd_term(logits[e], logits[o], temperature) for e in range(k) for o in range(k) if o != e)
+    return ce + kd_weight * kd / (k - 1)
 
 
 def rampup(t: int, rounds: int) -> float:

@@ -29,7 +29,7 @@ from cafe_ray.algorithms.base import (
     register,
     with_global,
 )
-from cafe_ray.algorithms.training import local_sgd, sum_exit_ce
+from cafe_ray.algorithms.training import LossFn, local_sgd, sum_exit_ce
 from cafe_ray.models.base import EarlyExitNet
 
 
@@ -45,7 +45,7 @@ class FedAvgEE(Algorithm):
         msg = Message(tensors=global_params(state))
         return {cid: msg for cid in ctx.participants}
 
-    def _loss(self, anchor: Params | None):  # noqa: ANN202 - FedProx hook
+    def _loss(self, anchor: Params | None) -> LossFn:  # FedProx's hook
         return sum_exit_ce
 
     def client_update(
@@ -85,7 +85,7 @@ class FedAvgEE(Algorithm):
 class FedProxEE(FedAvgEE):
     name = "fedprox_ee"
 
-    def _loss(self, anchor: Params | None):  # noqa: ANN202
+    def _loss(self, anchor: Params | None) -> LossFn:
         mu = self.cfg.algorithm.fedprox.mu_prox
         assert anchor is not None
         anchors = {k: v.detach() for k, v in anchor.items()}

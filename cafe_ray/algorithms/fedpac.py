@@ -68,7 +68,7 @@ from cafe_ray.algorithms.fedper import FedPerEE
 from cafe_ray.algorithms.fedrep import train_only, unfreeze
 from cafe_ray.algorithms.heads import HeadProbe
 from cafe_ray.algorithms.pairwise import load_client, mix, store_client
-from cafe_ray.algorithms.training import LossFn, local_sgd, sum_exit_ce
+from cafe_ray.algorithms.training import LossFn, local_sgd, sum_exit_ce, tensor_sum
 from cafe_ray.models.base import BACKBONE_PREFIX, EXIT_PREFIX, EarlyExitNet, exit_of_key
 
 # Message / state keys besides the model's own.
@@ -189,9 +189,9 @@ def aligned_loss(probe: HeadProbe, targets: list[torch.Tensor] | None, lam: floa
         if targets is None or lam == 0:
             return sum_exit_ce(model, x, y)
         logits, feats = probe(x)
-        ce = sum(F.cross_entropy(z, y) for z in logits)
-        align = sum(alignment_loss(f, y, c) for f, c in zip(feats, targets, strict=True))
-        return ce + lam * align  # type: ignore[return-value]
+        ce = tensor_sum(F.cross_entropy(z, y) for z in logits)
+        align = tensor_sum(alignment_loss(f, y, c) for f, c in zip(feats, targets, strict=True))
+        return ce + lam * align
 
     return loss
 

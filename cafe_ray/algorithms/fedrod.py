@@ -43,7 +43,7 @@ from cafe_ray.algorithms.base import (
 )
 from cafe_ray.algorithms.fedavg import FedAvgEE
 from cafe_ray.algorithms.heads import PRIOR_FLOOR, HeadProbe, final_linear_keys
-from cafe_ray.algorithms.training import LossFn, local_sgd
+from cafe_ray.algorithms.training import LossFn, local_sgd, tensor_sum
 from cafe_ray.models.base import EarlyExitNet
 
 PHEAD_PREFIX = "phead."  # personal state: phead.{k}.weight / phead.{k}.bias
@@ -131,9 +131,9 @@ def fedrod_loss(
 
     def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits, feats = probe(x)
-        bsm = sum(balanced_softmax_loss(z, y, counts) for z in logits)
+        bsm = tensor_sum(balanced_softmax_loss(z, y, counts) for z in logits)
         z_ce = personal_ce_logits(probe, logits, feats, heads, exits, ce=ce, received=received)
-        return bsm + sum(F.cross_entropy(z_ce[k], y) for k in exits)  # type: ignore[return-value]
+        return bsm + tensor_sum(F.cross_entropy(z_ce[k], y) for k in exits)
 
     return loss
 

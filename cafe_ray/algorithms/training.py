@@ -7,9 +7,11 @@ context, never by a global RNG.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cafe_ray.algorithms.base import ClientContext, ClientData
 from cafe_ray.algorithms.sgd import SGD
@@ -20,9 +22,19 @@ from cafe_ray.models.base import EarlyExitNet
 LossFn = Callable[[EarlyExitNet, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sum_exit_ce(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The default early-exit loss: the sum over exits of cross-entropy."""
-    return sum(F.cross_entropy(z, y) for z in model(x))  # type: ignore[return-value]
+def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` typed as a tensor: the same additions in the same order (0 + t0 + t1 ...),
+    so losses stay bit-for-bit what they were."""
+    total: Any = 0
+    for t in terms:
+        total = total + t
+    return total
+
+
+def sum_exit_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default early-exit loss: the sum over exits of cross-entropy (``model`` is an
+    EarlyExitNet, possibly wrapped for distributed training)."""
+    return tensor_sum(F.cross_entropy(z, y) for z in model(x))
 
 
 def client_generator(ctx: ClientContext, stream: int = 0) -> torch.Generator:

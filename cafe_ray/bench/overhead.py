@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -159,7 +160,7 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1, clients: Sequence[int] |
         init = {k: v.clone() for k, v in model.state_dict().items()}
         glob = {k: v.clone() for k, v in init.items()}
 
-        def data(s) -> ClientData:  # noqa: ANN001
+        def data(s) -> ClientData:
             return ClientData(torch.from_numpy(ds.x_train[s.train_idx]), torch.from_numpy(ds.y_train[s.train_idx]),
                               torch.from_numpy(ds.x_test[s.test_idx]), torch.from_numpy(ds.y_test[s.test_idx]))
 
@@ -196,10 +197,10 @@ def floor_loop(cfg: ExperimentConfig, threads: int = 1, clients: Sequence[int] |
     return FloorTiming(loop_s, tuple(float(c / n) for c in correct), load)
 
 
-def _share(cfg_json: str, clients: list[int], barrier: object, out: object) -> None:
+def _share(cfg_json: str, clients: list[int], barrier: Any, out: Any) -> None:
     """One process of :func:`parallel_floor` (module level: spawn pickles it by name)."""
     cfg = ExperimentConfig.model_validate_json(cfg_json)
-    out.put(floor_loop(cfg, clients=clients, ready=barrier.wait).loop_s)  # type: ignore[attr-defined]
+    out.put(floor_loop(cfg, clients=clients, ready=barrier.wait).loop_s)  # a multiprocessing Barrier and Queue
 
 
 def parallel_floor(cfg: ExperimentConfig, workers: int) -> float:

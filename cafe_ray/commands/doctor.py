@@ -47,7 +47,7 @@ def versions() -> dict[str, str]:
 
         out["torch devices"] = (f"CUDA, {torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available()
                                 else "CPU only (no CUDA device visible)")
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - torch failing is shown by its version line above
         pass
     return out
 

@@ -87,7 +87,7 @@ class ClientSplits(Sequence[ClientSplit]):
     def __len__(self) -> int:
         return len(self.train_ptr) - 1
 
-    def __getitem__(self, i: int) -> ClientSplit:  # type: ignore[override]
+    def __getitem__(self, i: int) -> ClientSplit:  # type: ignore[override]  # ints only, no slices
         n = len(self)
         i = int(i)
         if i < 0:

@@ -120,7 +120,7 @@ def _check_labels(name: str, ytr: np.ndarray, yte: np.ndarray, num_classes: int)
 
 def _find(candidates: list[Path], required: list[str]) -> tuple[Path | None, list[str]]:
     """First candidate folder holding every required entry, plus a line per folder tried."""
-    tried = []
+    tried: list[str] = []
     for folder in candidates:
         missing = [r for r in required if not (folder / r).exists()]
         if not missing:
@@ -202,7 +202,7 @@ def _download_fashion(root: Path) -> tuple[Path | None, str]:
         import torchvision
 
         torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-    except Exception as err:  # any failure means "not found", reported below
+    except Exception as err:  # noqa: BLE001 - any failure means "not found", reported below
         return None, f"torchvision download into {root} failed ({err}); downloads are impossible offline."
     raw = root / "FashionMNIST" / "raw"
     if readers.find_idx_files(raw) is None:
@@ -387,7 +387,7 @@ def locate_dataset(cfg: DataConfig) -> tuple[str | None, list[str]]:
         return "generated in memory (no files)", []
     root = data_root(cfg)
     if cfg.name == "fashion_mnist":
-        tried = []
+        tried: list[str] = []
         for folder in (root / "FashionMNIST" / "raw", root, DEBIAN_FASHION_MNIST):
             if readers.find_idx_files(folder) is not None:
                 return str(folder), tried
@@ -400,5 +400,5 @@ def locate_dataset(cfg: DataConfig) -> tuple[str | None, list[str]]:
         "agnews": ([root / "ag_news_csv", root / "agnews", root], ["train.csv", "test.csv"]),
     }
     candidates, files = required[cfg.name]
-    folder, tried = _find(candidates, files)
-    return (str(folder) if folder is not None else None), tried
+    found, tried = _find(candidates, files)
+    return (str(found) if found is not None else None), tried

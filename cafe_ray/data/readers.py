@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import pickle
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class CorruptDatasetError(ValueError):
 
 
 # ------------------------------------------------------------------------- IDX
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: Path, expect_ndim: int | None = None) -> np.ndarray:
@@ -115,14 +116,14 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
         allowed[(mod, "_reconstruct")] = multiarray._reconstruct
         allowed[(mod, "scalar")] = multiarray.scalar
     for mod in ("numpy.core.numeric", "numpy._core.numeric"):
-        allowed[(mod, "_frombuffer")] = numeric._frombuffer  # protocol 5 arrays
+        allowed[(mod, "_frombuffer")] = vars(numeric)["_frombuffer"]  # protocol 5 arrays (private: absent from the stubs)
     return allowed
 
 
 class CifarUnpickler(pickle.Unpickler):
     """Unpickler that resolves only numpy array/dtype/scalar constructors (no other callables)."""
 
-    def __init__(self, file, path: Path) -> None:  # noqa: ANN001 - a binary file object
+    def __init__(self, file: IO[bytes], path: Path) -> None:
         super().__init__(file, encoding="bytes")
         self.path = path
         self.allowed = _allowed_globals()
@@ -144,7 +145,7 @@ def _unpickle(path: Path) -> dict[bytes, object]:
             obj = CifarUnpickler(f, path).load()
     except UnsafePickleError:
         raise
-    except Exception as err:  # pickle raises many types on garbage input
+    except Exception as err:  # noqa: BLE001 - pickle raises many types on garbage input
         raise CorruptDatasetError(f"{path}: not a readable CIFAR pickle ({err})") from None
     if not isinstance(obj, dict):
         raise CorruptDatasetError(f"{path}: expected a dict pickle, got {type(obj).__name__}")
@@ -174,6 +175,8 @@ def read_cifar_names(path: Path, key: bytes) -> tuple[str, ...] | None:
     names = _unpickle(path).get(key)
     if names is None:
         return None
+    if not isinstance(names, list | tuple):
+        raise CorruptDatasetError(f"{path}: {key!r} holds {type(names).__name__}, not a list of class names")
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
@@ -226,10 +229,10 @@ def decode_images(files: list[Path], size: int = 64) -> np.ndarray:
     for i, p in enumerate(files):
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im)
+                rgb = im.convert("RGB")
+                if rgb.size != (size, size):
+                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+                out[i] = np.asarray(rgb)
         except (OSError, UnidentifiedImageError) as err:
             raise CorruptDatasetError(f"{p}: cannot decode image ({err})") from None
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))

@@ -7,7 +7,9 @@ and optionally draws a clients x classes heatmap so it can be checked by eye.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from rich.console import Console
@@ -21,7 +23,7 @@ from cafe_ray.data.partition import partition_clients
 _BARS = " ▁▂▃▄▅▆▇█"
 
 
-def label_counts(ds: ArrayDataset, splits: list[ClientSplit], test: bool = False) -> np.ndarray:
+def label_counts(ds: ArrayDataset, splits: Sequence[ClientSplit], test: bool = False) -> np.ndarray:
     """int64 (clients, classes) matrix of label counts in each client's train (or test) split."""
     y = ds.y_test if test else ds.y_train
     k = max(ds.num_classes, int(ds.y_train.max()) + 1, int(ds.y_test.max()) + 1)
@@ -73,7 +75,7 @@ def plot_heatmap(counts: np.ndarray, path: Path, title: str, classes: tuple[str,
 
 
 def partition_report(cfg: ExperimentConfig, plot: Path | None, console: Console,
-                     max_rows: int = 50) -> list[ClientSplit]:
+                     max_rows: int = 50) -> Sequence[ClientSplit]:
     """Load and partition ``cfg.data`` with ``cfg.seed``, print a per-client table, maybe plot."""
     ds = load_dataset(cfg.data, seed=cfg.seed)
     splits = partition_clients(ds, cfg.data, seed=cfg.seed)
@@ -83,9 +85,11 @@ def partition_report(cfg: ExperimentConfig, plot: Path | None, console: Console,
            "shards": f"shards(k={pc.shards_per_client})"}[pc.kind]
     title = f"{ds.name}: {len(splits)} clients, {how}, seed {cfg.seed}"
     table = Table(title=title, show_lines=False)
-    for col, just in [("client", "right"), ("train", "right"), ("test", "right"),
-                      ("labels", "right"), ("train label histogram", "left"), ("top labels", "left")]:
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    columns: list[tuple[str, Literal["left", "right"]]] = [
+        ("client", "right"), ("train", "right"), ("test", "right"), ("labels", "right"),
+        ("train label histogram", "left"), ("top labels", "left")]
+    for col, just in columns:
+        table.add_column(col, justify=just)
     show_spark = train.shape[1] <= 64
     for s, row, trow in list(zip(splits, train, test, strict=True))[:max_rows]:
         table.add_row(str(s.client_id), str(len(s.train_idx)), str(trow.sum()),

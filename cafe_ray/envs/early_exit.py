@@ -126,7 +126,8 @@ class EarlyExitEnv(gym.Env[np.ndarray, np.int64]):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         if trace is None:
-            trace = load_trace(run_dir, client_id, split)  # type: ignore[arg-type]
+            assert run_dir is not None  # exactly one of the two, checked above
+            trace = load_trace(run_dir, client_id, split)
         self.trace = trace
         self.cost_weight = float(cost_weight)
         self.budget = float(budget)

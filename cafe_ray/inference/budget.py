@@ -90,7 +90,7 @@ class BudgetThreshold(ExitPolicy):
         x, _ = run.client_data(client_id, split)
         return cls(run.client_model(client_id), x, run.exit_cost, budget)
 
-    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+    def should_exit(self, probs, k, num_exits, macs_spent):
         return probs.max(dim=1).values >= self.threshold
 
     def describe(self) -> dict[str, Any]:

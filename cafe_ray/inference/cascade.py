@@ -599,7 +599,7 @@ class CascadePolicy(ExitPolicy):
         prior = None if self.spec.decide == "threshold" else self._prior(None, history[-1].shape[0])
         return self._price(history, k, prior) <= self.lam
 
-    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+    def should_exit(self, probs, k, num_exits, macs_spent):
         """Exit 0 only, and only without a combiner: the rest needs :func:`predict_batch`."""
         if k != 0 or self.combines:
             raise ValueError("the cascade policy needs the probabilities of every exit so far (and combines them); "

@@ -8,6 +8,7 @@ MACs of every stage and head it actually ran (the cascade cost).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -24,7 +25,10 @@ class Prediction:
     probs: torch.Tensor  # (B, C) probabilities at the exit taken
 
 
-def _take(h, idx: torch.Tensor):  # noqa: ANN001, ANN202 - a tensor or a tuple of tensors
+Hidden = TypeVar("Hidden", torch.Tensor, tuple[torch.Tensor, ...])  # a stage's output
+
+
+def _take(h: Hidden, idx: torch.Tensor) -> Hidden:
     if isinstance(h, tuple):
         return tuple(t[idx] for t in h)
     return h[idx]

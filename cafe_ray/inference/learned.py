@@ -171,7 +171,7 @@ class LearnedPolicy(ExitPolicy):
         logits = self.mlp(obs)  # (B, 2)
         return logits[:, 1] > logits[:, 0]
 
-    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+    def should_exit(self, probs, k, num_exits, macs_spent):
         return self.decide(probs, k, num_exits, macs_spent)
 
     def describe(self) -> dict[str, Any]:

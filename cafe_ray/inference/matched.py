@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ class Interval:
         return f"{scale * self.value:+.2f} [{scale * self.lo:+.2f}, {scale * self.hi:+.2f}]"
 
 
-def resample_counts(n: int, resamples: int, seed: int, chunk: int = 100):  # noqa: ANN201 - a generator
+def resample_counts(n: int, resamples: int, seed: int, chunk: int = 100) -> Iterator[np.ndarray]:
     """Yield (r, n) float64 count matrices: how often each sample is drawn in each resample.
 
     Same ``seed`` -> same resamples, so every comparison of one report resamples alike."""

@@ -48,7 +48,7 @@ class ExitPolicy(ABC):
 class FullDepth(ExitPolicy):
     name = "full"
 
-    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+    def should_exit(self, probs, k, num_exits, macs_spent):
         return torch.full((probs.shape[0],), k == num_exits - 1, dtype=torch.bool)
 
 
@@ -62,7 +62,7 @@ class Threshold(ExitPolicy):
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.threshold = float(threshold)
 
-    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+    def should_exit(self, probs, k, num_exits, macs_spent):
         return probs.max(dim=1).values >= self.threshold
 
     def describe(self) -> dict[str, Any]:
@@ -79,7 +79,7 @@ class EntropyThreshold(ExitPolicy):
             raise ValueError(f"max_entropy must be >= 0, got {max_entropy}")
         self.max_entropy = float(max_entropy)
 
-    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+    def should_exit(self, probs, k, num_exits, macs_spent):
         return confidence_features(probs)[:, 2] <= self.max_entropy
 
     def describe(self) -> dict[str, Any]:

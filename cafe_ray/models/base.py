@@ -8,6 +8,8 @@ Exit *policies* live outside the model (cafe_ray.inference).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -80,14 +82,19 @@ class EarlyExitNet(nn.Module):
             h = stage(h)
             logits.append(head(h))
         h = self.stages[-1](h)
-        last: LastExitHead = self.exits[-1]  # type: ignore[assignment]
+        last = self.last_exit
         feat = last.phi(h)  # (B, D)
         logits.append(last.linear(feat))
         return logits, feat
 
     @property
+    def last_exit(self) -> LastExitHead:
+        """The last exit (the constructor requires a LastExitHead there)."""
+        return cast(LastExitHead, self.exits[-1])
+
+    @property
     def last_head(self) -> nn.Linear:
-        return self.exits[-1].linear  # type: ignore[return-value]
+        return self.last_exit.linear
 
     # ------------------------------------------------------------ parameter split
     def backbone_keys(self) -> list[str]:

@@ -359,7 +359,7 @@ def capture_warnings(run_dir: Path, source: str, echo: bool = True) -> Callable[
 
     previous = warnings.showwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+    def show(message, category, filename, lineno, file=None, line=None):
         with contextlib.suppress(OSError):  # a full disk must not turn a warning into a crash
             record_warning(run_dir, source, str(message), category.__name__)
         if echo:

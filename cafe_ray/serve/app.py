@@ -32,6 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cafe_ray.serve.config import ServeConfig, server_url
@@ -205,7 +206,7 @@ def parse_body(body: bytes, content_type: str | None, query: dict[str, str],
 class ClientModels:
     """Every client's personal model of one run, multiplexed by client id, batched."""
 
-    def __init__(self, cfg: ServeConfig | dict[str, Any]) -> None:  # noqa: UP007
+    def __init__(self, cfg: ServeConfig | dict[str, Any]) -> None:
         cfg = cfg if isinstance(cfg, ServeConfig) else ServeConfig.model_validate(cfg)
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
@@ -354,7 +355,7 @@ class ClientModels:
 GRACEFUL_SHUTDOWN_S = 2.0  # a stopping replica finishes its requests for this long (Serve's default: 20 s)
 
 
-def build_app(cfg: ServeConfig):  # noqa: ANN201 - a ray.serve Application
+def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for ``cfg`` (not started): ``serve.run(build_app(cfg))``.
 
     ``cfg.autoscale`` (min, max) replaces the fixed ``replicas`` with Serve's autoscaling on
@@ -412,7 +413,7 @@ def running_proxy() -> tuple[str, int]:
 
 
 def start(cfg: ServeConfig, address: str | None = None, *,
-          require: frozenset[str] | set[str] = frozenset({"host", "port"})):  # noqa: ANN201 - a DeploymentHandle
+          require: frozenset[str] | set[str] = frozenset({"host", "port"})) -> DeploymentHandle:
     """Check the run, start Ray (if needed) and Serve's HTTP proxy on ``cfg.host:cfg.port``, deploy.
 
     Returns the deployment handle. Serve cannot change its HTTP options while it runs: if its

@@ -336,7 +336,7 @@ class MacCap(ExitPolicy):
         self.budget = float(budget)
         self.exit_index = cap_exit(cascade, budget)
 
-    def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN201
+    def should_exit(self, probs, k, num_exits, macs_spent):
         return torch.full((probs.shape[0],), k >= self.exit_index, dtype=torch.bool)
 
     def describe(self) -> dict[str, Any]:

@@ -17,13 +17,13 @@ another order) and are deterministic for a given cohort.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from cafe_ray.algorithms.base import ClientContext, ClientData
-from cafe_ray.algorithms.training import client_generator
+from cafe_ray.algorithms.training import client_generator, tensor_sum
 from cafe_ray.config import TrainConfig
 from cafe_ray.models.base import EarlyExitNet
 
@@ -80,7 +80,7 @@ def cohort_sgd(model: EarlyExitNet, starts: Sequence[Params], datas: Sequence[Cl
     def loss_fn(params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         outs = functional_call(model, params, (x,))
         denom = w.sum().clamp_min(1.0)
-        return sum((F.cross_entropy(z, y, reduction="none") * w).sum() / denom for z in outs)  # type: ignore[return-value]
+        return tensor_sum((F.cross_entropy(z, y, reduction="none") * w).sum() / denom for z in outs)
 
     step_fn = vmap(grad_and_value(loss_fn))
     model.train()
@@ -140,7 +140,7 @@ def even_runs(idx: Sequence[int], size: int) -> list[list[int]]:
     return out
 
 
-def split_cohorts(jobs: Sequence, size: int, class_of: object = None) -> list[list[int]]:
+def split_cohorts(jobs: Sequence, size: int, class_of: Mapping[int, str] | None = None) -> list[list[int]]:
     """Job indices in cohorts: consecutive jobs of one resource class, at most ``size`` at a time,
     in even runs (:func:`even_runs`).
 
@@ -149,7 +149,7 @@ def split_cohorts(jobs: Sequence, size: int, class_of: object = None) -> list[li
     """
     by_class: dict[object, list[int]] = {}
     for i, j in enumerate(jobs):
-        key = class_of.get(j.client_id) if class_of is not None else None  # type: ignore[attr-defined]
+        key = class_of.get(j.client_id) if class_of is not None else None
         by_class.setdefault(key, []).append(i)
     out: list[list[int]] = []
     for idx in by_class.values():

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from cafe_ray.config import ExperimentConfig
 from cafe_ray.runs import rundir
-from cafe_ray.sim.errors import (  # noqa: F401 - RunFailed, RunInterrupted: re-exported for callers
+from cafe_ray.sim.errors import (
     SIGNALS,
     RunFailed,
     RunInterrupted,
@@ -46,7 +46,7 @@ def _ray_factory(**kw: Any) -> RayExecutor:
     return RayExecutor(**kw)
 
 
-def _sequential_factory(*, cfg, dataset, splits, store_root, classes, client_class) -> SequentialExecutor:  # noqa: ANN001
+def _sequential_factory(*, cfg, dataset, splits, store_root, classes, client_class) -> SequentialExecutor:
     from cafe_ray.sim.executor import SequentialExecutor
 
     return SequentialExecutor(cfg, dataset, splits, store_root, client_class)
@@ -95,12 +95,20 @@ class Coordinator:
             return {"round": 0, "total": self.cfg.round.num_rounds, "status": "starting"}
         return dict(self.sim.progress.__dict__)
 
+    def _ray_executor(self) -> RayExecutor:
+        from cafe_ray.sim.executor import RayExecutor
+
+        executor = self.sim.executor if self.sim is not None else None
+        if not isinstance(executor, RayExecutor):
+            raise RuntimeError("client actors exist only once a run under executor=ray has started")
+        return executor
+
     def actor_info(self) -> list[dict]:
-        return self.sim.executor.actor_info()  # type: ignore[attr-defined]
+        return self._ray_executor().actor_info()
 
     def client_actors(self) -> list:
         """Handles of the client actors (fault-injection tests kill one)."""
-        return [a for pool in self.sim.executor.pools.values() for a in pool]  # type: ignore[attr-defined]
+        return [a for pool in self._ray_executor().pools.values() for a in pool]
 
 
 def run_here(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
@@ -196,7 +204,7 @@ def shutdown_ray(keep_ray: bool = False) -> None:
         watchdog.wait()
 
 
-def start(plan: RunPlan | ExperimentConfig, run_dir: Path, resume: bool, address: str | None = None):  # noqa: ANN201
+def start(plan: RunPlan | ExperimentConfig, run_dir: Path, resume: bool, address: str | None = None):
     """Start the coordinator actor; returns (actor handle, run() future).
 
     The coordinator runs on the driver's node: it needs no CPU, so Ray could otherwise
@@ -290,7 +298,7 @@ def run_simulation(
     return run_dir, summary
 
 
-def _stop_coordinator(actor, fut) -> None:  # noqa: ANN001
+def _stop_coordinator(actor, fut) -> None:
     """Kill the coordinator (its client actors die with it) and wait until it has stopped writing."""
     if actor is None:
         return
@@ -381,7 +389,7 @@ def _fields(p: dict[str, Any]) -> dict[str, Any]:
             "vt": f"{p.get('virtual_time_s', 0.0):.0f}s", "failed": p.get("failed_total", 0)}
 
 
-def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool,  # noqa: ANN001
+def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool,
             run_dir: Path | None = None, shown: set[str] | None = None) -> dict[str, Any]:
     import ray
 
@@ -431,7 +439,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
-def wait_for(pred, timeout: float = 60.0, interval: float = 0.2) -> bool:  # noqa: ANN001
+def wait_for(pred, timeout: float = 60.0, interval: float = 0.2) -> bool:
     """Poll ``pred`` until true or timeout (used by tests and benchmarks)."""
     end = time.time() + timeout
     while time.time() < end:

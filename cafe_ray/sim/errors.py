@@ -42,7 +42,7 @@ def _errno_of(err: BaseException) -> int | None:
     return errno.ENOSPC if "No space left on device" in str(err) else None
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -64,10 +64,7 @@ def describe(err: BaseException, cfg: ExperimentConfig | None = None) -> str:
     if isinstance(err, PermissionError) or code == errno.EACCES:
         return f"cannot write {getattr(err, 'filename', '') or 'the run directory'}: permission denied; " \
                "choose a writable output_dir"
-    try:
-        from ray.exceptions import RayActorError
-    except ImportError:  # pragma: no cover
-        RayActorError = ()  # type: ignore[assignment]  # noqa: N806
+    from ray.exceptions import RayActorError  # here, not at the top: callers need not import Ray
     if isinstance(err, RayActorError):
         return ("the coordinator process died (out of memory, or its node was lost): "
                 f"{one_line(err)[:300]}")

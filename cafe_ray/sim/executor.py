@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,13 @@ class Executor(ABC):
         pass
 
 
+def attached(runner: ClientRunner | None) -> ClientRunner:
+    """The runner of an executor or actor whose data is attached (a clear error otherwise)."""
+    if runner is None:
+        raise RuntimeError("no client data attached yet: attach() comes before any job")
+    return runner
+
+
 class SequentialExecutor(Executor):
     """Runs every client in this process, one after the other: for debugging."""
 
@@ -83,17 +91,17 @@ class SequentialExecutor(Executor):
 
     def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
         if not self.cfg.engine.vectorize:
-            return [self.runner.fit(j) for j in jobs]  # type: ignore[union-attr]
+            return [attached(self.runner).fit(j) for j in jobs]
         from cafe_ray.sim.cohort import cohort_size, split_cohorts
 
         results: list = [None] * len(jobs)
         for chunk in split_cohorts(jobs, cohort_size(self.cfg.engine.chunk_clients), self.client_class):
-            for i, r in zip(chunk, self.runner.fit_many([jobs[i] for i in chunk]), strict=True):  # type: ignore[union-attr]
+            for i, r in zip(chunk, attached(self.runner).fit_many([jobs[i] for i in chunk]), strict=True):
                 results[i] = r
         return results
 
     def run_eval(self, jobs: Sequence[EvalJob]) -> list[EvalResult]:
-        return [self.runner.evaluate(j) for j in jobs]
+        return [attached(self.runner).evaluate(j) for j in jobs]
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -266,17 +274,17 @@ class _ClientActor:
             freeze_heap()
         return True
 
-    def fit_chunk(self, data_refs: list, jobs: list[FitJob], pidx: list[int],  # noqa: ANN002
+    def fit_chunk(self, data_refs: list, jobs: list[FitJob], pidx: list[int],
                   *payloads) -> tuple[list[FitResult], dict[str, np.ndarray]]:
         """Train a chunk of virtual clients (one batched cohort under engine.vectorize); uploads
         come back as flat numpy buffers (:func:`pack_results`)."""
         self.attach(data_refs)
         full = [replace(j, payload=payloads[k]) for j, k in zip(jobs, pidx, strict=True)]
-        return pack_results(self.runner.fit_many(full))  # type: ignore[union-attr]
+        return pack_results(attached(self.runner).fit_many(full))
 
-    def evaluate_chunk(self, data_refs: list, jobs: list[EvalJob], pidx: list[int], *payloads) -> list[EvalResult]:  # noqa: ANN002
+    def evaluate_chunk(self, data_refs: list, jobs: list[EvalJob], pidx: list[int], *payloads) -> list[EvalResult]:
         self.attach(data_refs)
-        return [self.runner.evaluate(replace(j, payload=payloads[k]))  # type: ignore[union-attr]
+        return [attached(self.runner).evaluate(replace(j, payload=payloads[k]))
                 for j, k in zip(jobs, pidx, strict=True)]
 
     def info(self) -> dict:
@@ -347,9 +355,9 @@ class RayExecutor(Executor):
                 self._attached.append(a.attach.remote(self._data_refs))  # ordered before any chunk on that actor
         kept = (dataset, splits) if given else tuple(self.ray.get(self._data_refs))
         self._splits = kept[1]
-        return kept  # type: ignore[return-value]
+        return kept
 
-    def _new_actor(self, c: ResourceClass):  # noqa: ANN202 - an actor handle
+    def _new_actor(self, c: ResourceClass) -> Any:  # an actor handle
         actor = self._actor_cls.options(max_restarts=-1, max_task_retries=0, **c.ray_options()).remote(
             *self._actor_args, c.name)
         if self._data_refs is not None:  # a pool grown mid-run: load the data as attach() did

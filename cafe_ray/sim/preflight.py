@@ -28,10 +28,15 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cafe_ray.config import ConfigError, ExperimentConfig
 from cafe_ray.models.inputs import check_inputs
 from cafe_ray.sim.plan import RunPlan, load_data
+
+if TYPE_CHECKING:
+    from cafe_ray.data.base import ArrayDataset
+    from cafe_ray.sim.profiles import Catalog
 
 LOW_DISK_BYTES = 200 * 2**20  # warn below this much free space in output_dir
 
@@ -142,7 +147,7 @@ def other_algorithm_settings(cfg: ExperimentConfig) -> list[str]:
             and getattr(algo, name).model_dump() != f.get_default(call_default_factory=True).model_dump()]
 
 
-def _check_catalog(cfg: ExperimentConfig):  # noqa: ANN202 - a profiles.Catalog
+def _check_catalog(cfg: ExperimentConfig) -> Catalog:
     from cafe_ray.sim.profiles import resolve_catalog
 
     try:
@@ -238,7 +243,7 @@ def _tinyimagenet_size(cfg: ExperimentConfig) -> int:
     raise AssertionError("unreachable: the loader found what the index did not")
 
 
-def _in_thread(fn, *args) -> Future:  # noqa: ANN001
+def _in_thread(fn, *args) -> Future:
     """``fn(*args)`` in a daemon thread; the future holds its exception."""
     fut: Future = Future()
 
@@ -252,7 +257,7 @@ def _in_thread(fn, *args) -> Future:  # noqa: ANN001
     return fut
 
 
-def _check_model(cfg: ExperimentConfig, ds) -> None:  # noqa: ANN001 - an ArrayDataset
+def _check_model(cfg: ExperimentConfig, ds: ArrayDataset) -> None:
     from cafe_ray.models import make_model
 
     try:
@@ -283,12 +288,12 @@ def local_resources() -> dict[str, float]:
             import torch
 
             gpus = float(torch.cuda.device_count())
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a broken CUDA install counts as no GPU
             gpus = 0.0
     return {"CPU": cpus, "GPU": gpus}
 
 
-def _check_resources(cfg: ExperimentConfig, catalog, address: str | None,  # noqa: ANN001
+def _check_resources(cfg: ExperimentConfig, catalog, address: str | None,
                      report: PreflightReport) -> None:
     if cfg.executor == "sequential":
         report.resources_source = "not checked (executor=sequential)"

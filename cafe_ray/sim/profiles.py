@@ -233,7 +233,7 @@ class ProfileTable(Sequence[DeviceProfile]):
     def __len__(self) -> int:
         return len(self.tier_of)
 
-    def __getitem__(self, i: int) -> DeviceProfile:  # type: ignore[override]
+    def __getitem__(self, i: int) -> DeviceProfile:  # type: ignore[override]  # ints only, no slices
         return self.tiers[self.tier_of[i]]
 
     def __iter__(self) -> Iterator[DeviceProfile]:

@@ -326,7 +326,8 @@ class Simulation:
         rundir.write_parquet(rundir.read_jsonl(self.run_dir / rundir.CLIENTS), self.run_dir / "clients.parquet")
         rundir.plot_accuracy(records, self.run_dir / "accuracy.png",
                              f"{self.cfg.name}: {self.cfg.algorithm.name} on {self.cfg.data.name}")
-        last_eval = next((r for r in reversed(records) if r.get("acc_exit")), {})
+        empty: dict[str, Any] = {}
+        last_eval = next((r for r in reversed(records) if r.get("acc_exit")), empty)
         summary = {
             "name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "dataset": self.cfg.data.name,
             "rounds": len(records), "num_clients": self.cfg.data.num_clients,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import SimpleNamespace
+from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
@@ -33,7 +34,7 @@ class ResumableASHA(ASHAScheduler):
         """
         if self._metric_op is None:
             raise ValueError("ResumableASHA.replay needs the scheduler's metric and mode")
-        bracket = self._brackets[0]
+        bracket: Any = self._brackets[0]  # fed stubs for trials and float milestones
         for trial_id, results in histories.items():
             stub = SimpleNamespace(trial_id=trial_id)  # rungs key on the trial id only
             for t, value in results:
@@ -65,10 +66,10 @@ class OrderedASHA(ResumableASHA):
     the earliest held trial is decided from what has arrived, as Ray's ASHA would.
     """
 
-    def __init__(self, *args: object, patience_s: float = 30.0, **kwargs: object) -> None:
+    def __init__(self, *args: Any, patience_s: float = 30.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.patience_s = patience_s
-        self._held: dict[str, tuple[object, dict]] = {}  # trial id -> (trial, result)
+        self._held: dict[str, tuple[Any, dict]] = {}  # trial id -> (trial, result)
         self._held_since: float | None = None
         self._done: set[str] = set()
         self._releasing = False
@@ -101,7 +102,7 @@ class OrderedASHA(ResumableASHA):
         rec = next(r for m, r in self._brackets[0]._rungs if m == milestone)
         return trial_id in rec or trial_id in self._done
 
-    def _decidable(self, controller: object, trial: object, result: dict) -> bool:
+    def _decidable(self, controller: Any, trial: Any, result: dict) -> bool:
         milestone = self._milestone(trial.trial_id, result)
         if milestone is None:
             return True
@@ -113,7 +114,7 @@ class OrderedASHA(ResumableASHA):
         return True
 
     # ------------------------------------------------------------------ Tune hooks
-    def on_trial_result(self, tune_controller: object, trial: object, result: dict) -> str:
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if not self._decidable(tune_controller, trial, result):
             self._held[trial.trial_id] = (trial, dict(result))
             self._release(tune_controller)
@@ -122,29 +123,29 @@ class OrderedASHA(ResumableASHA):
         self._release(tune_controller)
         return decision
 
-    def on_trial_complete(self, tune_controller: object, trial: object, result: dict) -> None:
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         self._done.add(trial.trial_id)
         self._held.pop(trial.trial_id, None)
         super().on_trial_complete(tune_controller, trial, result)
         self._release(tune_controller)
 
-    def on_trial_error(self, tune_controller: object, trial: object) -> None:
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
         self._done.add(trial.trial_id)
         self._held.pop(trial.trial_id, None)
         super().on_trial_error(tune_controller, trial)
         self._release(tune_controller)
 
-    def on_trial_remove(self, tune_controller: object, trial: object) -> None:
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         self._done.add(trial.trial_id)
         self._held.pop(trial.trial_id, None)
         super().on_trial_remove(tune_controller, trial)
         self._release(tune_controller)
 
-    def choose_trial_to_run(self, tune_controller: object) -> object:
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
         self._release(tune_controller)  # called every step: the patience clock runs here
         return super().choose_trial_to_run(tune_controller)
 
-    def _release(self, tune_controller: object) -> None:
+    def _release(self, tune_controller: Any) -> None:
         """Decide every held result that has become decidable, earliest trial first."""
         import time
 
@@ -179,7 +180,7 @@ class OrderedASHA(ResumableASHA):
         finally:
             self._releasing = False
 
-    def _decide(self, tune_controller: object, trial_id: str) -> None:
+    def _decide(self, tune_controller: Any, trial_id: str) -> None:
         trial, result = self._held.pop(trial_id)
         decision = super().on_trial_result(tune_controller, trial, result)
         if getattr(trial, "status", "RUNNING") != "RUNNING":

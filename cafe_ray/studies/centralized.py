@@ -205,7 +205,8 @@ def run_centralized(
 
     model = make_model(cfg, ds)
     cost = exit_macs(model, ds.input_shape, torch.int64 if ds.is_text else torch.float32)
-    last = next((r for r in reversed(history) if r.get("acc_exit")), {})
+    empty: dict[str, Any] = {}
+    last = next((r for r in reversed(history) if r.get("acc_exit")), empty)
     summary = {
         "name": named.name, "algorithm": ALGORITHM, "dataset": cfg.data.name,
         "rounds": len(history), "num_clients": cfg.data.num_clients,

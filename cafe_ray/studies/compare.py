@@ -233,7 +233,7 @@ def raw_config(study: Study, setting: dict[str, Any], v: Variant, seed: int,
 
 
 def config_for(study: Study, setting: dict[str, Any], v: Variant, out: Path, seed: int | None = None,
-               tuned: dict[str, Any] | None = None):  # noqa: ANN201
+               tuned: dict[str, Any] | None = None):
     seed = study.seeds[0] if seed is None else seed
     raw = raw_config(study, setting, v, seed, tuned)
     raw["output_dir"] = str(out / "runs" / _slug(setting_name(setting)) / f"seed_{seed}")

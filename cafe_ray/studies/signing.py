@@ -178,13 +178,13 @@ class Signer:
         self._last = time.monotonic()
 
     # Ray Tune callback hooks (duck-typed: tune.Callback's other hooks are looked up on it)
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:  # noqa: ARG002
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         import time
 
         if time.monotonic() - self._last >= self.every_s:
             self.sign()
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:  # noqa: ARG002
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.sign(full=True)
 
 

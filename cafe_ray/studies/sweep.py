@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -58,6 +58,9 @@ from cafe_ray.config import (
     dump_config,
 )
 from cafe_ray.studies import signing
+
+if TYPE_CHECKING:  # imports ray.tune
+    from cafe_ray.studies.asha import OrderedASHA
 
 METRIC = "acc_avg_exit"  # what every evaluated round reports (test split)
 VAL_METRIC = "val_acc_avg_exit"  # what trials are ranked and stopped by when a validation split exists
@@ -182,7 +185,7 @@ def trial_bundles(cfg: ExperimentConfig, coordinator_cpus: float = 0.0) -> list[
     return bundles
 
 
-def _trial_resources(params: dict[str, Any], *, base: dict[str, Any], coordinator_cpus: float):  # noqa: ANN202
+def _trial_resources(params: dict[str, Any], *, base: dict[str, Any], coordinator_cpus: float):
     from ray.tune import PlacementGroupFactory
 
     return PlacementGroupFactory(trial_bundles(trial_config(base, params), coordinator_cpus), strategy="PACK")
@@ -196,8 +199,8 @@ def tune_metrics(rec: dict[str, Any]) -> dict[str, Any]:
               "virtual_time_s", "failed", "completed", "val_acc_avg_exit", "val_acc_worst_client"):
         if rec.get(k) is not None:
             out[k] = rec[k]
-    for k, a in enumerate(rec.get("acc_exit") or []):
-        out[f"acc_exit_{k + 1}"] = a
+    for i, a in enumerate(rec.get("acc_exit") or []):
+        out[f"acc_exit_{i + 1}"] = a
     out["cum_bytes"] = int(rec.get("cum_bytes_down", 0)) + int(rec.get("cum_bytes_up", 0))
     return out
 
@@ -370,7 +373,7 @@ def search_seed(spec: dict[str, Any]) -> int:
     return int(spec.get("search_seed", build_config(spec["base"]).seed))
 
 
-def make_scheduler(spec: dict[str, Any]):  # noqa: ANN201 - an OrderedASHA (imports ray.tune)
+def make_scheduler(spec: dict[str, Any]) -> OrderedASHA:
     """The sweep's ASHA from its spec (a sweep saved before the spec kept it: the defaults).
 
     Rung decisions are taken in trial order (:class:`~cafe_ray.studies.asha.OrderedASHA`), so

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cafe_ray.runs import rundir
@@ -69,6 +70,7 @@ def _simulate(c: FakeCluster, args: list[str], cwd: Path, **kw) -> subprocess.Po
 IDLE_S = 20  # the cluster's idle_timeout_minutes, in seconds
 
 
+@pytest.mark.slow  # a real autoscaler launching and idling a raylet: minutes
 def test_simulate_makes_the_autoscaler_launch_the_node_a_class_needs_then_it_goes_when_idle(tmp_path):
     cfg = _config(tmp_path, remote=3, local=3)
     with fake_autoscaling_cluster(dict(HEAD), WORKER_TYPES, idle_timeout_minutes=IDLE_S / 60) as c:
@@ -131,6 +133,7 @@ TWO_NODES = {"remote": {"resources": {"CPU": 1, "remote_dev": 1}, "node_config":
                         "min_workers": 0, "max_workers": 2}}
 
 
+@pytest.mark.slow  # a real autoscaled cluster, a run, a kill and a resume: minutes
 def test_a_worker_node_killed_mid_run_fails_its_clients_then_resume_is_exact(tmp_path):
     # fits on the remote nodes take long enough (many steps) that the kill lands while
     # some are in flight; rounds 0..3, evaluation at the end only, checkpoint every round.

@@ -223,7 +223,7 @@ def test_check_fails_on_a_gpu_node_type_with_a_cpu_torch_build(tmp_path):
     assert r.exit_code == 1 and "CPU build" in r.output
 
 
-def _fake_resolver(calls: list):  # noqa: ANN202
+def _fake_resolver(calls: list):
     def resolve(region: str, names: list[str]) -> dict[str, str]:
         calls.append((region, list(names)))
         return {n: "ami-0123456789abcdef0" for n in names}
@@ -267,11 +267,11 @@ def test_pin_image_from_instance_gives_workers_the_heads_ami_over_imds(tmp_path,
     import threading
 
     class Imds(http.server.BaseHTTPRequestHandler):
-        def do_PUT(self):  # noqa: N802
+        def do_PUT(self):
             ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
             self._send(200 if ok else 400, b"tok")
 
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             ok = self.path == "/latest/meta-data/ami-id" and self.headers.get("X-aws-ec2-metadata-token") == "tok"
             self._send(200 if ok else 401, b"ami-0fedcba9876543210")
 
@@ -280,7 +280,7 @@ def test_pin_image_from_instance_gives_workers_the_heads_ami_over_imds(tmp_path,
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *a):  # noqa: ANN002
+        def log_message(self, *a):
             pass
 
     from ray.autoscaler._private.util import prepare_config
@@ -441,6 +441,7 @@ def _tiny(tmp_path: Path, name: str, clients: int, **top) -> Path:
     return path
 
 
+@pytest.mark.slow  # three `ray start` raylets and a CLI run through their address: minutes
 def test_multi_node_simulation_pins_a_device_class_to_the_node_that_advertises_it(tmp_path):
     base = _tiny(tmp_path, "multinode", 10, train={"local_epochs": 1, "batch_size": 32, "max_steps": 5},
                  round={"num_rounds": 2, "fraction": 1.0, "eval_every": 2}, profiles={"catalog": "iot_mix"})

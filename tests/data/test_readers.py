@@ -20,7 +20,7 @@ class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 
@@ -46,7 +46,7 @@ def test_builtins_that_run_code_are_refused(tmp_path, callable_):
     path = tmp_path / "b"
 
     class Evil:
-        def __reduce__(self):  # noqa: ANN204
+        def __reduce__(self):
             return (callable_, ("1",) if callable_ is not getattr else (1, "real"))
 
     path.write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))

@@ -143,4 +143,4 @@ def test_cli_compare_reports_a_missing_policy(run_dir, tmp_path):
 
 def test_recipe_model_is_frozen():
     with pytest.raises(Exception, match="frozen"):
-        PolicyRecipe().cost_weight = 1.0  # type: ignore[misc]
+        PolicyRecipe().cost_weight = 1.0  # type: ignore[misc]  # the point: assigning must fail

@@ -8,7 +8,7 @@ from cafe_ray.models import cnn_small
 from cafe_ray.models.macs import exit_macs
 
 
-def reference(model, x, threshold: float | None, cost):  # noqa: ANN001
+def reference(model, x, threshold: float | None, cost):
     """Each sample's answer at the first exit whose top probability reaches the threshold."""
     with torch.no_grad():
         probs = [z.softmax(dim=1) for z in model(x)]
@@ -44,7 +44,7 @@ def test_policies_see_the_macs_every_running_sample_has_spent():
             super().__init__(0.5)
             self.seen: list[tuple[int, list[int]]] = []
 
-        def should_exit(self, probs, k, num_exits, macs_spent):  # noqa: ANN001, ANN202
+        def should_exit(self, probs, k, num_exits, macs_spent):
             self.seen.append((k, macs_spent.tolist()))
             return super().should_exit(probs, k, num_exits, macs_spent)
 

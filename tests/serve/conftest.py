@@ -34,7 +34,7 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def read_until(proc, done) -> str:  # noqa: ANN001 - a text-mode Popen; done(line) -> bool
+def read_until(proc, done) -> str:
     """A CLI subprocess's output up to and including the first line ``done`` accepts, whitespace
     collapsed (rich wraps long lines)."""
     lines: list[str] = []

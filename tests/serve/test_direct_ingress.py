@@ -24,6 +24,7 @@ from tests.serve.conftest import flat, free_port, read_until
 runner = CliRunner()
 
 
+@pytest.mark.slow  # a `cafe-ray serve --direct-ingress` process with its own Ray and Serve
 def test_serve_direct_ingress_answers_on_the_replica_port_like_the_proxy(serve_run_dir, serve_artifacts):
     """A separate `cafe-ray serve --direct-ingress` (its own local Ray): the printed replica URL
     answers /healthz for this run and predicts exactly what the proxy URL predicts."""
@@ -78,7 +79,7 @@ def test_enabling_after_ray_serve_was_imported_is_refused(monkeypatch):
 class _Health(BaseHTTPRequestHandler):
     run = ""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         ok = self.path in ("/healthz", "/app/healthz")
         data = json.dumps({"status": "ok", "run": self.run}).encode() if ok else b"{}"
         self.send_response(200 if ok else 404)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.serve.conftest import free_port, read_until
 
@@ -28,6 +29,7 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # a `cafe-ray serve` process with its own Ray and Serve, then SIGTERM
 def test_sigterm_stops_the_server_and_every_process_it_started(serve_run_dir):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

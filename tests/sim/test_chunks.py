@@ -143,7 +143,7 @@ def test_rounds_split_by_measured_speed_on_real_actors_give_the_sequential_metri
     calls: list[int] = []
     chunks = executor.RayExecutor._chunks
 
-    def counted(self, jobs, idx, n_actors, method, name):  # noqa: ANN001, ANN202
+    def counted(self, jobs, idx, n_actors, method, name):
         out = chunks(self, jobs, idx, n_actors, method, name)
         if method == "fit":
             calls.append(len(out))

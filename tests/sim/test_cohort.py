@@ -17,7 +17,7 @@ from cafe_ray.sim.runner import ClientRunner, FitJob
 from tests.sim.conftest import comparable, tiny_cfg
 
 
-def _setup(tmp_path, algo: str, vectorize: bool = True, n: int = 7):  # noqa: ANN202
+def _setup(tmp_path, algo: str, vectorize: bool = True, n: int = 7):
     cfg = build_config({
         "data": {"name": "digits", "num_clients": n, "partition": {"kind": "dirichlet", "alpha": 0.5, "min_size": 20}},
         "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": algo},

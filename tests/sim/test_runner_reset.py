@@ -10,7 +10,7 @@ from cafe_ray.sim.runner import ClientRunner
 from tests.sim.conftest import tiny_cfg
 
 
-def _runner(tmp_path) -> ClientRunner:  # noqa: ANN001
+def _runner(tmp_path) -> ClientRunner:
     cfg = tiny_cfg(tmp_path, executor="sequential")
     ds = load_dataset(cfg.data, seed=cfg.seed)
     return ClientRunner(cfg, ds, partition_clients(ds, cfg.data, seed=cfg.seed), tmp_path / "store")

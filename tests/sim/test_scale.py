@@ -18,10 +18,10 @@ from tests.sim.conftest import tiny_cfg
 
 
 class _Counter:
-    def __init__(self, fn):  # noqa: ANN001
+    def __init__(self, fn):
         self.fn, self.calls = fn, 0
 
-    def __call__(self, *a, **kw):  # noqa: ANN002, ANN003, ANN204
+    def __call__(self, *a, **kw):
         self.calls += 1
         return self.fn(*a, **kw)
 
@@ -116,7 +116,7 @@ def test_simulation_at_many_clients_runs_and_reads_back(tmp_path):
     assert len(rundir.read_profiles(tmp_path / "run")) == n
 
 
-def _scale_cfg(tmp_path, n: int):  # noqa: ANN001, ANN202
+def _scale_cfg(tmp_path, n: int):
     """The same data (10^6 tiny samples) and 40 clients per round, at n registered clients."""
     return tiny_cfg(tmp_path, "data.name=synthetic", f"data.num_clients={n}", "data.synthetic_samples=1000000",
                     "data.synthetic_shape=[1, 4, 4]", "data.partition.kind=iid", "model.width=4",

@@ -16,14 +16,14 @@ from tests.sim.conftest import comparable, tiny_cfg
 
 
 def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def fail(*a, **k):
         pytest.fail("the run loaded or partitioned the data again instead of reusing preflight's")
 
     monkeypatch.setattr(plan_mod, "load_dataset", fail)
     monkeypatch.setattr(plan_mod, "partition_clients", fail)
 
 
-def _same_splits(a, b) -> bool:  # noqa: ANN001
+def _same_splits(a, b) -> bool:
     a, b = as_client_splits(a), as_client_splits(b)
     return all(np.array_equal(getattr(a, k), getattr(b, k))
                for k in ("train_ptr", "train_idx", "test_ptr", "test_idx", "val_ptr", "val_idx"))

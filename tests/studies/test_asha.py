@@ -21,7 +21,7 @@ CURVES = {
 class _Controller:
     """Tune's controller as a scheduler sees it: trials in creation order, stop and train."""
 
-    def __init__(self, scheduler, concurrency: int, seed: int) -> None:  # noqa: ANN001
+    def __init__(self, scheduler, concurrency: int, seed: int) -> None:
         self.s, self.rng, self.concurrency = scheduler, random.Random(seed), concurrency
         self.trials = [SimpleNamespace(trial_id=k, status="PENDING", rounds=0) for k in CURVES]
         self.ready: set[str] = set()  # running and not waiting for a decision
@@ -29,15 +29,15 @@ class _Controller:
     def get_trials(self) -> list:
         return self.trials
 
-    def stop_trial(self, trial) -> None:  # noqa: ANN001
+    def stop_trial(self, trial) -> None:
         trial.status = "TERMINATED"
         self.ready.discard(trial.trial_id)
         self.s.on_trial_complete(self, trial, self._result(trial))
 
-    def _schedule_trial_train(self, trial) -> None:  # noqa: ANN001
+    def _schedule_trial_train(self, trial) -> None:
         self.ready.add(trial.trial_id)
 
-    def _result(self, trial) -> dict:  # noqa: ANN001
+    def _result(self, trial) -> dict:
         return {"round": trial.rounds, "acc": CURVES[trial.trial_id][trial.rounds - 1]}
 
     def run(self) -> dict[str, int]:
@@ -63,7 +63,7 @@ class _Controller:
         return {t.trial_id: t.rounds for t in self.trials}
 
 
-def _asha(cls):  # noqa: ANN001, ANN202
+def _asha(cls):
     return cls(time_attr="round", metric="acc", mode="max", max_t=4, grace_period=1, reduction_factor=2)
 
 

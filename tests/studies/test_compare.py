@@ -115,6 +115,7 @@ def test_bad_studies_fail_before_running(tmp_path):
         load_study(p)
 
 
+@pytest.mark.slow  # a Tune sweep per variant, then the seed runs with the tuned values
 def test_equal_budget_tuning_on_validation(tmp_path, ray_session):
     p = _study(tmp_path, grid={"data.partition.alpha": [0.5]},
                tuning={"trials": 2, "space": {"train.lr": {"choice": [0.01, 0.05]}}})

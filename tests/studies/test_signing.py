@@ -29,12 +29,12 @@ class _Marker:
     def __init__(self, path: Path) -> None:
         self.path = str(path)
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, ray_session):  # noqa: ANN001 - ray_session: the shared Ray
+def sweep(tmp_path_factory, ray_session):
     """A real finished sweep (one trial, one round), and the CLI arguments that resume it."""
     tmp = tmp_path_factory.mktemp("signed")
     cfg, sp = tmp / "c.yaml", tmp / "s.yaml"
@@ -57,7 +57,7 @@ def _table(out: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "run_dir"} for row in csv.DictReader(f)]
 
 
-def _resume(args: list[str], out: Path, *extra: str):  # noqa: ANN202
+def _resume(args: list[str], out: Path, *extra: str):
     return CliRunner().invoke(app, [*args, "--out", str(out), *extra])
 
 

@@ -78,8 +78,8 @@ from cafe_ray.algorithms.fedrod import (
     received_heads,
 )
 from cafe_ray.algorithms.heads import HeadProbe
-from cafe_ray.algorithms.training import LossFn
-from cafe_ray.models.base import EarlyExitNet, LastExitHead
+from cafe_ray.algorithms.training import LossFn, tensor_sum
+from cafe_ray.models.base import EarlyExitNet
 
 KD_BACKBONE = ("full", "detach", "scaled")
 KD_GATES = ("none", "teacher_correct", "teacher_confident")
@@ -210,7 +210,7 @@ def forward_stages(model: EarlyExitNet, x: torch.Tensor, detached_exits: frozens
         h = stage(h)
         hs.append(h)
         if k == m - 1:
-            last: LastExitHead = head  # type: ignore[assignment]
+            last = model.last_exit
             phi = last.phi(h)
             logits.append(last.linear(phi))
         else:
@@ -232,13 +232,13 @@ def cafedistill_loss(
     """
     m = len(logits)
     ces = [F.cross_entropy(logits[k], y) for k in sorted({*students, m - 1})]
-    total = sum(ces)
+    total = tensor_sum(ces)
     kd = logits[-1].new_zeros(())
     if lam > 0:
         for k in students:
             kd = kd + kd_term(logits[k], zbar, tau)
         total = total + lam * kd
-    return total, kd.detach()  # type: ignore[return-value]
+    return total, kd.detach()
 
 
 @dataclass
@@ -292,7 +292,7 @@ def make_loss_fn(
         unselected = frozenset(range(m - 1)) - set(students) if opts.unselected == "ce_detached" else frozenset()
         logits, hs, phi = forward_stages(model, x, unselected)
         trained = sorted({*students, m - 1, *unselected})
-        total = sum(F.cross_entropy(logits[k], y) for k in trained)
+        total = tensor_sum(F.cross_entropy(logits[k], y) for k in trained)
         kd = logits[-1].new_zeros(())
         if opts.lam > 0 and opts.kd_exits(students, m):
             w, b = teacher_weight, teacher_bias
@@ -313,7 +313,7 @@ def make_loss_fn(
             total = total + opts.lam * kd
         elif stats is not None:
             stats.add(kd, int(y.shape[0]))
-        return total  # type: ignore[return-value]
+        return total
 
     return loss
 
@@ -362,7 +362,7 @@ def make_residual_loss_fn(
 
     def fixed(k: int, f: torch.Tensor) -> torch.Tensor:
         """(W_k^G0 + W_k^P) f + b_k^G0 + b_k^P: the residual on the received generic head."""
-        w0, b0 = received[k]  # type: ignore[index]
+        w0, b0 = received[k]  # type: ignore[index]  # fixed() runs only with a received head
         return F.linear(f, w0 + heads[k][0], b0 + heads[k][1])
 
     def loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -371,11 +371,11 @@ def make_residual_loss_fn(
         logits, feats = probe(x)
         trained = sorted({*students, m - 1, *unselected})
         if opts.unselected == "excluded":  # an exit outside S_i adds no term at all, not even its BSM
-            generic = sum(balanced_softmax_loss(logits[k], y, counts) for k in trained)
+            generic = tensor_sum(balanced_softmax_loss(logits[k], y, counts) for k in trained)
         else:
-            generic = sum(balanced_softmax_loss(z, y, counts) for z in logits)
+            generic = tensor_sum(balanced_softmax_loss(z, y, counts) for z in logits)
         z_ce = personal_ce_logits(probe, logits, feats, list(heads), trained, ce=opts.residual_ce, received=received)
-        total = generic + sum(F.cross_entropy(z_ce[k], y) for k in trained)
+        total = generic + tensor_sum(F.cross_entropy(z_ce[k], y) for k in trained)
         kd = logits[-1].new_zeros(())
         if opts.lam > 0 and opts.kd_exits(students, m):
             w, b = teacher_weight, teacher_bias
@@ -403,6 +403,6 @@ def make_residual_loss_fn(
             total = total + opts.lam * kd
         elif stats is not None:
             stats.add(kd, int(y.shape[0]))
-        return total  # type: ignore[return-value]
+        return total
 
     return loss

@@ -113,8 +113,8 @@ def select_students(
     out: dict[int, tuple[int, ...]] = {}
     for cid in participants:
         s = set(plan.tier1)
-        if cid in winners:
-            s.add(plan.tier2_exit)  # type: ignore[arg-type]
+        if cid in winners and plan.tier2_exit is not None:  # winners exist only with a tier-2 exit
+            s.add(plan.tier2_exit)
         out[cid] = tuple(sorted(s))
     return out
 
