@@ -1,5 +1,6 @@
 """The CLI through typer's runner: real files, real commands, exit codes and messages."""
 
+import errno
 import json
 import os
 import shlex
@@ -305,7 +306,8 @@ def test_kill9_leaves_no_ray_processes_and_resumes(cli):
 def test_full_disk_stops_cleanly_and_resumes(cli, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+    # Room for the run's checkpoints on its own; the filler below takes the rest.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
     try:
@@ -314,13 +316,13 @@ def test_full_disk_stops_cleanly_and_resumes(cli, tmp_path):
         p = cli("--set", f"output_dir={cli.runs}", rounds=rounds)
         run_dir = _wait_for_checkpoint(cli, p)
         filler = mnt / "filler"
-        with filler.open("wb") as f:  # fill the disk while the run goes on
-            try:
+        try:  # fill the disk while the run goes on (it may already be full: opening fails)
+            with filler.open("wb") as f:
                 while True:
                     f.write(b"\0" * 65536)
                     f.flush()
-            except OSError:
-                pass
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
         rc, _, err = _finish(p, timeout=300)
         assert rc == 2, err
         line = _one_error_line(err)
@@ -329,7 +331,7 @@ def test_full_disk_stops_cleanly_and_resumes(cli, tmp_path):
         ckpt = rundir.latest_checkpoint(run_dir)
         assert rundir.read_checkpoint(ckpt)[0]  # the last complete checkpoint survived
         assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # no half-written one kept
-        filler.unlink()
+        filler.unlink(missing_ok=True)
         _resume_and_check(cli, run_dir, line, rounds)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
