@@ -215,9 +215,36 @@ def start(plan: RunPlan | ExperimentConfig, run_dir: Path, resume: bool, address
         plan = RunPlan.resolve(plan)
     refs = [ray.put(plan.dataset), ray.put(plan.splits)] if plan.has_data else None
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=4, scheduling_strategy=here).remote(
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4, "scheduling_strategy": here}
+    env = plugin_runtime_env(plan.cfg)
+    if env is not None:  # the client actors the coordinator creates inherit it
+        options["runtime_env"] = env
+    actor = ray.remote(Coordinator).options(**options).remote(
         plan.without_data(), str(run_dir.resolve()), resume, refs)  # refs in a list: passed, not resolved
     return actor, actor.run.remote()
+
+
+def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """A Ray runtime_env that ships the plug-in modules ``cfg`` names by import path to every
+    worker (``py_modules``), on this machine and on a cluster's nodes alike; None when there are
+    none to ship. Modules installed in site-packages are left to the nodes' own installs."""
+    import importlib.util
+    import sysconfig
+
+    from cafe_ray.config import plugin_modules, search_working_folder
+
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    paths = []
+    search_working_folder()
+    for name in plugin_modules(cfg):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+            continue
+        origin = Path(spec.origin).resolve()
+        path = origin.parent if spec.submodule_search_locations else origin
+        if not any(path == d or d in path.parents for d in installed):
+            paths.append(str(path))
+    return {"py_modules": paths} if paths else None
 
 
 def run_simulation(
@@ -239,16 +266,18 @@ def run_simulation(
     """
     console = console or Console()
     report = checked.finish() if checked is not None else None  # a model check still running
-    if report is None:
-        from cafe_ray.sim.preflight import preflight, resume_config
+    from cafe_ray.sim.preflight import preflight, resume_config
 
+    if report is None:
         report = (preflight(cfg, address=address, keep_data=True) if resume_dir is None
                   else preflight(resume_config(resume_dir), address=address, run_dir=resume_dir, keep_data=True))
-    cfg, run_dir, resume = prepare_run(cfg, resume_dir)
     # the run as preflight resolved it (keep_data=True: with the data it loaded and partitioned);
     # the report lets go of the data so that this process does not hold it for the whole run
-    plan = report.plan if report.plan is not None else RunPlan.resolve(cfg)
+    if report.plan is None:
+        report.plan = RunPlan.resolve(cfg if resume_dir is None else resume_config(resume_dir))
+    plan = report.plan
     report.plan = plan.without_data()
+    cfg, run_dir, resume = prepare_run(plan.cfg, resume_dir)
     console.print(f"[bold]cafe-ray[/] {cfg.algorithm.name} on {cfg.data.name}: "
                   f"{cfg.data.num_clients} clients, {cfg.round.num_rounds} rounds -> {run_dir}")
     shown: set[str] = set()

@@ -126,6 +126,7 @@ class Simulation:
         else:
             rundir.save_splits(self.run_dir / rundir.SPLITS, self.splits)
             rundir.write_profiles(self.run_dir, self.profiles.to_json())
+            rundir.write_data_stats(self.run_dir, self.dataset.stats)
 
     # ------------------------------------------------------------------ loop
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
