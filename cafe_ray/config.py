@@ -540,6 +540,13 @@ class CheckpointConfig(_Strict):
     keep: int = Field(2, ge=1, description="how many checkpoints to keep (the last n)")
 
 
+class LoggingConfig(_Strict):
+    tensorboard: bool = Field(
+        False, description="also write every round's metrics as TensorBoard event files under "
+                           "<run dir>/tensorboard (tensorboardX, which Ray Tune installs): "
+                           "`tensorboard --logdir runs`")
+
+
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", description="run directory prefix")
     seed: int = Field(0, description="every random choice derives from (seed, round, client, stream)")
@@ -557,6 +564,7 @@ class ExperimentConfig(_Strict):
                                                                     "classes that run them")
     engine: EngineConfig = Field(EngineConfig(), description="how the executor batches client work")
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="crash-safe checkpoints (--resume)")
+    logging: LoggingConfig = Field(LoggingConfig(), description="extra logs of a run's metrics")
 
 
 
@@ -658,19 +666,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set round.num_rounds=5")
         key, _, value = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
-            node = nxt
-        node[parts[-1]] = _parse_value(value)
+        set_dotted(out, key, _parse_value(value), f"--set {item!r}")
     return out
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """``raw[a][b][c] = value`` for ``key`` "a.b.c" (sections created as needed), in place."""
+    where = where or f"override {key!r}"
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"{where}: empty key")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:

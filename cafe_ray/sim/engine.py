@@ -255,13 +255,15 @@ def run_simulation(
     console: Console | None = None,
     show_progress: bool = True,
     checked: PreflightReport | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) one simulation to its last round; returns (run dir, summary).
 
     :func:`cafe_ray.sim.preflight.preflight` runs first, before Ray starts and before the
     run directory exists, unless the caller already ran it (``checked``). A run that stops raises :class:`RunFailed` (the
     original error is its ``__cause__``) or :class:`RunInterrupted`; both say where it
-    stopped and the command that resumes it. A run that stops before its first round
+    stopped and the command that resumes it. ``on_round(record)`` is called in this process
+    with each round's record of ``metrics.jsonl`` as it is written. A run that stops before its first round
     leaves no run directory behind.
     """
     console = console or Console()
@@ -296,7 +298,7 @@ def run_simulation(
             try:
                 sim = Simulation(plan, run_dir, _sequential_factory, resume=resume)
                 plan = plan.without_data()
-                summary = _follow_local(sim, console, show_progress, shown)
+                summary = _follow_local(sim, console, show_progress, shown, on_round)
             finally:
                 restore()
         else:
@@ -309,7 +311,8 @@ def run_simulation(
                                 lambda msg: console.print(f"[yellow]{msg}[/]"))
             actor, fut = start(plan, run_dir, resume, address)
             plan = plan.without_data()  # in the object store now; the driver holds only the references
-            summary = _follow(actor, fut, cfg, console, show_progress, run_dir, shown)
+            summary = _follow(actor, fut, cfg, console, show_progress, run_dir, shown,
+                              RoundFeed(run_dir, on_round, resume) if on_round is not None else None)
             ray.kill(actor)
     except BaseException as err:  # noqa: BLE001 - Ctrl-C and SIGTERM included: say where it stopped
         _stop_coordinator(actor, fut)
@@ -410,8 +413,35 @@ def _fields(p: dict[str, Any]) -> dict[str, Any]:
             "vt": f"{p.get('virtual_time_s', 0.0):.0f}s", "failed": p.get("failed_total", 0)}
 
 
+OnRound = Callable[[dict[str, Any]], None]
+
+
+class RoundFeed:
+    """Hands each new round's record of ``metrics.jsonl`` to a callback, once, in order.
+
+    The coordinator writes the records; the driver follows the file, so a callback (a
+    logger to MLflow or W&B, a notebook plot) runs in the caller's process whichever
+    executor runs the rounds. Resuming starts after the checkpoint's round: the rounds
+    after it are run, and reported, again.
+    """
+
+    def __init__(self, run_dir: Path, on_round: OnRound | None, resume: bool) -> None:
+        self.run_dir, self.on_round = run_dir, on_round
+        ckpt = rundir.latest_checkpoint(run_dir) if resume else None
+        self.next_round = int(ckpt.name.split("_")[1]) + 1 if ckpt is not None else 0
+
+    def poll(self) -> None:
+        if self.on_round is None:
+            return
+        for rec in rundir.read_jsonl(self.run_dir / rundir.METRICS):
+            if rec.get("round", -1) >= self.next_round:
+                self.next_round = int(rec["round"]) + 1
+                self.on_round(rec)
+
+
 def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool,  # noqa: ANN001
-            run_dir: Path | None = None, shown: set[str] | None = None) -> dict[str, Any]:
+            run_dir: Path | None = None, shown: set[str] | None = None,
+            feed: RoundFeed | None = None) -> dict[str, Any]:
     import ray
 
     shown = set() if shown is None else shown
@@ -427,17 +457,24 @@ def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool,  # 
             if run_dir is not None:
                 _show_warnings(run_dir, console, shown)
             if done:
-                return ray.get(fut)
+                summary = ray.get(fut)
+            if feed is not None:
+                feed.poll()
+            if done:
+                return summary
 
 
-def _follow_local(sim: Simulation, console: Console, show: bool, shown: set[str] | None = None) -> dict[str, Any]:
+def _follow_local(sim: Simulation, console: Console, show: bool, shown: set[str] | None = None,
+                  user_on_round: OnRound | None = None) -> dict[str, Any]:
     shown = set() if shown is None else shown
     with _bar(console, sim.cfg.round.num_rounds, show) as bar:
         task = bar.add_task("sim", total=sim.cfg.round.num_rounds, acc="-", vt="0s", failed=0)
 
-        def on_round(_: dict[str, Any]) -> None:
+        def on_round(rec: dict[str, Any]) -> None:
             bar.update(task, completed=sim.progress.round, **_fields(sim.progress.__dict__))
             _show_warnings(sim.run_dir, console, shown)
+            if user_on_round is not None:
+                user_on_round(rec)
 
         return sim.run(on_round)
 

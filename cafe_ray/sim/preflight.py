@@ -97,6 +97,12 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
                 raise
             report.warnings.append(f"{err} (checked on this machine only: the cluster's nodes read "
                                    "data.root themselves)")
+    if cfg.logging.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("logging.tensorboard: needs tensorboardX (it comes with ray[tune]: "
+                              "pip install tensorboardX), or set logging.tensorboard=false")
     _check_resources(cfg, catalog, address, report)
     report.plan = RunPlan(cfg, catalog).with_data(data if keep_data else None)
     return report
