@@ -255,7 +255,7 @@ def natural_partition(ds: ArrayDataset, cfg: DataConfig, seed: int) -> list[Clie
     if ds.train_client is None or ds.test_client is None:
         raise ValueError("natural_partition needs a dataset with a client column (data.client)")
     n = int(ds.train_client.max()) + 1 if len(ds.train_client) else 0
-    if cfg.num_clients != n:
+    if "num_clients" in cfg.model_fields_set and cfg.num_clients != n:  # else it follows the column
         raise ValueError(f"data.num_clients={cfg.num_clients}: data.client={cfg.client} holds {n} clients "
                          "after the split; omit data.num_clients")
     val_rng = np.random.default_rng(np.random.SeedSequence(seed % 2**64).spawn(3)[2])

@@ -183,6 +183,8 @@ def _labels(table: pa.Table, cfg: DataConfig) -> np.ndarray:
 
 def _client_values(table: pa.Table, column: str) -> np.ndarray:
     col = table.column(column)
+    if pa.types.is_dictionary(col.type):  # a pandas categorical: its values
+        col = col.cast(col.type.value_type)
     if col.null_count:
         raise TableError(f"data.client={column}: {col.null_count} rows have no client (null)")
     if not (_is_scalar(col.type) and (pa.types.is_integer(col.type) or pa.types.is_string(col.type)

@@ -161,3 +161,13 @@ def test_a_test_table_with_an_unknown_client_is_an_error(tmp_path):
     cfg = _cfg(tmp_path / "train.parquet", test_path=str(tmp_path / "test.parquet"), client="writer_id")
     with pytest.raises(TableError, match=r"^data\.client=writer_id: data\.test_path has client 'f0002'"):
         load_dataset(resolve_clients(cfg), seed=0)
+
+
+def test_a_categorical_client_column_reads_as_its_values(tmp_path):
+    table = pq.read_table(make_femnist_like(tmp_path / "a.parquet", writers=3, per_writer=6))
+    encoded = table.set_column(2, "writer_id", table.column("writer_id").dictionary_encode())
+    pq.write_table(encoded, tmp_path / "cat.parquet")
+    plain = load_dataset(resolve_clients(_cfg(tmp_path / "a.parquet", client="writer_id")), seed=0)
+    cat = load_dataset(resolve_clients(_cfg(tmp_path / "cat.parquet", client="writer_id")), seed=0)
+    assert cat.stats["clients"] == plain.stats["clients"] == ["f0000", "f0001", "f0002"]
+    assert np.array_equal(cat.train_client, plain.train_client)

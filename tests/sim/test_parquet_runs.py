@@ -54,11 +54,11 @@ def test_one_client_per_writer_end_to_end_on_ray(tmp_path):
     assert len({r["pid"] for r in clients}) == 2  # both actors of the pool trained clients
 
 
-@pytest.mark.usefixtures("ray_session")
 def test_the_same_table_without_a_client_column_uses_dirichlet(tmp_path):
     make_femnist_like(tmp_path / "train.parquet", writers=6, per_writer=24)
     run_dir, summary = _simulate(_config(tmp_path, {"num_clients": 4, "partition": {"kind": "dirichlet",
-                                                                                   "alpha": 0.5}}))
+                                                                                   "alpha": 0.5}},
+                                         executor="sequential"))
     assert summary["num_clients"] == 4
     sizes = rundir.load_splits(run_dir / rundir.SPLITS).train_sizes()
     assert len(sizes) == 4 and sizes.sum() == 120 and len(set(sizes.tolist())) > 1  # label skew, uneven

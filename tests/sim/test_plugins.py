@@ -3,7 +3,6 @@ real Ray, and an installed distribution's entry points (built and pip-installed 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -45,11 +44,14 @@ def _args(*sets: str) -> list[str]:
 
 @pytest.mark.usefixtures("ray_session")
 def test_plugin_algorithm_and_model_from_the_working_folder_run_on_ray(project):
-    r = runner.invoke(app, ["simulate", "plugins.yaml", "--no-progress",
-                            *_args("output_dir=runs", "round.num_rounds=3", "round.eval_every=3")])
-    assert r.exit_code == 0, r.output
-    (run_dir,) = (project / "runs").iterdir()
-    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    """Through the Python API, whose round callback follows the coordinator from the driver."""
+    import cafe_ray
+
+    rounds: list[dict] = []
+    run = cafe_ray.simulate("plugins.yaml", {"output_dir": "runs", "round.num_rounds": 3, "round.eval_every": 3},
+                            show_progress=False, on_round=rounds.append)
+    run_dir, summary = run.path, run.summary
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[-1]["acc_avg_exit"] == summary["acc_avg_exit"]
     assert summary["algorithm"] == "my_fl:FedAvgM" and summary["num_clients"] == 12
     # the plug-in model's MACs are measured: 784 -> 64 -> (10 | 32 -> 10), Linear layers only
     assert summary["exit_macs"] == [784 * 64 + 64 * 10, 784 * 64 + 64 * 32 + 32 * 10]
