@@ -171,3 +171,24 @@ def test_a_categorical_client_column_reads_as_its_values(tmp_path):
     cat = load_dataset(resolve_clients(_cfg(tmp_path / "cat.parquet", client="writer_id")), seed=0)
     assert cat.stats["clients"] == plain.stats["clients"] == ["f0000", "f0001", "f0002"]
     assert np.array_equal(cat.train_client, plain.train_client)
+
+
+def test_a_plugin_loader_named_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_loader_mod.py").write_text(
+        "import numpy as np\n"
+        "from cafe_ray.data import ArrayDataset\n"
+        "def load(cfg, seed):\n"
+        "    rng = np.random.default_rng(seed)\n"
+        "    n = cfg.options['n']\n"
+        "    x = rng.normal(size=(n, 1, 4, 4)).astype(np.float32)\n"
+        "    y = np.arange(n) % 2\n"
+        "    return ArrayDataset('mine', x, y, x[:4], y[:4], 2)\n"
+        "def broken(cfg, seed):\n"
+        "    return 'not a dataset'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ds = load_dataset(DataConfig(name="my_loader_mod:load", options={"n": 40}), seed=1)
+    assert ds.name == "mine" and ds.x_train.shape == (40, 1, 4, 4)
+    splits = partition_clients(ds, DataConfig(name="my_loader_mod:load", num_clients=3, options={"n": 40}), 1)
+    assert len(splits) == 3
+    with pytest.raises(ValueError, match=r"data\.name=my_loader_mod:broken: the loader returned str"):
+        load_dataset(DataConfig(name="my_loader_mod:broken"), seed=0)
