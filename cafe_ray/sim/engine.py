@@ -227,7 +227,11 @@ def start(plan: RunPlan | ExperimentConfig, run_dir: Path, resume: bool, address
 def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """A Ray runtime_env that ships the plug-in modules ``cfg`` names by import path to every
     worker (``py_modules``), on this machine and on a cluster's nodes alike; None when there are
-    none to ship. Modules installed in site-packages are left to the nodes' own installs."""
+    none to ship. Modules installed in site-packages are left to the nodes' own installs.
+
+    An actor's runtime_env takes URIs only (local paths are for ``ray.init``'s, and the caller
+    may have connected already): each module is uploaded to the cluster here, with the
+    function ``ray.init`` itself uses, and named by its ``gcs://`` URI."""
     import importlib.util
     import sysconfig
 
@@ -244,7 +248,14 @@ def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
         path = origin.parent if spec.submodule_search_locations else origin
         if not any(path == d or d in path.parents for d in installed):
             paths.append(str(path))
-    return {"py_modules": paths} if paths else None
+    if not paths:
+        return None
+    import tempfile
+
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+
+    with tempfile.TemporaryDirectory(prefix="cafe-ray-plugins-") as scratch:
+        return upload_py_modules_if_needed({"py_modules": paths}, include_gitignore=True, scratch_dir=scratch)
 
 
 def run_simulation(
