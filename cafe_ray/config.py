@@ -503,7 +503,10 @@ class ResourceClassOverride(_Strict):
 
 class ProfilesConfig(_Strict):
     catalog: str = Field("uniform", description="device catalog: a named one (uniform, iot_mix; "
-                                                "`cafe-ray profiles`) or a FedScale-style JSON trace path")
+                                                "`cafe-ray profiles`), a FedScale-style JSON trace path, "
+                                                "or your own as package.module:Name (a Catalog, or a "
+                                                "function returning one) or an entry point "
+                                                "(cafe_ray.catalogs)")
     actors_per_class: int = Field(2, ge=1, description="pool size per resource class (shrunk to what the "
                                                        "cluster can host)")
     classes: dict[str, ResourceClassOverride] = Field(
@@ -574,6 +577,7 @@ class ExperimentConfig(_Strict):
 # installed distribution declares in one of these groups.
 PLUGIN_GROUPS: dict[str, str] = {
     "algorithm": "cafe_ray.algorithms", "model": "cafe_ray.models", "data": "cafe_ray.datasets",
+    "profiles.catalog": "cafe_ray.catalogs",
 }
 
 
@@ -591,7 +595,8 @@ def entry_point_names(kind: str) -> dict[str, str]:
 
 
 def plugin_target(kind: str, name: str) -> str | None:
-    """``module:attr`` that ``<kind>.name`` refers to when it names a plug-in, else None."""
+    """``module:attr`` that a ``kind`` field (``algorithm`` for ``algorithm.name``, ...) names
+    when it names a plug-in, else None."""
     if is_import_path(name):
         return name
     return entry_point_names(kind).get(name)
@@ -615,27 +620,28 @@ def load_plugin(kind: str, name: str) -> Any:
     """
     import importlib
 
+    field = kind if "." in kind else f"{kind}.name"  # profiles.catalog; algorithm.name, ...
     target = plugin_target(kind, name)
     if target is None:
-        raise ConfigError(f"{kind}.name={name!r}: not a built-in name, an installed entry point "
+        raise ConfigError(f"{field}={name!r}: not a built-in name, an installed entry point "
                           f"({PLUGIN_GROUPS[kind]}) or an import path package.module:Name")
     module_name, _, attr = target.partition(":")
     search_working_folder()
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"{kind}.name={name}: cannot import {module_name!r} ({err}); put it in the "
+        raise ConfigError(f"{field}={name}: cannot import {module_name!r} ({err}); put it in the "
                           "working folder or on PYTHONPATH, or install its package") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"{kind}.name={name}: {module_name!r} has no {attr!r}")
+            raise ConfigError(f"{field}={name}: {module_name!r} has no {attr!r}")
         obj = getattr(obj, part)
     return obj
 
 
 def plugin_modules(cfg: ExperimentConfig) -> list[str]:
     """Top-level modules of the plug-ins ``cfg`` names by import path: what Ray's workers need."""
-    names = (cfg.algorithm.name, cfg.model.name, cfg.data.name)
+    names = (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.profiles.catalog)
     return sorted({n.partition(":")[0].split(".")[0] for n in names if is_import_path(n)})
 
 

@@ -120,3 +120,32 @@ def test_an_installed_distribution_s_entry_points_are_listed_and_usable(tmp_path
                                    "algorithm": {"name": "fedavgm", "options": {"beta": 0.5}},
                                    "model": {"name": "mlp_ee", "width": 8}, "output_dir": str(tmp_path)}))
     cli("validate", str(cfg))  # by entry-point name, options checked by the plug-in itself
+
+
+def test_a_plugin_device_catalog_named_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_fleet.py").write_text(textwrap.dedent("""
+        from cafe_ray.sim.profiles import Catalog, DeviceProfile, ResourceClass
+
+        def fleet():
+            slow = DeviceProfile("watch", "watch", flops=2e8, max_depth=1)
+            fast = DeviceProfile("laptop", "laptop", flops=5e10)
+            return Catalog("my_fleet", ((slow, 0.75), (fast, 0.25)),
+                           (ResourceClass("watch", num_cpus=0.5), ResourceClass("laptop", num_cpus=1.0)))
+        NOT_A_CATALOG = 3
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    from cafe_ray.config import ProfilesConfig
+    from cafe_ray.sim.profiles import assign_profiles, resolve_catalog
+
+    try:
+        cat = resolve_catalog(ProfilesConfig(catalog="my_fleet:fleet", actors_per_class=1))
+        assert cat.name == "my_fleet" and [c.name for c in cat.classes] == ["watch", "laptop"]
+        tiers = [p.name for p in assign_profiles(cat, 8, seed=0)]
+        assert sorted(tiers) == ["laptop"] * 2 + ["watch"] * 6
+        r = runner.invoke(app, ["profiles", "my_fleet:fleet"])
+        assert r.exit_code == 0 and "watch" in r.output and "laptop" in r.output, r.output
+        with pytest.raises(ValueError, match=r"profiles\.catalog=my_fleet:NOT_A_CATALOG: got int, not a"):
+            resolve_catalog(ProfilesConfig(catalog="my_fleet:NOT_A_CATALOG"))
+    finally:
+        sys.modules.pop("my_fleet", None)
