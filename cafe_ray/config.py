@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,11 +31,27 @@ class PartitionConfig(_Strict):
     shards_per_client: int = Field(2, ge=1, description="shards: label shards (k) per client")
 
 
+BUILTIN_DATASETS: tuple[str, ...] = (
+    "digits", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet", "agnews", "synthetic", "parquet",
+)
+BUILTIN_MODELS: tuple[str, ...] = ("cnn_small", "conv3", "resnet18_ee", "transformer4")
+
+
+def _check_name(kind: str, name: str, builtin: tuple[str, ...]) -> str:
+    """``name`` when it is built in, an import path or an installed entry point."""
+    if name in builtin or is_import_path(name) or name in entry_point_names(kind):
+        return name
+    raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(builtin)}, an installed "
+                     f"entry point ({PLUGIN_GROUPS[kind]}) or your own package.module:Name")
+
+
 class DataConfig(_Strict):
-    name: Literal[
-        "digits", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet", "agnews", "synthetic"
-    ] = Field("digits", description="dataset; digits is embedded (no download); the real datasets load "
-                                    "from their standard file formats under root; synthetic is generated")
+    name: str = Field(
+        "digits", description="dataset: " + ", ".join(f"`{n}`" for n in BUILTIN_DATASETS) + "; digits is "
+                              "embedded (no download); the real datasets load from their standard file "
+                              "formats under root; synthetic is generated; parquet reads your own "
+                              "Parquet/Arrow files (path, features, label, client); or your own loader "
+                              "as package.module:function (docs/bring-your-own.md)")
     root: str | None = Field(None, description="data root of the real datasets (null = $CAFE_RAY_DATA, "
                                                "else ~/.cache/cafe-ray/data); only Fashion-MNIST is "
                                                "ever downloaded (when a network is reachable)")
@@ -56,15 +72,61 @@ class DataConfig(_Strict):
     synthetic_classes: int = Field(10, ge=2, description="synthetic: number of classes")
     synthetic_shape: tuple[int, ...] = Field((1, 8, 8), description="synthetic: input shape (C, H, W)")
     seq_len: int = Field(64, ge=4, description="agnews: tokens per sample")
-    vocab_size: int = Field(20000, ge=10, description="agnews: vocabulary size")
+    vocab_size: int = Field(20000, ge=10, description="agnews, and parquet token-id features: vocabulary "
+                                                      "size (every id must lie below it)")
+    path: str | None = Field(None, description="parquet: the training table, a Parquet file or a folder of "
+                                               "Parquet files (or of the .arrow files of a Hugging Face "
+                                               "save_to_disk folder)")
+    test_path: str | None = Field(None, description="parquet: a separate test table, same columns (null = "
+                                                    "each client's test split is held out of its rows)")
+    features: str | list[str] | None = Field(
+        None, description="parquet: one list / fixed-size-list column per sample (reshaped by shape), or a "
+                          "list of numeric columns (one value each)")
+    shape: tuple[int, ...] | None = Field(
+        None, description="parquet: the per-sample input shape, e.g. [1, 28, 28] for images (C, H, W) or "
+                          "[64] for token ids (null = one flat vector)")
+    label: str = Field("label", description="parquet: the integer class-id column (0..K-1)")
+    client: str | None = Field(
+        None, description="parquet: natural partition: one client per distinct value of this column, in "
+                          "sorted order; num_clients may then be omitted and partition is not used")
+    standardize: bool = Field(
+        True, description="parquet: standardise float features per channel (the first axis of shape) with "
+                          "the training split's mean and std, which the run stores in data_stats.json")
+
+    options: dict[str, Any] = Field(
+        {}, description="a plug-in dataset's own settings (data.name: package.module:function), free "
+                        "keys it reads from the DataConfig it gets")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_name("data", v, BUILTIN_DATASETS)
+
+    @model_validator(mode="after")
+    def _parquet_fields(self) -> DataConfig:
+        if self.name == "parquet" and (self.path is None or self.features is None):
+            missing = " and ".join(f for f in ("path", "features") if getattr(self, f) is None)
+            raise ValueError(f"data.name=parquet needs data.{missing.replace(' and ', ' and data.')} "
+                             "(the table and its feature column(s); docs/bring-your-own.md)")
+        if self.shape is not None and (not self.shape or min(self.shape) < 1):
+            raise ValueError(f"data.shape={list(self.shape)}: need positive sizes, e.g. [1, 28, 28]")
+        return self
 
 
 # -------------------------------------------------------------------------- model
 class ModelConfig(_Strict):
-    name: Literal["auto", "cnn_small", "conv3", "resnet18_ee", "transformer4"] = Field(
-        "auto", description="early-exit architecture (`cafe-ray models`); auto picks by dataset: cnn_small "
-                            "for digits/fashion_mnist/synthetic, conv3 for cifar10, resnet18_ee for "
-                            "cifar100/tinyimagenet, transformer4 for agnews")
+    name: str = Field(
+        "auto", description="early-exit architecture (`cafe-ray models`): `auto`, "
+                            + ", ".join(f"`{n}`" for n in BUILTIN_MODELS) + ", or your own builder as "
+                            "package.module:function (docs/bring-your-own.md); auto picks by dataset: "
+                            "cnn_small for digits/fashion_mnist/synthetic, conv3 for cifar10, resnet18_ee "
+                            "for cifar100/tinyimagenet, transformer4 for agnews, and by input shape for "
+                            "parquet and plug-in datasets")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_name("model", v, ("auto", *BUILTIN_MODELS))
     width: int = Field(32, ge=4, description="base channel width (CNNs) / embedding size (transformer4)")
 
 
@@ -379,7 +441,12 @@ BUILTIN_ALGORITHMS: tuple[str, ...] = (
 
 
 class AlgorithmConfig(_Strict):
-    name: str = Field("fedavg_ee", description="registry name of the algorithm (`cafe-ray algorithms`)")
+    name: str = Field("fedavg_ee", description="registry name of the algorithm (`cafe-ray algorithms`), an "
+                                               "installed entry point (cafe_ray.algorithms) or your own "
+                                               "class as package.module:Name (docs/bring-your-own.md)")
+    options: dict[str, Any] = Field(
+        {}, description="a plug-in algorithm's hyperparameters: passed to its constructor as keyword "
+                        "arguments (it validates them); built-in algorithms read their own section")
     fedprox: FedProxConfig = Field(FedProxConfig(), description="fedprox_ee hyperparameters")
     cafedistill: CafeDistillConfig = Field(CafeDistillConfig(), description="cafedistill hyperparameters "
                                                                              "(docs/algorithms.md)")
@@ -436,7 +503,10 @@ class ResourceClassOverride(_Strict):
 
 class ProfilesConfig(_Strict):
     catalog: str = Field("uniform", description="device catalog: a named one (uniform, iot_mix; "
-                                                "`cafe-ray profiles`) or a FedScale-style JSON trace path")
+                                                "`cafe-ray profiles`), a FedScale-style JSON trace path, "
+                                                "or your own as package.module:Name (a Catalog, or a "
+                                                "function returning one) or an entry point "
+                                                "(cafe_ray.catalogs)")
     actors_per_class: int = Field(2, ge=1, description="pool size per resource class (shrunk to what the "
                                                        "cluster can host)")
     classes: dict[str, ResourceClassOverride] = Field(
@@ -473,6 +543,13 @@ class CheckpointConfig(_Strict):
     keep: int = Field(2, ge=1, description="how many checkpoints to keep (the last n)")
 
 
+class LoggingConfig(_Strict):
+    tensorboard: bool = Field(
+        False, description="also write every round's metrics as TensorBoard event files under "
+                           "<run dir>/tensorboard (tensorboardX, which Ray Tune installs): "
+                           "`tensorboard --logdir runs`")
+
+
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", description="run directory prefix")
     seed: int = Field(0, description="every random choice derives from (seed, round, client, stream)")
@@ -490,7 +567,82 @@ class ExperimentConfig(_Strict):
                                                                     "classes that run them")
     engine: EngineConfig = Field(EngineConfig(), description="how the executor batches client work")
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="crash-safe checkpoints (--resume)")
+    logging: LoggingConfig = Field(LoggingConfig(), description="extra logs of a run's metrics")
 
+
+
+# ------------------------------------------------------------------ plug-ins
+# An algorithm, a model or a dataset of your own: ``package.module:Name`` (imported from the
+# working folder, PYTHONPATH or an installed package), or the name of an entry point that an
+# installed distribution declares in one of these groups.
+PLUGIN_GROUPS: dict[str, str] = {
+    "algorithm": "cafe_ray.algorithms", "model": "cafe_ray.models", "data": "cafe_ray.datasets",
+    "profiles.catalog": "cafe_ray.catalogs",
+}
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:Name`` (dotted identifiers on both sides of one colon)."""
+    module, sep, attr = name.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in (*module.split("."), *attr.split(".")))
+
+
+def entry_point_names(kind: str) -> dict[str, str]:
+    """name -> ``module:attr`` of the entry points installed for ``kind`` (algorithm, model, data)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=PLUGIN_GROUPS[kind])}
+
+
+def plugin_target(kind: str, name: str) -> str | None:
+    """``module:attr`` that a ``kind`` field (``algorithm`` for ``algorithm.name``, ...) names
+    when it names a plug-in, else None."""
+    if is_import_path(name):
+        return name
+    return entry_point_names(kind).get(name)
+
+
+def search_working_folder() -> None:
+    """Put the working folder on ``sys.path`` (last) where it is not: the ``cafe-ray`` script
+    starts with its own folder there instead, and plug-ins sit next to the config."""
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+
+
+def load_plugin(kind: str, name: str) -> Any:
+    """The object a plug-in name refers to; a ConfigError naming ``<kind>.name`` otherwise.
+
+    The working folder is searched too (where the ``cafe-ray`` script does not put it on
+    ``sys.path``), so ``mymodule:MyAlgorithm`` next to the config just works.
+    """
+    import importlib
+
+    field = kind if "." in kind else f"{kind}.name"  # profiles.catalog; algorithm.name, ...
+    target = plugin_target(kind, name)
+    if target is None:
+        raise ConfigError(f"{field}={name!r}: not a built-in name, an installed entry point "
+                          f"({PLUGIN_GROUPS[kind]}) or an import path package.module:Name")
+    module_name, _, attr = target.partition(":")
+    search_working_folder()
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{field}={name}: cannot import {module_name!r} ({err}); put it in the "
+                          "working folder or on PYTHONPATH, or install its package") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{field}={name}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def plugin_modules(cfg: ExperimentConfig) -> list[str]:
+    """Top-level modules of the plug-ins ``cfg`` names by import path: what Ray's workers need."""
+    names = (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.profiles.catalog)
+    return sorted({n.partition(":")[0].split(".")[0] for n in names if is_import_path(n)})
 
 
 # ------------------------------------------------------------------ loading
@@ -499,6 +651,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
+        if e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling (see docs/configuration.md or `cafe-ray config-reference`)"
         elif e["type"] == "literal_error":
@@ -518,19 +672,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set round.num_rounds=5")
         key, _, value = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
-            node = nxt
-        node[parts[-1]] = _parse_value(value)
+        set_dotted(out, key, _parse_value(value), f"--set {item!r}")
     return out
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """``raw[a][b][c] = value`` for ``key`` "a.b.c" (sections created as needed), in place."""
+    where = where or f"override {key!r}"
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"{where}: empty key")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,20 @@ def test_unknown_key_names_its_path():
 
 
 def test_bad_literal_lists_allowed_values():
-    with pytest.raises(ConfigError, match=r"data\.name: Input should be 'digits'.*got 'mnist'"):
+    with pytest.raises(ConfigError, match=r"data\.name: unknown data 'mnist'; allowed: digits, .*parquet, an "
+                                          r"installed entry point \(cafe_ray\.datasets\) or your own "
+                                          r"package\.module:Name$"):
         build_config({"data": {"name": "mnist"}})
+    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'vgg'; allowed: auto, cnn_small"):
+        build_config({"model": {"name": "vgg"}})
+    assert build_config({"model": {"name": "my_fl:mlp_ee"}}).model.name == "my_fl:mlp_ee"  # checked on use
+
+
+def test_parquet_needs_its_table_and_features():
+    with pytest.raises(ConfigError, match=r"data: data\.name=parquet needs data\.path and data\.features"):
+        build_config({"data": {"name": "parquet"}})
+    with pytest.raises(ConfigError, match=r"data\.shape=\[1, 0, 2\]: need positive sizes"):
+        build_config({"data": {"name": "parquet", "path": "x", "features": "f", "shape": [1, 0, 2]}})
 
 
 def test_out_of_range_value_names_field():

@@ -32,7 +32,7 @@ ROOM_ORDER: tuple[tuple[str, ...], ...] = (
     ("algorithms",),
     ("runs",),
     ("sim", "inference"),
-    ("envs", "serve", "studies", "cluster"),
+    ("envs", "serve", "studies", "cluster", "api"),
     ("bench",),
     ("commands",),
     ("cli",),

@@ -252,17 +252,45 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered names and those of the installed entry points (``cafe_ray.algorithms``)."""
+    from cafe_ray.config import entry_point_names
+
+    return sorted({*_REGISTRY, *entry_point_names("algorithm")})
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
-    if name not in _REGISTRY:
-        raise KeyError(
-            f"algorithm.name: unknown algorithm {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[name]
+    """The class registered as ``name``, or the plug-in it names (an import path
+    ``package.module:Name`` or an installed entry point); a KeyError names the field."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    from cafe_ray.config import ConfigError, load_plugin, plugin_target
+
+    if plugin_target("algorithm", name) is None:
+        raise KeyError(f"algorithm.name: unknown algorithm {name!r}; available: {', '.join(available())}, "
+                       "or your own class as package.module:Name")
+    try:
+        cls = load_plugin("algorithm", name)
+    except ConfigError as err:
+        raise KeyError(str(err)) from None
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise KeyError(f"algorithm.name={name}: {cls!r} is not a subclass of cafe_ray.algorithms.Algorithm")
+    return cls
 
 
 def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
-    """The configured algorithm (the package import registers the built-in ones)."""
-    return get_algorithm(cfg.algorithm.name)(cfg)
+    """The configured algorithm (the package import registers the built-in ones).
+
+    ``algorithm.options`` go to a plug-in's constructor as keyword arguments, so the
+    plug-in validates its own hyperparameters; built-in algorithms read their sections.
+    """
+    cls = get_algorithm(cfg.algorithm.name)
+    options = dict(cfg.algorithm.options)
+    if not options:
+        return cls(cfg)
+    if cfg.algorithm.name in _REGISTRY and cls.__module__.startswith("cafe_ray."):
+        raise ValueError(f"algorithm.options: {cfg.algorithm.name} is built in and reads "
+                         f"algorithm.<its section>; options are for plug-in algorithms")
+    try:
+        return cls(cfg, **options)
+    except TypeError as err:
+        raise ValueError(f"algorithm.options: {cfg.algorithm.name} rejects {sorted(options)} ({err})") from None

@@ -127,7 +127,7 @@ class ScaleFL(SubModelFL):
     ) -> tuple[EarlyExitNet, int]:
         """(sub-model, width): the widest prefix-compatible width <= int(width * factor)."""
         full_w = self.cfg.model.width
-        name = resolve_model_name(self.cfg.model.name, self.cfg.data.name)
+        name = resolve_model_name(self.cfg.model.name, self.cfg.data.name, input_shape)
         if name in TEXT_MODELS:
             raise ValueError(
                 f"scalefl: width_factor={factor} < 1 needs a CNN (cnn_small, conv3, resnet18_ee); {name}'s fused "

@@ -25,6 +25,12 @@ class ArrayDataset:
     y_test: np.ndarray  # int64 (M,)
     num_classes: int
     classes: tuple[str, ...] = ()  # human-readable class names, when known
+    # the natural partition (data.client): client index 0..n-1 of every train / test sample
+    train_client: np.ndarray | None = field(default=None, repr=False, compare=False)
+    test_client: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # what the loader measured and applied (parquet: the training split's standardisation
+    # statistics); a run stores it in data_stats.json
+    stats: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

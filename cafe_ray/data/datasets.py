@@ -72,7 +72,22 @@ def _rng(seed: int, purpose: int) -> np.random.Generator:
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> ArrayDataset:
     """Load ``cfg.name`` as contiguous arrays (see the module docstring for roots and scaling)."""
-    return _LOADERS[cfg.name](cfg, seed)
+    if cfg.name in _LOADERS:
+        return _LOADERS[cfg.name](cfg, seed)
+    return _plugin_dataset(cfg, seed)
+
+
+def _plugin_dataset(cfg: DataConfig, seed: int) -> ArrayDataset:
+    """Your own loader: ``data.name`` is ``package.module:function`` or an entry point
+    (``cafe_ray.datasets``), called as ``function(cfg, seed)``; it returns an ArrayDataset
+    (its own settings in ``data.options``)."""
+    from cafe_ray.config import load_plugin
+
+    ds = load_plugin("data", cfg.name)(cfg, seed)
+    if not isinstance(ds, ArrayDataset):
+        raise ValueError(f"data.name={cfg.name}: the loader returned {type(ds).__name__}, not a "
+                         "cafe_ray.data.ArrayDataset")
+    return ds
 
 
 # --------------------------------------------------------------------- helpers
@@ -363,6 +378,14 @@ def _synthetic(cfg: DataConfig, seed: int) -> ArrayDataset:
     return _build("synthetic", xtr, ytr, xte, yte, k, tuple(f"class_{i}" for i in range(k)))
 
 
+# -------------------------------------------------------------------- parquet
+def _parquet(cfg: DataConfig, seed: int) -> ArrayDataset:
+    # imported here: pyarrow.compute costs every Ray worker a second at boot (they import this module)
+    from cafe_ray.data.tables import load_parquet
+
+    return load_parquet(cfg, seed)
+
+
 _LOADERS: dict[str, Callable[[DataConfig, int], ArrayDataset]] = {
     "digits": _digits,
     "fashion_mnist": _fashion_mnist,
@@ -371,6 +394,7 @@ _LOADERS: dict[str, Callable[[DataConfig, int], ArrayDataset]] = {
     "tinyimagenet": _tinyimagenet,
     "agnews": _agnews,
     "synthetic": _synthetic,
+    "parquet": _parquet,
 }
 
 
@@ -385,6 +409,9 @@ def locate_dataset(cfg: DataConfig) -> tuple[str | None, list[str]]:
         return "embedded in scikit-learn", []
     if cfg.name == "synthetic":
         return "generated in memory (no files)", []
+    if cfg.name == "parquet":
+        path = Path(cfg.path or "").expanduser()
+        return (str(path) if cfg.path and path.exists() else None), [str(path)]
     root = data_root(cfg)
     if cfg.name == "fashion_mnist":
         tried: list[str] = []
@@ -393,6 +420,8 @@ def locate_dataset(cfg: DataConfig) -> tuple[str | None, list[str]]:
                 return str(folder), tried
             tried.append(str(folder))
         return None, tried
+    if cfg.name not in _LOADERS:
+        return f"your own loader ({cfg.name})", []
     required = {
         "cifar10": ([root / "cifar-10-batches-py", root], [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
         "cifar100": ([root / "cifar-100-python", root], ["train", "test"]),

@@ -200,6 +200,8 @@ def partition_clients(ds: ArrayDataset, cfg: DataConfig, seed: int) -> Sequence[
     """
     from cafe_ray.data.vectorized import VECTORIZED_MIN_CLIENTS, partition_vectorized
 
+    if ds.train_client is not None:
+        return natural_partition(ds, cfg, seed)
     if cfg.partition.kind == "iid" and cfg.num_clients >= VECTORIZED_MIN_CLIENTS:
         return partition_vectorized(ds, cfg, seed)
     pc = cfg.partition
@@ -221,9 +223,15 @@ def partition_clients(ds: ArrayDataset, cfg: DataConfig, seed: int) -> Sequence[
     k = max(ds.num_classes, int(y.max()) + 1, int(ds.y_test.max()) + 1)
     yt = np.asarray(ds.y_test, dtype=np.int64)
     test_groups = [np.flatnonzero(yt == c) for c in range(k)]
+    tests = [_test_split(y[idx], test_groups, cfg.test_fraction, test_rng) for idx in parts]
+    return _with_val(parts, tests, y, cfg, val_rng)
+
+
+def _with_val(parts: list[np.ndarray], tests: list[np.ndarray], y: np.ndarray, cfg: DataConfig,
+              val_rng: np.random.Generator) -> list[ClientSplit]:
+    """One split per client, its validation rows (``data.val_fraction``) carved from its training rows."""
     out = []
-    for i, idx in enumerate(parts):
-        test = _test_split(y[idx], test_groups, cfg.test_fraction, test_rng)
+    for i, (idx, test) in enumerate(zip(parts, tests, strict=True)):
         if cfg.val_fraction > 0:
             srt = np.sort(idx).astype(np.int64)
             train, val = _val_split(srt, y[srt], cfg.val_fraction, val_rng)
@@ -231,3 +239,26 @@ def partition_clients(ds: ArrayDataset, cfg: DataConfig, seed: int) -> Sequence[
         else:
             out.append(ClientSplit(i, idx, test))
     return out
+
+
+def _groups(ids: np.ndarray, n: int) -> list[np.ndarray]:
+    """Sorted row indices of each group 0..n-1."""
+    order = np.argsort(ids, kind="stable").astype(np.int64)
+    return np.split(order, np.cumsum(np.bincount(ids, minlength=n))[:-1])
+
+
+def natural_partition(ds: ArrayDataset, cfg: DataConfig, seed: int) -> list[ClientSplit]:
+    """One client per value of the dataset's own client column (``data.client``, e.g. a writer).
+
+    The loader has mapped the values to 0..n-1 and held out each client's test rows
+    already; ``data.partition`` is not used, ``data.val_fraction`` is.
+    """
+    if ds.train_client is None or ds.test_client is None:
+        raise ValueError("natural_partition needs a dataset with a client column (data.client)")
+    n = int(ds.train_client.max()) + 1 if len(ds.train_client) else 0
+    if "num_clients" in cfg.model_fields_set and cfg.num_clients != n:  # else it follows the column
+        raise ValueError(f"data.num_clients={cfg.num_clients}: data.client={cfg.client} holds {n} clients "
+                         "after the split; omit data.num_clients")
+    val_rng = np.random.default_rng(np.random.SeedSequence(seed % 2**64).spawn(3)[2])
+    y = np.asarray(ds.y_train, dtype=np.int64)
+    return _with_val(_groups(ds.train_client, n), _groups(ds.test_client, n), y, cfg, val_rng)

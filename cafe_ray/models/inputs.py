@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-MODEL_NAMES: tuple[str, ...] = ("cnn_small", "conv3", "resnet18_ee", "transformer4")
+from cafe_ray.config import BUILTIN_MODELS
+
+MODEL_NAMES: tuple[str, ...] = BUILTIN_MODELS
 IMAGE_MODELS: tuple[str, ...] = ("cnn_small", "conv3", "resnet18_ee")
 TEXT_MODELS: tuple[str, ...] = ("transformer4",)
 
@@ -28,9 +30,16 @@ AUTO_MODEL: dict[str, str] = {
 MIN_SIDE: dict[str, int] = {"cnn_small": 4, "conv3": 8, "resnet18_ee": 8}
 
 
-def resolve_model_name(name: str, dataset: str) -> str:
-    """The concrete architecture for ``model.name`` (resolving "auto" by dataset)."""
+def resolve_model_name(name: str, dataset: str, input_shape: Sequence[int] | None = None) -> str:
+    """The concrete architecture for ``model.name`` (resolving "auto" by dataset).
+
+    A dataset without a default of its own (your files: ``data.name: parquet``) gets one by
+    its input shape, when known: transformer4 for token ids (L,), else the CNN that fits
+    its image size.
+    """
     if name == "auto":
+        if dataset not in AUTO_MODEL and input_shape is not None:
+            return auto_for_shape(input_shape)
         if dataset not in AUTO_MODEL:
             raise ValueError(
                 f"model.name='auto' has no default for dataset {dataset!r}; set model.name to one of "
@@ -38,8 +47,20 @@ def resolve_model_name(name: str, dataset: str) -> str:
             )
         return AUTO_MODEL[dataset]
     if name not in MODEL_NAMES:
-        raise ValueError(f"model.name={name!r} is unknown; allowed: auto, {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"model.name={name!r} is unknown; allowed: auto, {', '.join(MODEL_NAMES)}, or your "
+                         "own builder as package.module:function")
     return name
+
+
+def auto_for_shape(input_shape: Sequence[int]) -> str:
+    """The zoo model "auto" picks for inputs of this shape: transformer4 for (L,), else the
+    CNN for (C, H, W): conv3 for colour images of side >= 32, else cnn_small."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 1:
+        return "transformer4"
+    if len(shape) == 3 and shape[0] == 3 and min(shape[1:]) >= 32:
+        return "conv3"
+    return "cnn_small"
 
 
 def check_image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -64,7 +85,7 @@ def check_inputs(name: str, dataset: str, input_shape: Sequence[int], num_classe
     need an image model whose pooling fits H and W. A mismatch is a ValueError that
     names ``model.name`` and the values that would fit.
     """
-    arch = resolve_model_name(name, dataset)
+    arch = resolve_model_name(name, dataset, input_shape)
     shape = tuple(int(s) for s in input_shape)
     is_text = len(shape) == 1
     if num_classes < 2:

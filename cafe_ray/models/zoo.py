@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cafe_ray.config import ExperimentConfig, ModelConfig
+from cafe_ray.config import ExperimentConfig, ModelConfig, plugin_target
 from cafe_ray.models.base import BACKBONE_PREFIX, EarlyExitNet, LastExitHead
-from cafe_ray.models.inputs import check_image_shape, check_inputs
+from cafe_ray.models.inputs import MODEL_NAMES, check_image_shape, check_inputs
 
 if TYPE_CHECKING:
     from cafe_ray.data.base import ArrayDataset
@@ -336,12 +336,33 @@ def build_model(
     The inputs are checked first (:func:`cafe_ray.models.inputs.check_inputs`): text inputs
     (shape (L,), vocab_size given) need transformer4, image inputs (C, H, W) one of the CNNs.
     """
-    name = check_inputs(cfg.name, dataset, input_shape, num_classes, vocab_size)
     shape = tuple(int(s) for s in input_shape)
+    if cfg.name not in ("auto", *MODEL_NAMES) and plugin_target("model", cfg.name) is not None:
+        return build_plugin_model(cfg, shape, num_classes, vocab_size)
+    name = check_inputs(cfg.name, dataset, input_shape, num_classes, vocab_size)
     if name == "transformer4":
         return transformer4(shape, num_classes, cfg.width, vocab_size)
     builder = {"cnn_small": cnn_small, "conv3": conv3, "resnet18_ee": resnet18_ee}[name]
     return builder(shape, num_classes, cfg.width)
+
+
+def build_plugin_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int,
+                       vocab_size: int | None = None) -> EarlyExitNet:
+    """Your own early-exit network: ``model.name`` is ``package.module:builder`` or an entry point
+    (``cafe_ray.models``), called as ``builder(input_shape, num_classes, width=model.width)``
+    (plus ``vocab_size=`` for token inputs). It must return an :class:`EarlyExitNet`, whose
+    ``stages.{k}`` / ``exits.{k}`` parameters every algorithm relies on."""
+    from cafe_ray.config import load_plugin
+
+    builder = load_plugin("model", cfg.name)
+    kwargs: dict[str, Any] = {"width": cfg.width}
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    net = builder(tuple(input_shape), num_classes, **kwargs)
+    if not isinstance(net, EarlyExitNet):
+        raise ValueError(f"model.name={cfg.name}: the builder returned {type(net).__name__}, not an "
+                         "EarlyExitNet (cafe_ray.models.EarlyExitNet(stages, exits, num_classes))")
+    return net
 
 
 def make_model(cfg: ExperimentConfig, ds: ArrayDataset) -> EarlyExitNet:
@@ -372,18 +393,25 @@ DEFAULT_SETTINGS: dict[str, tuple[str, tuple[int, ...], int, int | None]] = {
 
 
 def models_table(width: int | None = None) -> list[dict[str, Any]]:
-    """One row per zoo model on its example dataset's shape: sizes and measured MACs per exit.
+    """One row per zoo model on its example dataset's shape, and per installed plug-in model
+    (entry point ``cafe_ray.models``; its builder's ``example_input = (shape, classes)``, else
+    (1, 28, 28) and 10): sizes and measured MACs per exit.
 
     ``width`` defaults to ModelConfig's default, i.e. what a run builds unless ``model.width``
     is set. The global RNG is left untouched.
     """
+    from cafe_ray.config import entry_point_names, load_plugin
     from cafe_ray.models.macs import exit_macs
 
     w = ModelConfig().width if width is None else width
     rows: list[dict[str, Any]] = []
+    settings = dict(DEFAULT_SETTINGS)
+    for name in sorted(entry_point_names("model")):  # installed plug-ins, on the input they declare
+        shape, classes = getattr(load_plugin("model", name), "example_input", ((1, 28, 28), 10))
+        settings[name] = ("plug-in", tuple(shape), int(classes), None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        for name, (dataset, shape, classes, vocab) in DEFAULT_SETTINGS.items():
+        for name, (dataset, shape, classes, vocab) in settings.items():
             net = build_model(ModelConfig(name=name, width=w), dataset, shape, classes, vocab_size=vocab)
             cost = exit_macs(net, shape, torch.int64 if vocab else torch.float32)
             backbone = sum(p.numel() for n, p in net.named_parameters() if n.startswith(BACKBONE_PREFIX))

@@ -41,6 +41,7 @@ CLIENTS = "clients.jsonl"
 EVAL = "eval.jsonl"
 SUMMARY = "summary.json"
 PROFILES = "profiles.json"
+DATA_STATS = "data_stats.json"  # what the loader measured on the training split (standardisation)
 SPLITS = "splits.npz"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_SERVER = "server.safetensors"
@@ -248,6 +249,13 @@ def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
 
 def write_profiles(run_dir: Path, profiles: dict[str, dict[str, Any]]) -> None:
     write_json(run_dir / PROFILES, profiles)
+
+
+def write_data_stats(run_dir: Path, stats: dict[str, Any] | None) -> None:
+    """The statistics the data loader applied (``data.name: parquet``: the training split's
+    per-channel mean and std), so that the run's inputs can be rebuilt outside it."""
+    if stats:
+        write_json(run_dir / DATA_STATS, stats)
 
 
 def read_profiles(run_dir: Path) -> dict[int, dict[str, Any]]:

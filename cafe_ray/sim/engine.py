@@ -223,9 +223,47 @@ def start(plan: RunPlan | ExperimentConfig, run_dir: Path, resume: bool, address
         plan = RunPlan.resolve(plan)
     refs = [ray.put(plan.dataset), ray.put(plan.splits)] if plan.has_data else None
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=4, scheduling_strategy=here).remote(
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4, "scheduling_strategy": here}
+    env = plugin_runtime_env(plan.cfg)
+    if env is not None:  # the client actors the coordinator creates inherit it
+        options["runtime_env"] = env
+    actor = ray.remote(Coordinator).options(**options).remote(
         plan.without_data(), str(run_dir.resolve()), resume, refs)  # refs in a list: passed, not resolved
     return actor, actor.run.remote()
+
+
+def plugin_runtime_env(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """A Ray runtime_env that ships the plug-in modules ``cfg`` names by import path to every
+    worker (``py_modules``), on this machine and on a cluster's nodes alike; None when there are
+    none to ship. Modules installed in site-packages are left to the nodes' own installs.
+
+    An actor's runtime_env takes URIs only (local paths are for ``ray.init``'s, and the caller
+    may have connected already): each module is uploaded to the cluster here, with the
+    function ``ray.init`` itself uses, and named by its ``gcs://`` URI."""
+    import importlib.util
+    import sysconfig
+
+    from cafe_ray.config import plugin_modules, search_working_folder
+
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    paths = []
+    search_working_folder()
+    for name in plugin_modules(cfg):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+            continue
+        origin = Path(spec.origin).resolve()
+        path = origin.parent if spec.submodule_search_locations else origin
+        if not any(path == d or d in path.parents for d in installed):
+            paths.append(str(path))
+    if not paths:
+        return None
+    import tempfile
+
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+
+    with tempfile.TemporaryDirectory(prefix="cafe-ray-plugins-") as scratch:
+        return upload_py_modules_if_needed({"py_modules": paths}, include_gitignore=True, scratch_dir=scratch)
 
 
 def run_simulation(
@@ -236,27 +274,31 @@ def run_simulation(
     console: Console | None = None,
     show_progress: bool = True,
     checked: PreflightReport | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) one simulation to its last round; returns (run dir, summary).
 
     :func:`cafe_ray.sim.preflight.preflight` runs first, before Ray starts and before the
     run directory exists, unless the caller already ran it (``checked``). A run that stops raises :class:`RunFailed` (the
     original error is its ``__cause__``) or :class:`RunInterrupted`; both say where it
-    stopped and the command that resumes it. A run that stops before its first round
+    stopped and the command that resumes it. ``on_round(record)`` is called in this process
+    with each round's record of ``metrics.jsonl`` as it is written. A run that stops before its first round
     leaves no run directory behind.
     """
     console = console or Console()
     report = checked.finish() if checked is not None else None  # a model check still running
-    if report is None:
-        from cafe_ray.sim.preflight import preflight, resume_config
+    from cafe_ray.sim.preflight import preflight, resume_config
 
+    if report is None:
         report = (preflight(cfg, address=address, keep_data=True) if resume_dir is None
                   else preflight(resume_config(resume_dir), address=address, run_dir=resume_dir, keep_data=True))
-    cfg, run_dir, resume = prepare_run(cfg, resume_dir)
     # the run as preflight resolved it (keep_data=True: with the data it loaded and partitioned);
     # the report lets go of the data so that this process does not hold it for the whole run
-    plan = report.plan if report.plan is not None else RunPlan.resolve(cfg)
+    if report.plan is None:
+        report.plan = RunPlan.resolve(cfg if resume_dir is None else resume_config(resume_dir))
+    plan = report.plan
     report.plan = plan.without_data()
+    cfg, run_dir, resume = prepare_run(plan.cfg, resume_dir)
     console.print(f"[bold]cafe-ray[/] {cfg.algorithm.name} on {cfg.data.name}: "
                   f"{cfg.data.num_clients} clients, {cfg.round.num_rounds} rounds -> {run_dir}")
     shown: set[str] = set()
@@ -275,7 +317,7 @@ def run_simulation(
             try:
                 sim = Simulation(plan, run_dir, _sequential_factory, resume=resume)
                 plan = plan.without_data()
-                summary = _follow_local(sim, console, show_progress, shown)
+                summary = _follow_local(sim, console, show_progress, shown, on_round)
             finally:
                 restore()
         else:
@@ -288,7 +330,8 @@ def run_simulation(
                                 lambda msg: console.print(f"[yellow]{msg}[/]"))
             actor, fut = start(plan, run_dir, resume, address)
             plan = plan.without_data()  # in the object store now; the driver holds only the references
-            summary = _follow(actor, fut, cfg, console, show_progress, run_dir, shown)
+            summary = _follow(actor, fut, cfg, console, show_progress, run_dir, shown,
+                              RoundFeed(run_dir, on_round, resume) if on_round is not None else None)
             ray.kill(actor)
     except BaseException as err:  # noqa: BLE001 - Ctrl-C and SIGTERM included: say where it stopped
         _stop_coordinator(actor, fut)
@@ -389,8 +432,35 @@ def _fields(p: dict[str, Any]) -> dict[str, Any]:
             "vt": f"{p.get('virtual_time_s', 0.0):.0f}s", "failed": p.get("failed_total", 0)}
 
 
+OnRound = Callable[[dict[str, Any]], None]
+
+
+class RoundFeed:
+    """Hands each new round's record of ``metrics.jsonl`` to a callback, once, in order.
+
+    The coordinator writes the records; the driver follows the file, so a callback (a
+    logger to MLflow or W&B, a notebook plot) runs in the caller's process whichever
+    executor runs the rounds. Resuming starts after the checkpoint's round: the rounds
+    after it are run, and reported, again.
+    """
+
+    def __init__(self, run_dir: Path, on_round: OnRound | None, resume: bool) -> None:
+        self.run_dir, self.on_round = run_dir, on_round
+        ckpt = rundir.latest_checkpoint(run_dir) if resume else None
+        self.next_round = int(ckpt.name.split("_")[1]) + 1 if ckpt is not None else 0
+
+    def poll(self) -> None:
+        if self.on_round is None:
+            return
+        for rec in rundir.read_jsonl(self.run_dir / rundir.METRICS):
+            if rec.get("round", -1) >= self.next_round:
+                self.next_round = int(rec["round"]) + 1
+                self.on_round(rec)
+
+
 def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool,
-            run_dir: Path | None = None, shown: set[str] | None = None) -> dict[str, Any]:
+            run_dir: Path | None = None, shown: set[str] | None = None,
+            feed: RoundFeed | None = None) -> dict[str, Any]:
     import ray
 
     shown = set() if shown is None else shown
@@ -406,17 +476,24 @@ def _follow(actor, fut, cfg: ExperimentConfig, console: Console, show: bool,
             if run_dir is not None:
                 _show_warnings(run_dir, console, shown)
             if done:
-                return ray.get(fut)
+                summary = ray.get(fut)
+            if feed is not None:
+                feed.poll()
+            if done:
+                return summary
 
 
-def _follow_local(sim: Simulation, console: Console, show: bool, shown: set[str] | None = None) -> dict[str, Any]:
+def _follow_local(sim: Simulation, console: Console, show: bool, shown: set[str] | None = None,
+                  user_on_round: OnRound | None = None) -> dict[str, Any]:
     shown = set() if shown is None else shown
     with _bar(console, sim.cfg.round.num_rounds, show) as bar:
         task = bar.add_task("sim", total=sim.cfg.round.num_rounds, acc="-", vt="0s", failed=0)
 
-        def on_round(_: dict[str, Any]) -> None:
+        def on_round(rec: dict[str, Any]) -> None:
             bar.update(task, completed=sim.progress.round, **_fields(sim.progress.__dict__))
             _show_warnings(sim.run_dir, console, shown)
+            if user_on_round is not None:
+                user_on_round(rec)
 
         return sim.run(on_round)
 

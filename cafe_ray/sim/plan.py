@@ -29,6 +29,17 @@ def as_client_splits(splits: Sequence[ClientSplit]) -> ClientSplits:
     return splits if isinstance(splits, ClientSplits) else ClientSplits.from_list(splits)
 
 
+def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with what only the data can tell filled in: a natural partition (``data.client``)
+    has as many clients as the column has distinct values. A TableError names the field."""
+    if cfg.data.name != "parquet" or cfg.data.client is None:
+        return cfg  # (pyarrow is imported only for a table)
+    from cafe_ray.data.tables import resolve_clients
+
+    data = resolve_clients(cfg.data)
+    return cfg if data is cfg.data else cfg.model_copy(update={"data": data})
+
+
 def load_data(cfg: ExperimentConfig) -> tuple[ArrayDataset, ClientSplits]:
     """The experiment's dataset and its client splits: the one place a run partitions its data."""
     dataset = load_dataset(cfg.data, seed=cfg.seed)
@@ -48,7 +59,7 @@ class RunPlan:
     @classmethod
     def resolve(cls, cfg: ExperimentConfig, data: tuple[ArrayDataset, Sequence[ClientSplit]] | None = None) -> RunPlan:
         """Resolve ``cfg``'s catalog (a ValueError names the field); ``data``: already loaded."""
-        return cls(cfg, resolve_catalog(cfg.profiles)).with_data(data)
+        return cls(resolve_config(cfg), resolve_catalog(cfg.profiles)).with_data(data)
 
     @property
     def classes(self) -> tuple[ResourceClass, ...]:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cafe_ray.config import ConfigError, ExperimentConfig
-from cafe_ray.models.inputs import check_inputs
-from cafe_ray.sim.plan import RunPlan, load_data
+from cafe_ray.models.inputs import MODEL_NAMES, check_inputs
+from cafe_ray.sim.plan import RunPlan, load_data, resolve_config
 
 if TYPE_CHECKING:
     from cafe_ray.data.base import ArrayDataset
@@ -81,7 +81,11 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
     the run starts (``run_simulation`` does), which raises the model's ConfigError.
     """
     report = PreflightReport()
+    cfg = _resolve(cfg, check_data and address is None)
     _check_algorithm(cfg, report)
+    if cfg.data.client is not None and "partition" in cfg.data.model_fields_set:
+        report.warnings.append(f"data.partition is set but data.client={cfg.data.client} partitions the "
+                               "data (one client per distinct value); data.partition is not used")
     catalog = _check_catalog(cfg)
     target = cfg.output_dir if run_dir is None else run_dir
     report.free_bytes = check_output_dir(target, keep=create_output_dir,
@@ -98,6 +102,12 @@ def preflight(cfg: ExperimentConfig, *, address: str | None = None, create_outpu
                 raise
             report.warnings.append(f"{err} (checked on this machine only: the cluster's nodes read "
                                    "data.root themselves)")
+    if cfg.logging.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("logging.tensorboard: needs tensorboardX (it comes with ray[tune]: "
+                              "pip install tensorboardX), or set logging.tensorboard=false")
     _check_resources(cfg, catalog, address, report)
     report.plan = RunPlan(cfg, catalog).with_data(data if keep_data else None)
     return report
@@ -116,6 +126,17 @@ def resume_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 # --------------------------------------------------------------------- checks
+def _resolve(cfg: ExperimentConfig, strict: bool) -> ExperimentConfig:
+    """The config as the run will use it (:func:`resolve_config`); a bad table is a ConfigError
+    (``strict``) or, where a remote cluster's nodes read the data, left to them."""
+    try:
+        return resolve_config(cfg)
+    except (ValueError, OSError) as err:
+        if strict:
+            raise ConfigError(str(err)) from None
+        return cfg
+
+
 def algorithm_names() -> list[str]:
     """The built-in names, plus any registered in this process, without importing the algorithms
     (torch, about 1 s): a registration needs ``cafe_ray.algorithms.base`` imported already."""
@@ -128,13 +149,34 @@ def algorithm_names() -> list[str]:
 
 
 def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
+    from cafe_ray.config import BUILTIN_ALGORITHMS, plugin_target
+
     names = algorithm_names()
-    if cfg.algorithm.name not in names:
+    if cfg.algorithm.name not in BUILTIN_ALGORITHMS and plugin_target("algorithm", cfg.algorithm.name):
+        _check_plugin_algorithm(cfg)
+    elif cfg.algorithm.options and cfg.algorithm.name in names:
+        raise ConfigError(f"algorithm.options: {cfg.algorithm.name} is built in and reads "
+                          f"algorithm.<its section>; options are for plug-in algorithms")
+    elif cfg.algorithm.name not in names:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r}: unknown algorithm; available: "
                           f"{', '.join(names)} (see `cafe-ray algorithms`)")
     for section in sorted(other_algorithm_settings(cfg)):
         report.warnings.append(f"algorithm.{section} is set but algorithm.name={cfg.algorithm.name} "
                                "does not read it")
+
+
+def _check_plugin_algorithm(cfg: ExperimentConfig) -> None:
+    """Import a plug-in algorithm and build it with its options, as every worker will."""
+    from cafe_ray.algorithms import build_algorithm
+
+    try:
+        build_algorithm(cfg)
+    except KeyError as err:
+        raise ConfigError(str(err.args[0]) if err.args else str(err)) from None
+    except (ValueError, TypeError) as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith("algorithm.") else
+                          f"algorithm.options: {cfg.algorithm.name}: {msg}") from None
 
 
 def other_algorithm_settings(cfg: ExperimentConfig) -> list[str]:
@@ -143,7 +185,7 @@ def other_algorithm_settings(cfg: ExperimentConfig) -> list[str]:
     config writes every block, and resuming it must warn no more than the run did."""
     algo = cfg.algorithm
     return [name for name, f in type(algo).model_fields.items()
-            if name != "name" and not algo.name.startswith(name)
+            if name not in ("name", "options") and not algo.name.startswith(name)
             and getattr(algo, name).model_dump() != f.get_default(call_default_factory=True).model_dump()]
 
 
@@ -211,8 +253,9 @@ def _check_data(cfg: ExperimentConfig, report: PreflightReport, model_in_backgro
             report.train_samples = len(ds.y_train)
             # the model's fit to the data, by the zoo's own rules and without torch: a model
             # that cannot take these inputs stops here, before Ray starts
-            check_inputs(cfg.model.name, ds.name, ds.input_shape, ds.num_classes,
-                         cfg.data.vocab_size if ds.is_text else None)
+            if cfg.model.name in ("auto", *MODEL_NAMES):  # a plug-in model checks its inputs itself
+                check_inputs(cfg.model.name, ds.name, ds.input_shape, ds.num_classes,
+                             cfg.data.vocab_size if ds.is_text else None)
             if model_in_background:
                 report.pending = _in_thread(_check_model, cfg, ds)
             else:
@@ -262,7 +305,9 @@ def _check_model(cfg: ExperimentConfig, ds: ArrayDataset) -> None:
 
     try:
         make_model(cfg, ds)
-    except (ValueError, KeyError, RuntimeError) as err:
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ConfigError(f"model.name={cfg.model.name}: cannot build it for {ds.name} "
                           f"(input {tuple(ds.input_shape)}): {err}") from None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cafe_ray.config import ProfilesConfig
+from cafe_ray.config import ProfilesConfig, load_plugin, plugin_target
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,17 @@ def load_trace(path: Path) -> Catalog:
     return Catalog(path.stem, tuple(tiers), classes, f"trace of {len(devices)} devices from {path}")
 
 
+def _plugin_catalog(name: str) -> Catalog:
+    """Your own catalog (``package.module:Name`` or an entry point): a Catalog, or a function
+    of no arguments that returns one."""
+    obj = load_plugin("profiles.catalog", name)
+    cat = obj() if callable(obj) and not isinstance(obj, Catalog) else obj
+    if not isinstance(cat, Catalog):
+        raise ValueError(f"profiles.catalog={name}: got {type(cat).__name__}, not a "
+                         "cafe_ray.sim.profiles.Catalog")
+    return cat
+
+
 def resolve_catalog(cfg: ProfilesConfig) -> Catalog:
     """The catalog named by ``profiles.catalog`` with ``profiles.classes`` overrides applied."""
     if cfg.catalog in CATALOGS:
@@ -180,10 +191,12 @@ def resolve_catalog(cfg: ProfilesConfig) -> Catalog:
         if not p.is_file():
             raise ValueError(f"profiles.catalog: trace file {p} not found")
         cat = load_trace(p)
+    elif plugin_target("profiles.catalog", cfg.catalog) is not None:
+        cat = _plugin_catalog(cfg.catalog)
     else:
         raise ValueError(
             f"profiles.catalog: unknown catalog {cfg.catalog!r}; use one of "
-            f"{', '.join(CATALOGS)} or a FedScale-style JSON trace path"
+            f"{', '.join(CATALOGS)}, a FedScale-style JSON trace path or package.module:Name"
         )
     known = {c.name for c in cat.classes}
     unknown = set(cfg.classes) - known

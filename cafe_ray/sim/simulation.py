@@ -21,6 +21,7 @@ from cafe_ray.config import ExperimentConfig
 from cafe_ray.models import exit_macs, make_model
 from cafe_ray.runs import rundir
 from cafe_ray.runs.store import ClientStateStore
+from cafe_ray.runs.tensorboard import TensorBoardLog
 from cafe_ray.sim import seeds
 from cafe_ray.sim.executor import Executor
 from cafe_ray.sim.plan import RunPlan
@@ -126,6 +127,7 @@ class Simulation:
         else:
             rundir.save_splits(self.run_dir / rundir.SPLITS, self.splits)
             rundir.write_profiles(self.run_dir, self.profiles.to_json())
+            rundir.write_data_stats(self.run_dir, self.dataset.stats)
 
     # ------------------------------------------------------------------ loop
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -133,10 +135,13 @@ class Simulation:
         T = cfg.round.num_rounds
         self.progress.status = "running"
         self.progress.round = self.start_round
+        tensorboard = TensorBoardLog(self.run_dir) if cfg.logging.tensorboard else None
         try:
             for t in range(self.start_round, T):
                 rec = self._round(t)
                 rundir.append_jsonl(self.run_dir / rundir.METRICS, [rec])
+                if tensorboard is not None:
+                    tensorboard.add(rec)
                 self.progress.round = t + 1
                 self.progress.virtual_time_s = self.virtual_time
                 if rec.get("acc_avg_exit") is not None:
@@ -154,6 +159,8 @@ class Simulation:
             raise
         finally:
             self.executor.shutdown()
+            if tensorboard is not None:
+                tensorboard.close()
 
     def _sample(self, t: int) -> list[int]:
         return sample_participants(self.profiles, self.cfg, t, self.virtual_time)

@@ -122,3 +122,28 @@ def make_agnews(root: Path, header: bool = False) -> Path:
             w.writerows([[str(c), t, d] for c, t, d in rows])
     (folder / "classes.txt").write_text("World\nSports\nBusiness\nSci/Tech\n")
     return folder
+
+
+def make_femnist_like(path: Path, writers: int = 6, per_writer: int = 20, side: int = 8,
+                      classes: int = 4, seed: int = 0, fixed: bool = True) -> Path:
+    """A FEMNIST-like Parquet file: uint8 pixels in one list column, an int label, a writer id.
+
+    Each class lights its own block of pixels, so a small CNN learns it in a few rounds.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    n = writers * per_writer
+    label = rng.integers(0, classes, n).astype(np.int64)
+    px = rng.integers(0, 64, (n, side * side)).astype(np.uint8)
+    block = side * side // classes
+    for c in range(classes):
+        px[label == c, c * block:(c + 1) * block] += 150
+    values = pa.array(px.ravel())
+    pixels = (pa.FixedSizeListArray.from_arrays(values, side * side) if fixed
+              else pa.ListArray.from_arrays(pa.array(np.arange(n + 1) * side * side, pa.int32()), values))
+    writer = [f"f{w:04d}" for w in np.repeat(np.arange(writers), per_writer)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"pixels": pixels, "label": label, "writer_id": writer}), path)
+    return path
