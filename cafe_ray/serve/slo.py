@@ -73,21 +73,25 @@ def curve_point(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[int
 def threshold_curve(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[int],
                     thresholds: Sequence[float] = DEFAULT_GRID, max_accuracy_drop: float = 0.01,
                     ) -> list[OperatingPoint]:
-    """The usable operating points (:func:`curve_point` of full depth and of every threshold), most
-    accurate first, each cheaper and less accurate than the one before (dominated points dropped),
-    none below full depth's accuracy - ``max_accuracy_drop`` (a fraction)."""
+    """The usable operating points, full depth first, then the thresholds (:func:`curve_point`)
+    cheaper than it, each cheaper and less accurate than the one before (dominated thresholds
+    dropped), none below full depth's accuracy - ``max_accuracy_drop`` (a fraction).
+
+    Full depth stays first even where a threshold scores as well on the client's val split:
+    that split is small (a few hundred samples), and the point a controller returns to when the
+    load allows is the model's full answer, not a threshold that only looked as good there."""
     _scores(max_prob, correct, cascade)
     if not 0 <= max_accuracy_drop <= 1:
         raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop}")
     full = curve_point(max_prob, correct, cascade, None)
     floor = full.accuracy - max_accuracy_drop - 1e-12
-    pts = [p for p in [full, *(curve_point(max_prob, correct, cascade, t) for t in sorted(set(thresholds)))]
-           if p.accuracy >= floor]
+    pts = [p for p in (curve_point(max_prob, correct, cascade, t) for t in sorted(set(thresholds)))
+           if p.accuracy >= floor and p.macs < full.macs]
     front: list[OperatingPoint] = []
     for p in sorted(pts, key=lambda p: (p.macs, -p.accuracy)):  # cheapest first
         if not front or p.accuracy > front[-1].accuracy + 1e-12:  # else a cheaper point is as accurate
             front.append(p)
-    return front[::-1]
+    return [full, *front[::-1]]
 
 
 class ServiceModel:

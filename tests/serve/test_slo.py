@@ -30,9 +30,10 @@ def test_curve_is_a_pareto_front_above_the_floor():
     full_acc = correct[:, -1].mean()
     for drop in (0.0, 0.01, 0.05, 1.0):
         pts = threshold_curve(conf, correct, CASCADE, max_accuracy_drop=drop)
-        assert pts[0].accuracy >= full_acc - 1e-12
+        assert pts[0].threshold is None and pts[0].accuracy == pytest.approx(full_acc)  # full depth first
         assert all(p.accuracy >= full_acc - drop - 1e-12 for p in pts)
-        assert all(a.macs > b.macs and a.accuracy > b.accuracy for a, b in zip(pts, pts[1:], strict=False))
+        assert all(a.macs > b.macs for a, b in zip(pts, pts[1:], strict=False))
+        assert all(a.accuracy > b.accuracy for a, b in zip(pts[1:], pts[2:], strict=False))
         for p in pts:
             assert p.reach[0] == 1.0 and list(p.reach) == sorted(p.reach, reverse=True)
             assert p.macs == pytest.approx(sum(CASCADE[k] * (p.reach[k] - (p.reach[k + 1] if k < 2 else 0))
@@ -43,6 +44,17 @@ def test_curve_is_a_pareto_front_above_the_floor():
     assert len(full) == 1 and full[0].threshold is None and full[0].macs == 1000 and full[0].reach == (1, 1, 1)
     with pytest.raises(ValueError, match="same"):
         threshold_curve(conf[:, :2], correct, CASCADE)
+
+
+def test_full_depth_stays_first_where_a_threshold_looks_as_accurate_on_val():
+    """On a small val split a cheap threshold can score as well as full depth; the curve still
+    starts at full depth, the point a controller returns to when the load allows."""
+    conf = np.tile([0.97, 0.98, 0.99], (50, 1))
+    correct = np.ones((50, 3), dtype=bool)  # every exit right: thresholds <= 0.97 are as accurate, cheaper
+    pts = threshold_curve(conf, correct, CASCADE, max_accuracy_drop=0.0)
+    assert pts[0].threshold is None and pts[0].macs == CASCADE[-1]
+    assert len(pts) == 2 and pts[1].threshold is not None and pts[1].macs == CASCADE[0]
+    assert pts[1].accuracy == pts[0].accuracy == 1.0
 
 
 def test_service_model_learns_per_exit_time_that_macs_do_not_show():
