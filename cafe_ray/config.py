@@ -6,6 +6,7 @@ field path and what is allowed. The CLI and YAML files only *build* these models
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -667,7 +668,7 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw config dict."""
-    out = _deep_copy(raw)
+    out = deep_copy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set round.num_rounds=5")
@@ -693,8 +694,9 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str | None = No
     node[parts[-1]] = value
 
 
-def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+def deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested mappings as fresh dicts (values shared): what overrides may write into."""
+    return {k: deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
 
 
 def build_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:

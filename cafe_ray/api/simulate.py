@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from cafe_ray.api.run import Run
-from cafe_ray.config import ConfigError, ExperimentConfig, build_config, load_config, set_dotted
+from cafe_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    deep_copy,
+    load_config,
+    set_dotted,
+)
 
 
 def resolve(config: str | Path | Mapping[str, Any] | ExperimentConfig,
@@ -26,16 +33,12 @@ def resolve(config: str | Path | Mapping[str, Any] | ExperimentConfig,
     elif isinstance(config, ExperimentConfig):
         raw, source = config.model_dump(mode="json", exclude_unset=True), "<ExperimentConfig>"
     elif isinstance(config, Mapping):
-        raw, source = _copy(config), "<dict>"
+        raw, source = deep_copy(config), "<dict>"
     else:
         raise ConfigError(f"config: expected a YAML path, a dict or an ExperimentConfig, got {type(config).__name__}")
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return build_config(raw, source)
-
-
-def _copy(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
 
 
 def simulate(config: str | Path | Mapping[str, Any] | ExperimentConfig,

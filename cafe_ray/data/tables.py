@@ -329,8 +329,8 @@ def load_parquet(cfg: DataConfig, seed: int) -> ArrayDataset:
     train_client = test_client = None
     names = np.zeros(0)
     if cfg.client is not None:
-        names = client_names(cfg)
-        assert groups is not None and groups_te is not None  # read() returns the column when data.client is set
+        assert train.client is not None and groups is not None and groups_te is not None  # read() returns it
+        names = np.unique(train.client)  # the whole training table's values, as client_names(cfg) reads them
         train_client = _client_ids(groups, names, cfg, "data.path")
         test_client = _client_ids(groups_te, names, cfg, "data.test_path")
         _check_clients(cfg, names, train_client, test_client)

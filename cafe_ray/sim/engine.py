@@ -444,15 +444,22 @@ class RoundFeed:
     after it are run, and reported, again.
     """
 
-    def __init__(self, run_dir: Path, on_round: OnRound | None, resume: bool) -> None:
+    def __init__(self, run_dir: Path, on_round: OnRound, resume: bool) -> None:
         self.run_dir, self.on_round = run_dir, on_round
         ckpt = rundir.latest_checkpoint(run_dir) if resume else None
         self.next_round = int(ckpt.name.split("_")[1]) + 1 if ckpt is not None else 0
+        self._seen: tuple[int, int] | None = None  # (size, mtime) of the file last read
 
     def poll(self) -> None:
-        if self.on_round is None:
+        path = self.run_dir / rundir.METRICS
+        try:
+            st = path.stat()
+        except FileNotFoundError:
             return
-        for rec in rundir.read_jsonl(self.run_dir / rundir.METRICS):
+        if (st.st_size, st.st_mtime_ns) == self._seen:  # polled twice a second; rounds are rarer
+            return
+        self._seen = (st.st_size, st.st_mtime_ns)
+        for rec in rundir.read_jsonl(path):
             if rec.get("round", -1) >= self.next_round:
                 self.next_round = int(rec["round"]) + 1
                 self.on_round(rec)
