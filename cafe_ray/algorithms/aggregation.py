@@ -6,11 +6,13 @@ the cohort; ``weighted_mean`` is the list reference it is tested against.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
 from cafe_ray.algorithms.base import Params
+from cafe_ray.algorithms.flat import FlatParams, Layout
 
 
 class StreamingMean:
@@ -18,16 +20,45 @@ class StreamingMean:
 
     Non-floating tensors (e.g. BatchNorm's ``num_batches_tracked``) keep the value
     of the first update: averaging counters is meaningless.
+
+    Updates that arrive as :class:`~cafe_ray.algorithms.flat.FlatParams` of one floating
+    dtype (what the Ray executor hands over) are summed as whole buffers: one kernel per
+    update instead of one per tensor, the same float64 arithmetic element by element, so
+    the same bits as the per-tensor sum.
     """
 
     def __init__(self) -> None:
         self._sum: Params = {}
         self._other: Params = {}
+        self._flat: torch.Tensor | None = None  # the float64 sum of flat updates
+        self._layout: Layout = ()
         self.total_weight = 0.0
+
+    def _flat_of(self, params: Params) -> torch.Tensor | None:
+        """``params`` as one vector in this mean's layout, when it can be summed as one."""
+        if isinstance(params, FlatParams) and params.layout == self._layout:
+            return next(iter(params.flat.values()))
+        if set(params) != {e[0] for e in self._layout}:
+            return None
+        return torch.cat([params[e[0]].detach().reshape(-1) for e in self._layout])
 
     def add(self, params: Params, weight: float) -> None:
         if weight < 0:
             raise ValueError(f"aggregation weight must be >= 0, got {weight}")
+        if self._flat is not None:
+            vec = self._flat_of(params)
+            if vec is None:
+                keys = {e[0] for e in self._layout}
+                raise KeyError(f"update keys differ from the first update: {sorted(keys ^ set(params))[:5]}")
+            self._flat.add_(vec, alpha=weight)
+            self.total_weight += weight
+            return
+        if not (self._sum or self._other) and _one_float_buffer(params):
+            assert isinstance(params, FlatParams)
+            self._layout = params.layout
+            self._flat = next(iter(params.flat.values())).to(torch.float64) * weight
+            self.total_weight += weight
+            return
         if self._sum or self._other:
             keys = set(self._sum) | set(self._other)
             if keys != set(params):
@@ -47,11 +78,31 @@ class StreamingMean:
         if self.total_weight <= 0:
             raise ValueError("no update with positive weight to aggregate")
         out: Params = {}
+        if self._flat is not None:
+            mean = self._flat / self.total_weight
+            dtypes = {like[e[0]].dtype if like is not None and e[0] in like else torch.float32
+                      for e in self._layout}
+            whole = mean.to(dtypes.pop()) if len(dtypes) == 1 else None
+            for name, _, off, shape in self._layout:
+                n = math.prod(shape)
+                if whole is not None:
+                    out[name] = whole[off:off + n].view(shape)
+                else:
+                    dtype = like[name].dtype if like is not None and name in like else torch.float32
+                    out[name] = mean[off:off + n].view(shape).to(dtype)
+            return out
         for k, s in self._sum.items():
             dtype = like[k].dtype if like is not None and k in like else torch.float32
             out[k] = (s / self.total_weight).to(dtype)
         out.update(self._other)
         return out
+
+
+def _one_float_buffer(params: Params) -> bool:
+    """A flat update whose tensors all share one floating dtype (one buffer to sum)."""
+    if not isinstance(params, FlatParams) or len(params.flat) != 1:
+        return False
+    return torch.is_floating_point(next(iter(params.flat.values())))
 
 
 def weighted_mean(updates: Iterable[tuple[Params, float]]) -> Params:

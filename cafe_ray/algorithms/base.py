@@ -34,6 +34,9 @@ Params = dict[str, torch.Tensor]  # parameter/buffer name -> tensor (a partial s
 
 
 def params_nbytes(params: Params) -> int:
+    nbytes = getattr(params, "nbytes", None)  # FlatParams: its buffers' size, without a view per tensor
+    if isinstance(nbytes, int):
+        return nbytes
     return int(sum(t.numel() * t.element_size() for t in params.values()))
 
 

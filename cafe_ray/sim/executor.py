@@ -25,7 +25,6 @@ round when nodes join after they were built.
 from __future__ import annotations
 
 import heapq
-import math
 import os
 import socket
 import warnings
@@ -33,11 +32,13 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from cafe_ray.algorithms import flat
+from cafe_ray.algorithms.base import Message, Params
 from cafe_ray.config import ExperimentConfig, TrainConfig
 from cafe_ray.data.base import ArrayDataset, ClientSplit
 from cafe_ray.sim import autoscale
@@ -132,46 +133,60 @@ def fit_capacity() -> tuple[dict[str, float], str]:
 def pack_results(results: Sequence[FitResult]) -> tuple[list[FitResult], dict[str, np.ndarray]]:
     """A chunk's uploads as one flat numpy buffer per dtype, for the trip back to the coordinator.
 
-    Each upload tensor becomes ``(dtype, offset, shape)`` into its dtype's buffer: Ray ships a
-    few large buffers out of band (zero-copy) instead of pickling one array per tensor per
-    client, which on a tiny model cost more than the coordinator's whole aggregation.
+    Each upload's tensors become a layout into those buffers (:func:`flat.pack_many`): Ray
+    ships a few large buffers out of band (zero-copy) instead of pickling one array per
+    tensor per client, which on a tiny model cost more than the coordinator's whole aggregation.
     """
-    parts: dict[str, list[np.ndarray]] = {}
-    sizes: dict[str, int] = {}
+    done = [(id(r), r.output.upload.tensors) for r in results if r.output is not None]
+    layouts, buffers = flat.pack_many([t for _, t in done])
+    by_id = {key: lay for (key, _), lay in zip(done, layouts, strict=True)}
     out: list[FitResult] = []
     for r in results:
         if r.output is None:
             out.append(r)
             continue
         up = r.output.upload
-        refs: dict[str, tuple[str, int, tuple[int, ...]]] = {}
-        for k, v in up.tensors.items():
-            a = v.detach().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-            dt = a.dtype.str
-            off = sizes.get(dt, 0)
-            parts.setdefault(dt, []).append(a.reshape(-1))
-            sizes[dt] = off + a.size
-            refs[k] = (dt, off, a.shape)
-        out.append(replace(r, output=replace(r.output, upload=replace(up, tensors=refs))))
-    buffers = {dt: np.concatenate(ps) for dt, ps in parts.items()}
+        layout = cast(Params, by_id[id(r)])  # a layout, not tensors, until unpack_results
+        out.append(replace(r, output=replace(r.output, upload=replace(up, tensors=layout))))
     return out, buffers
 
 
 def unpack_results(results: Sequence[FitResult], buffers: Mapping[str, np.ndarray]) -> list[FitResult]:
-    """Inverse of :func:`pack_results` on the coordinator: torch views of the buffers, no copy
-    (read-only object-store memory: aggregation reads the uploads, nobody writes them)."""
+    """Inverse of :func:`pack_results` on the coordinator: :class:`flat.FlatParams` views of the
+    buffers, no copy (read-only object-store memory: aggregation reads the uploads, nobody
+    writes them), which :class:`StreamingMean` sums a buffer at a time."""
     out: list[FitResult] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns once about read-only numpy arrays
         bufs = {dt: torch.from_numpy(b) for dt, b in buffers.items()}
-        for r in results:
-            if r.output is None:
-                out.append(r)
-                continue
-            up = r.output.upload
-            tensors = {k: bufs[dt][off:off + math.prod(shape)].view(shape) for k, (dt, off, shape) in up.tensors.items()}
-            out.append(replace(r, output=replace(r.output, upload=replace(up, tensors=tensors))))
+    for r in results:
+        if r.output is None:
+            out.append(r)
+            continue
+        up = r.output.upload
+        tensors = flat.from_buffers(cast(flat.Wire, up.tensors), bufs)
+        out.append(replace(r, output=replace(r.output, upload=replace(up, tensors=tensors))))
     return out
+
+
+def pack_message(msg: Message) -> tuple[Message, flat.Wire, dict[str, np.ndarray]] | Message:
+    """A payload for ``ray.put``: its tensors as numpy buffers (put without pickling a tensor
+    at a time), the rest of the message as it is; a message numpy cannot hold (bfloat16)
+    travels as it is."""
+    try:
+        layout, buffers = flat.to_buffers(msg.tensors)
+    except (TypeError, RuntimeError):
+        return msg
+    return replace(msg, tensors={}), layout, buffers
+
+
+def unpack_message(packed: tuple[Message, flat.Wire, dict[str, np.ndarray]] | Message) -> Message:
+    """Inverse of :func:`pack_message` on a client actor: a writable copy (client code owns
+    its payload; the object store's copy is read-only)."""
+    if isinstance(packed, Message):
+        return packed
+    msg, layout, buffers = packed
+    return replace(msg, tensors=flat.from_buffers(layout, buffers, copy=True))
 
 
 def freeze_heap() -> None:
@@ -279,12 +294,14 @@ class _ClientActor:
         """Train a chunk of virtual clients (one batched cohort under engine.vectorize); uploads
         come back as flat numpy buffers (:func:`pack_results`)."""
         self.attach(data_refs)
-        full = [replace(j, payload=payloads[k]) for j, k in zip(jobs, pidx, strict=True)]
+        msgs = [unpack_message(p) for p in payloads]
+        full = [replace(j, payload=msgs[k]) for j, k in zip(jobs, pidx, strict=True)]
         return pack_results(attached(self.runner).fit_many(full))
 
     def evaluate_chunk(self, data_refs: list, jobs: list[EvalJob], pidx: list[int], *payloads) -> list[EvalResult]:
         self.attach(data_refs)
-        return [attached(self.runner).evaluate(replace(j, payload=payloads[k]))
+        msgs = [unpack_message(p) for p in payloads]
+        return [attached(self.runner).evaluate(replace(j, payload=msgs[k]))
                 for j, k in zip(jobs, pidx, strict=True)]
 
     def info(self) -> dict:
@@ -470,7 +487,7 @@ class RayExecutor(Executor):
         def payload_ref(payload: object) -> object:
             key = id(payload)
             if key not in put_cache:
-                put_cache[key] = ray.put(payload)
+                put_cache[key] = ray.put(pack_message(payload) if isinstance(payload, Message) else payload)
             return put_cache[key]
 
         def feed(name: str) -> None:
