@@ -268,6 +268,7 @@ def _resume_and_check(cli, run_dir: Path, printed: str, rounds: int) -> None:
     assert _no_leftovers(cli, p)
 
 
+@pytest.mark.slow  # CLI runs stopped by a signal, then resumed
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_interrupt_prints_where_and_resume_command(cli, how):
     rounds = 12
@@ -291,6 +292,7 @@ def test_interrupt_prints_where_and_resume_command(cli, how):
         _resume_and_check(cli, run_dir, line, rounds)
 
 
+@pytest.mark.slow  # a CLI run killed with -9, the reaper, then a resume
 def test_kill9_leaves_no_ray_processes_and_resumes(cli):
     rounds = 10
     p = cli(rounds=rounds)
@@ -303,6 +305,7 @@ def test_kill9_leaves_no_ray_processes_and_resumes(cli):
     _resume_and_check(cli, run_dir, f"resume with: cafe-ray simulate --resume {run_dir}", rounds)
 
 
+@pytest.mark.slow  # CLI runs on a filled tmpfs, then a resume
 def test_full_disk_stops_cleanly_and_resumes(cli, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -304,6 +304,7 @@ def test_pin_image_from_instance_gives_workers_the_heads_ami_over_imds(tmp_path,
     assert r.exit_code == 2 and "no instance metadata" in r.output
 
 
+@pytest.mark.slow  # the node set-up script waiting out a held dpkg lock
 def test_setup_node_waits_for_the_dpkg_lock(tmp_path):
     script = ROOT / "cafe_ray" / "cluster" / "setup-node.sh"
     lock = tmp_path / "lock-frontend"

@@ -114,6 +114,7 @@ def test_outcome_targets():
         outcome_targets(correct, 0, "best")
 
 
+@pytest.mark.slow  # trains a model and fits a cascade
 def test_the_cascade_beats_a_threshold_where_confidence_is_blind():
     train, test = crafted_trace(900, seed=0), crafted_trace(900, seed=1)
     pol = CascadePolicy(net=fit_cascade(train, FitSettings(hidden=(16,), steps=300, seed=0, **NO_PRIOR)))

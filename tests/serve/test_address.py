@@ -26,6 +26,7 @@ def gcs(served, ray_session) -> str:
     return ray_session.get_runtime_context().gcs_address
 
 
+@pytest.mark.slow  # a Serve proxy, then `cafe-ray serve` processes against it
 @pytest.mark.parametrize(("args", "flag"), [(["--port", "PORT"], "--port"), (["--host", "0.0.0.0"], "--host")])
 def test_serve_stops_with_how_to_restart_when_the_running_proxy_differs(served, serve_run_dir, gcs, args, flag):
     cfg, _ = served
@@ -40,6 +41,7 @@ def test_serve_stops_with_how_to_restart_when_the_running_proxy_differs(served, 
     assert "never" not in serve.status().applications  # nothing was deployed
 
 
+@pytest.mark.slow  # a Serve proxy, then a `cafe-ray serve` process against it
 def test_serve_uses_the_running_proxy_and_prints_its_real_url(served, serve_run_dir, gcs):
     """No --port: the CLI (a separate process) deploys on the running proxy and says where it is."""
     cfg, _ = served
@@ -72,6 +74,7 @@ def _rows(output: str) -> dict[str, list[str]]:
             and not cells[1].startswith("-")}
 
 
+@pytest.mark.slow  # a Serve proxy (this module's), loaded over HTTP
 def test_bench_serve_loads_a_running_server_by_url(served, serve_run_dir):
     r = runner.invoke(app, _bench_args(serve_run_dir, served[0].url))
     assert r.exit_code == 0, r.output
@@ -82,6 +85,7 @@ def test_bench_serve_loads_a_running_server_by_url(served, serve_run_dir):
     assert re.search(r"load average \(1/5/15 min\) before: [\d.]+ [\d.]+ [\d.]+", r.output)
 
 
+@pytest.mark.slow  # a Serve proxy (this module's), loaded by hey
 @pytest.mark.skipif(shutil.which("hey") is None, reason="hey is not installed (apt-get install -y hey)")
 def test_bench_serve_external_uses_hey(served, serve_run_dir):
     r = runner.invoke(app, [*_bench_args(serve_run_dir, served[0].url), "--external"])

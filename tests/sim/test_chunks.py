@@ -12,6 +12,7 @@ from cafe_ray.sim.runner import FitResult
 from tests.sim.conftest import comparable, tiny_cfg
 
 
+@pytest.mark.slow  # five runs, one per chunking, on real actors
 @pytest.mark.usefixtures("ray_session")
 def test_chunked_equals_sequential_for_one_and_two_actors(tmp_path):
     sets = ("round.num_rounds=3", "algorithm.name=fedper_ee", "round.fraction=1.0", "data.num_clients=7")

@@ -97,6 +97,7 @@ def test_cohorts_are_even_runs_of_at_most_the_size():
     assert even_runs([], 16) == []
 
 
+@pytest.mark.slow  # three vectorized runs on real actors and one in process
 @pytest.mark.usefixtures("ray_session")
 def test_vectorized_engine_same_metrics_for_one_and_two_actors_and_sequential(tmp_path):
     sets = ("round.num_rounds=2", "algorithm.name=fedper_ee", "round.fraction=1.0", "data.num_clients=7",

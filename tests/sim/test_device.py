@@ -37,6 +37,7 @@ def test_class_device_for_doctor():
     assert class_device(1.0, cuda_count=0).device == "cpu"
 
 
+@pytest.mark.slow  # two runs on real actors, one through the GPU path
 @pytest.mark.usefixtures("ray_session")
 def test_a_gpu_class_trains_through_the_device_path_with_the_cpu_metrics(tmp_path):
     """Two actors share the session's GPU (half each) and resolve it from their Ray GPU ids;

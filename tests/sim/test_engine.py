@@ -13,7 +13,9 @@ def _run(cfg, **kw):
     return run_simulation(cfg, show_progress=False, **kw)
 
 
-@pytest.mark.parametrize("algo", ["fedavg_ee", "fedprox_ee", "fedper_ee", "local_ee"])
+# FedAvg-EE on Ray in every run of the suite; the others in `make test-all` (each is a run on real actors)
+@pytest.mark.parametrize("algo", ["fedavg_ee", *(pytest.param(a, marks=pytest.mark.slow) for a in
+                                                  ("fedprox_ee", "fedper_ee", "local_ee"))])
 def test_each_algorithm_learns_on_ray(tmp_path, algo):
     cfg = tiny_cfg(tmp_path, f"algorithm.name={algo}", "round.num_rounds=4", "round.fraction=1.0")
     run_dir, s = _run(cfg)
@@ -23,6 +25,7 @@ def test_each_algorithm_learns_on_ray(tmp_path, algo):
     assert len({r["pid"] for r in recs}) == 2  # two actors in the pool, both used
 
 
+@pytest.mark.slow  # three runs on real actors and one in process
 def test_ray_equals_sequential_and_one_vs_two_actors(tmp_path):
     seq = tiny_cfg(tmp_path / "s", "round.num_rounds=3", "algorithm.name=fedper_ee", executor="sequential")
     one = tiny_cfg(tmp_path / "1", "round.num_rounds=3", "algorithm.name=fedper_ee", "profiles.actors_per_class=1")
@@ -34,6 +37,7 @@ def test_ray_equals_sequential_and_one_vs_two_actors(tmp_path):
     assert len({r["pid"] for r in rundir.read_jsonl(runs[2] / "clients.jsonl")}) == 2
 
 
+@pytest.mark.slow  # a killed coordinator, a resume and an uninterrupted run
 def test_resume_after_killed_coordinator_equals_uninterrupted(tmp_path, ray_session):
     ray = ray_session
     sets = ("round.num_rounds=6", "checkpoint.every=2", "algorithm.name=fedper_ee", "train.local_epochs=2")
@@ -56,6 +60,7 @@ def test_resume_after_killed_coordinator_equals_uninterrupted(tmp_path, ray_sess
         rundir.read_jsonl(full_dir / "metrics.jsonl"))
 
 
+@pytest.mark.slow  # an actor killed mid-run and restarted by Ray
 def test_killed_client_actor_does_not_stop_the_run(tmp_path, ray_session):
     ray = ray_session
     # one actor: with no live actor left in its pool, the executor must wait for Ray's restart
@@ -84,6 +89,7 @@ def test_killed_client_actor_does_not_stop_the_run(tmp_path, ray_session):
     ray.kill(actor)
 
 
+@pytest.mark.slow  # a run with three resource classes
 def test_resource_classes_get_their_ray_resources(tmp_path):
     cfg = tiny_cfg(
         tmp_path, "round.num_rounds=1", "round.fraction=1.0", "profiles.catalog=iot_mix",
@@ -124,6 +130,7 @@ def test_error_inside_the_coordinator_is_unwrapped_the_same_on_both_executors(tm
     assert "Traceback" not in reasons["ray"]
 
 
+@pytest.mark.slow  # a CLI run in its own Ray
 def test_coordinator_warnings_reach_the_terminal_and_the_run_dir(tmp_path):
     import io
 

@@ -38,6 +38,7 @@ def _simulate(config: Path) -> tuple[Path, dict]:
     return run_dir, json.loads((run_dir / rundir.SUMMARY).read_text())
 
 
+@pytest.mark.slow  # a CLI run on Ray from Parquet files
 @pytest.mark.usefixtures("ray_session")
 def test_one_client_per_writer_end_to_end_on_ray(tmp_path):
     make_femnist_like(tmp_path / "train.parquet", writers=6, per_writer=24)

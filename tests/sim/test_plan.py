@@ -77,6 +77,7 @@ def test_simulate_sequential_resolves_the_catalog_and_partitions_the_data_once(t
     assert counts == {"resolve_catalog": 1, "partition_clients": 1}
 
 
+@pytest.mark.slow  # a CLI run on Ray with counting hooks
 @pytest.mark.usefixtures("ray_session")
 def test_simulate_on_ray_resolves_the_catalog_and_partitions_the_data_once(tmp_path, monkeypatch):
     """Driver (preflight, autoscaler request) and coordinator actor (pools, round loop) together."""

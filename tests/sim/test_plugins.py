@@ -42,6 +42,7 @@ def _args(*sets: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+@pytest.mark.slow  # a CLI run shipping plug-ins to its actors
 @pytest.mark.usefixtures("ray_session")
 def test_plugin_algorithm_and_model_from_the_working_folder_run_on_ray(project):
     """Through the Python API, whose round callback follows the coordinator from the driver."""
@@ -95,6 +96,7 @@ DIST = {
 }
 
 
+@pytest.mark.slow  # pip installs a distribution into a new venv
 def test_an_installed_distribution_s_entry_points_are_listed_and_usable(tmp_path):
     src = tmp_path / "src"
     (src / "cafe_demo_plugins").mkdir(parents=True)

@@ -180,6 +180,7 @@ def _actor_chunk_work(sim: Simulation, t: int, store: str) -> tuple[dict, int]:
     return {k: v[1] for k, v in pstats.Stats(pr).stats.items() if "/cafe_ray/" in k[0]}, peak
 
 
+@pytest.mark.slow  # runs at 1,000 and 1,000,000 registered clients
 @pytest.mark.usefixtures("ray_session")
 def test_ray_rounds_do_the_same_work_at_a_thousand_and_a_million_clients(tmp_path):
     """The Ray path's steady round does no O(registered) work: at 10^6 registered clients the

@@ -49,6 +49,7 @@ def test_evaluation_is_test_size_weighted_per_exit_with_worst_client():
     assert rec["eval_clients"] == 2
 
 
+@pytest.mark.slow  # a Ray Train job with two workers
 def test_centralized_upper_bound_with_two_ray_train_workers(tmp_path, ray_session):
     from cafe_ray.studies.compare import Variant, aggregate, markdown_table, run_row
 

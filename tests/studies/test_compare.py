@@ -239,6 +239,7 @@ def test_run_name_keeps_run_directories_when_a_label_changes(tmp_path):
         load_study(p)
 
 
+@pytest.mark.slow  # a study run three ways, simulate subprocesses included
 def test_parallel_jobs_give_the_same_runs_as_in_process_and_ray_runs_are_reused(tmp_path):
     """--jobs 2 runs each simulation in its own `cafe-ray simulate` process: the same metrics as the
     in-process path; --set reaches every run; the executor is not part of a run's identity."""

@@ -144,6 +144,7 @@ class _InterruptAfterFirstTrial(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+@pytest.mark.slow  # a Tune sweep interrupted and resumed
 def test_sweep_interrupted_then_resumed_writes_table_and_best_config(tmp_path, ray_session):
     base = _base(tmp_path)
     space = {"algorithm.cafedistill.lam": {"grid": [0.0, 0.5, 1.0]}, "algorithm.cafedistill.tau": {"choice": [2.0]}}
@@ -217,6 +218,7 @@ def _outcome(res) -> dict:
     return {r["train.lr"]: (r["status"], r["rounds"], round(r["acc_avg_exit"], 6)) for r in res.rows}
 
 
+@pytest.mark.slow  # an interrupted Tune sweep, its resume and an uninterrupted one
 def test_resumed_sweep_stops_the_same_trials_as_an_uninterrupted_one(tmp_path, ray_session):
     """A trial interrupted between a checkpoint and its report is re-reported, and ASHA's rungs are
     rebuilt from the finished trials: early stopping decides exactly as without the interruption."""
