@@ -369,7 +369,8 @@ def bench_scale(
 
 @bench_app.command("startup")
 def bench_startup(
-    config: Annotated[Path, typer.Argument(help="Experiment YAML.")] = Path("simulations/quickstart.yaml"),
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (default: simulations/quickstart.yaml).")
+                      ] = DEFAULT_CONFIG,
     repeats: Annotated[int, typer.Option(help="Runs.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Where run directories go.")] = None,
     compare_preload: Annotated[bool, typer.Option(help="Alternate runs with and without the workers' preload.")] = False,
@@ -380,6 +381,8 @@ def bench_startup(
 
     from cafe_ray.bench import rows, startup
 
+    if not config.is_file():
+        _fail(f"bench startup: no config file at {config}: pass an experiment YAML (e.g. simulations/quickstart.yaml)")
     o = _bench_out(out)
     modes = (True, False) if compare_preload else (True,)
     res = [startup.measure_startup(config, o, preload=p) for _ in range(repeats) for p in modes]

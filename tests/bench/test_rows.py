@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 from typer.testing import CliRunner
@@ -50,3 +51,16 @@ def test_bench_cohort_json_to_stdout_is_one_object_per_line(tmp_path):
     r = CliRunner().invoke(app, ["bench", "cohort", "--clients", "2", "--repeats", "1", "--json", str(f)])
     assert r.exit_code == 0 and "speed-up" in r.output  # the table as well
     assert [json.loads(ln)["clients"] for ln in f.read_text().splitlines()] == [2, 16]
+
+
+def test_bench_startup_without_a_config_file_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default config is found from anywhere; a missing one is named
+    r = CliRunner().invoke(app, ["bench", "startup", "nowhere.yaml", "--repeats", "1"])
+    assert r.exit_code == 2 and "no config file at nowhere.yaml" in r.output and "Traceback" not in r.output
+
+
+def test_bench_startup_default_config_does_not_depend_on_the_working_folder():
+    from cafe_ray.cli import DEFAULT_CONFIG, bench_startup
+
+    assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.is_absolute()
+    assert inspect.signature(bench_startup).parameters["config"].default == DEFAULT_CONFIG
