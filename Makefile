@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cafe-ray simulate $(ARGS)
 
-# `make test`: every test but the long end-to-end ones (`@pytest.mark.slow`: real multi-node
-# clusters, the autoscaler, repeated sweeps); `make test-all`: all of them, as CI runs.
+# `make test`: every test but the long end-to-end ones (`@pytest.mark.slow`, each with what makes
+# it long: clusters, the autoscaler, sweeps, killed-and-resumed CLI runs, multi-run equality on
+# real actors); `make test-all`: all of them, as CI runs.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
@@ -49,4 +50,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site .fuzz-venv
+	rm -rf $(VENV) runs .pytest_cache site .fuzz-venv .flower-venv

@@ -236,10 +236,12 @@ def main() -> None:
         print(f"  {k:8s} whole run {_stats(total[k])}   rounds 2..T {_stats(steady[k])}   "
               f"final acc per exit {[round(a, 4) for a in runs[k][-1]['acc_exit']]}   "
               f"load {loads}")
-    print(f"  Flower / cafe-ray: whole run {min(total['flower']) / min(total['cafe-ray']):.2f}x (min) "
-          f"{statistics.median(total['flower']) / statistics.median(total['cafe-ray']):.2f}x (median); "
-          f"rounds 2..T {min(steady['flower']) / min(steady['cafe-ray']):.2f}x (min) "
-          f"{statistics.median(steady['flower']) / statistics.median(steady['cafe-ray']):.2f}x (median)")
+    ratio = (f"  Flower / cafe-ray: whole run {min(total['flower']) / min(total['cafe-ray']):.2f}x (min) "
+             f"{statistics.median(total['flower']) / statistics.median(total['cafe-ray']):.2f}x (median)")
+    if args.rounds > 1:
+        ratio += (f"; rounds 2..T {min(steady['flower']) / min(steady['cafe-ray']):.2f}x (min) "
+                  f"{statistics.median(steady['flower']) / statistics.median(steady['cafe-ray']):.2f}x (median)")
+    print(ratio)
 
 
 if __name__ == "__main__":
