@@ -11,9 +11,9 @@ the float rounding of the two aggregations (cafe-ray averages in float64, Flower
 
 Flower pins its own Ray, so it lives in its own environment (not a dev dependency):
 
-    python3 -m venv .flower-venv
-    .flower-venv/bin/pip install -c constraints.txt "flwr[simulation]==1.41.0" torch numpy \
-        pydantic pyyaml safetensors pyarrow psutil matplotlib
+    python3 -m venv .flower-venv   # not with constraints.txt: Flower pins Ray 2.55.1
+    .flower-venv/bin/pip install "flwr[simulation]==1.41.0" torch==2.14.1 numpy pydantic pyyaml \
+        safetensors pyarrow psutil matplotlib scikit-learn
     .flower-venv/bin/pip install --no-deps -e .
 
 then, from the project's environment, alternating the two engines:
