@@ -92,13 +92,9 @@ def _client_state() -> dict[str, Any]:
 
 
 def _client_data(st: dict[str, Any], cid: int) -> Any:
-    import torch
-
     from cafe_ray.algorithms.base import ClientData
 
-    s, ds = st["splits"][cid], st["ds"]
-    return ClientData(torch.from_numpy(ds.x_train[s.train_idx]), torch.from_numpy(ds.y_train[s.train_idx]),
-                      torch.from_numpy(ds.x_test[s.test_idx]), torch.from_numpy(ds.y_test[s.test_idx]))
+    return ClientData.gather(st["ds"], st["splits"][cid])  # as cafe-ray's client runner gathers it
 
 
 def _flower_apps() -> tuple[Any, Any]:

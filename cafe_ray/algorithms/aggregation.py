@@ -32,13 +32,14 @@ class StreamingMean:
         self._other: Params = {}
         self._flat: torch.Tensor | None = None  # the float64 sum of flat updates
         self._layout: Layout = ()
+        self._names: frozenset[str] = frozenset()  # the keys of a flat mean's layout
         self.total_weight = 0.0
 
     def _flat_of(self, params: Params) -> torch.Tensor | None:
         """``params`` as one vector in this mean's layout, when it can be summed as one."""
         if isinstance(params, FlatParams) and params.layout == self._layout:
             return next(iter(params.flat.values()))
-        if set(params) != {e[0] for e in self._layout}:
+        if set(params) != self._names:
             return None
         return torch.cat([params[e[0]].detach().reshape(-1) for e in self._layout])
 
@@ -48,14 +49,13 @@ class StreamingMean:
         if self._flat is not None:
             vec = self._flat_of(params)
             if vec is None:
-                keys = {e[0] for e in self._layout}
-                raise KeyError(f"update keys differ from the first update: {sorted(keys ^ set(params))[:5]}")
+                raise KeyError(f"update keys differ from the first update: {sorted(self._names ^ set(params))[:5]}")
             self._flat.add_(vec, alpha=weight)
             self.total_weight += weight
             return
         if not (self._sum or self._other) and _one_float_buffer(params):
             assert isinstance(params, FlatParams)
-            self._layout = params.layout
+            self._layout, self._names = params.layout, frozenset(params)
             self._flat = next(iter(params.flat.values())).to(torch.float64) * weight
             self.total_weight += weight
             return

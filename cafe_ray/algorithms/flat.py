@@ -2,9 +2,9 @@
 
 Messages cross process boundaries as a few numpy buffers (Ray ships those out of
 band, without pickling a tensor at a time), and come back as :class:`FlatParams`:
-an ordinary ``Params`` dict whose tensors are views of those buffers, so that
-:class:`~cafe_ray.algorithms.aggregation.StreamingMean` can fold a whole update
-with one kernel instead of one per tensor. Algorithms see a plain dict either way.
+a read-only ``name -> tensor`` mapping whose tensors are views of those buffers, so
+that :class:`~cafe_ray.algorithms.aggregation.StreamingMean` can fold a whole update
+with one kernel instead of one per tensor. Algorithms read it like a plain dict.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ class FlatParams(Mapping[str, torch.Tensor]):
     for them (a torch view costs microseconds, times tensors, times clients, every round).
     """
 
-    def __init__(self, flat: dict[str, torch.Tensor], layout: Layout) -> None:
+    def __init__(self, flat: dict[str, torch.Tensor], layout: Layout, plan: _Plan | None = None) -> None:
         self.flat, self.layout = flat, layout
-        self._plan = _plan(layout)
+        self._plan = plan if plan is not None else _plan(layout)
         self._views: dict[str, torch.Tensor] | None = None
 
     def _materialize(self) -> dict[str, torch.Tensor]:
@@ -135,8 +135,9 @@ def from_buffers(wire: Wire, buffers: Mapping[str, np.ndarray | torch.Tensor], c
     (object-store memory is read-only; a receiver that may write into what it got asks for
     its own copy)."""
     layout, starts = wire
+    plan = _plan(layout)
     regions: dict[str, torch.Tensor] = {}
-    for dt, _, _, _, total in _plan(layout).groups:
+    for dt, _, _, _, total in plan.groups:
         buf = buffers[dt]
         if not isinstance(buf, torch.Tensor):
             with warnings.catch_warnings():
@@ -144,4 +145,4 @@ def from_buffers(wire: Wire, buffers: Mapping[str, np.ndarray | torch.Tensor], c
                 buf = torch.from_numpy(buf)
         region = buf[starts[dt]:starts[dt] + total]
         regions[dt] = region.clone() if copy else region
-    return FlatParams(regions, layout)
+    return FlatParams(regions, layout, plan)

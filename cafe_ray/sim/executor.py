@@ -137,17 +137,15 @@ def pack_results(results: Sequence[FitResult]) -> tuple[list[FitResult], dict[st
     ships a few large buffers out of band (zero-copy) instead of pickling one array per
     tensor per client, which on a tiny model cost more than the coordinator's whole aggregation.
     """
-    done = [(id(r), r.output.upload.tensors) for r in results if r.output is not None]
-    layouts, buffers = flat.pack_many([t for _, t in done])
-    by_id = {key: lay for (key, _), lay in zip(done, layouts, strict=True)}
+    wires, buffers = flat.pack_many([r.output.upload.tensors for r in results if r.output is not None])
+    next_wire = iter(wires)
     out: list[FitResult] = []
     for r in results:
         if r.output is None:
             out.append(r)
             continue
-        up = r.output.upload
-        layout = cast(Params, by_id[id(r)])  # a layout, not tensors, until unpack_results
-        out.append(replace(r, output=replace(r.output, upload=replace(up, tensors=layout))))
+        wire = cast(Params, next(next_wire))  # a layout, not tensors, until unpack_results
+        out.append(replace(r, output=replace(r.output, upload=replace(r.output.upload, tensors=wire))))
     return out, buffers
 
 
