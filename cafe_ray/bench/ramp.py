@@ -127,6 +127,7 @@ def _uptime() -> str:
 
 def run_ramp(run_dir: str | Path, steps: list[int], *, requests: int = 300, samples: int = 64, num_clients: int = 8,
              slo_ms: float | None = None, threshold: float | None = None, max_accuracy_drop: float = 1.0,
+             slo_curve: str = "pooled",
              settle: float = 0.25, body_format: str = "npy", direct_ingress: bool = False, port: int | None = None,
              threads: int = 1, say: Any = print) -> Ramp:
     """Serve ``run_dir`` on a local Ray and ramp the load (see the module doc)."""
@@ -156,7 +157,7 @@ def run_ramp(run_dir: str | Path, steps: list[int], *, requests: int = 300, samp
     cfg = ServeConfig(run_dir=str(run_dir), port=port or _free_port(), threads=threads, replica_cpus=0,
                       max_models_per_replica=max(8, len(clients)), batch_max_requests=max(16, min(max(steps), 64)),
                       app_name="cafe-ray-ramp", access_log=False, route_prefix="/cafe-ray-ramp",
-                      max_accuracy_drop=max_accuracy_drop)
+                      max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve)
     own_ray = not ray.is_initialized()
     start(cfg, None, require={"port"} if port else set())
     host, proxy_port = running_proxy()

@@ -86,6 +86,10 @@ def register(app: typer.Typer) -> None:
         max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Accuracy floor of the "
                                                          "latency-SLO control: at most this many points of "
                                                          "validation accuracy below full depth.")] = 1.0,
+        slo_curve: Annotated[str, typer.Option("--slo-curve", help="Latency-SLO control's thresholds: 'pooled' "
+                                               "(one ladder from all clients' validation scores; each client "
+                                               "keeps its own MACs and floor on it) or 'client' (each client's "
+                                               "own validation front).")] = "pooled",
         autoscale: Annotated[str | None, typer.Option("--autoscale", help="MIN:MAX replicas, scaled by Ray "
                                                       "Serve on ongoing requests per replica (replaces "
                                                       "--replicas).")] = None,
@@ -120,7 +124,8 @@ def register(app: typer.Typer) -> None:
                               batch_max_samples=batch_samples,
                               max_models_per_replica=max_models, threads=threads, replica_cpus=replica_cpus,
                               default_threshold=threshold, learned=None if learned is None else str(learned),
-                              latency_slo_ms=latency_slo_ms, max_accuracy_drop=max_accuracy_drop, autoscale=scale,
+                              latency_slo_ms=latency_slo_ms, max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve,
+                              autoscale=scale,
                               target_ongoing_requests=target_ongoing)
         except ValidationError as err:
             _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
@@ -213,6 +218,9 @@ def register(app: typer.Typer) -> None:
         max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="--ramp: the server's "
                                                          "accuracy floor for SLO control (val points below "
                                                          "full depth).")] = 1.0,
+        slo_curve: Annotated[str, typer.Option("--slo-curve", help="--ramp: the server's SLO thresholds, "
+                                               "'pooled' or 'client' (as `cafe-ray serve --slo-curve`).")
+                             ] = "pooled",
         plot_out: Annotated[Path | None, typer.Option("--plot", help="--ramp: write p99 and accuracy against "
                                                       "load to this PNG.")] = None,
     ) -> None:
@@ -253,7 +261,8 @@ def register(app: typer.Typer) -> None:
             return
         if ramp is not None:
             _ramp(rd, ramp, requests=requests, samples=samples, clients=clients, slo_ms=latency_slo_ms,
-                  threshold=threshold, max_accuracy_drop=max_accuracy_drop, body=body, direct_ingress=direct_ingress,
+                  threshold=threshold, max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve,
+                  body=body, direct_ingress=direct_ingress,
                   port=port, threads=threads, plot_out=plot_out, json_out=json_out, url=url, address=address)
             return
         if url is not None and (address is not None or port is not None):
@@ -275,13 +284,16 @@ def register(app: typer.Typer) -> None:
 
 
 def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clients: int, slo_ms: float | None,
-          threshold: float | None, max_accuracy_drop: float, body: str, direct_ingress: bool, port: int | None,
-          threads: int, plot_out: Path | None, json_out: Path | None, url: str | None, address: str | None) -> None:
+          threshold: float | None, max_accuracy_drop: float, slo_curve: str, body: str,
+          direct_ingress: bool, port: int | None, threads: int, plot_out: Path | None, json_out: Path | None,
+          url: str | None, address: str | None) -> None:
     """`bench serve --ramp`: see :mod:`cafe_ray.bench.ramp`."""
     import os
 
     from cafe_ray.bench import ramp as rp
 
+    if slo_curve not in ("pooled", "client"):
+        _fail(f"--slo-curve: 'pooled' or 'client' (got {slo_curve!r})")
     if url is not None or address is not None:
         _fail("--ramp deploys its own application on a local Ray (its SLO and accuracy floor); drop --url/--address")
     try:
@@ -292,7 +304,8 @@ def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clien
     try:
         res = rp.run_ramp(run_dir, steps, requests=requests or 300, samples=samples,
                           num_clients=clients, slo_ms=slo_ms, threshold=threshold,
-                          max_accuracy_drop=max_accuracy_drop, body_format=body, direct_ingress=direct_ingress,
+                          max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve, body_format=body,
+                          direct_ingress=direct_ingress,
                           port=port, threads=threads, say=console.print)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))

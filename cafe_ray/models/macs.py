@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from cafe_ray.models.base import EarlyExitNet
 
@@ -112,6 +111,10 @@ def _example_input(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.
 def measure_exit_cost(model: EarlyExitNet, input_shape: tuple[int, ...],
                       input_dtype: torch.dtype = torch.float32) -> ExitCost:
     """Measure (uncached) MACs of each stage and head with FlopCounterMode, in eval mode."""
+    # imported here: it pulls in triton and torch._decomp (about 0.2 s), which a process that
+    # reads the cache (every client actor, the coordinator) never needs
+    from torch.utils.flop_counter import FlopCounterMode
+
     modes = {m: m.training for m in model.modules()}
     mapping = _custom_mapping()
     stage_macs: list[int] = []

@@ -52,7 +52,14 @@ from cafe_ray.serve.schemas import (
     PredictResponse,
     StatsResponse,
 )
-from cafe_ray.serve.slo import ServiceModel, SloController, curve_point, threshold_curve
+from cafe_ray.serve.slo import (
+    ServiceModel,
+    SloController,
+    curve_point,
+    ladder_curve,
+    pooled_ladder,
+    threshold_curve,
+)
 from cafe_ray.serve.stats import ServeStats
 
 if TYPE_CHECKING:
@@ -60,6 +67,7 @@ if TYPE_CHECKING:
 
 POLICY_CACHE = 256  # built policies kept per replica (a calibrated budget policy costs a forward pass)
 SLO_CONTROLLERS = 256  # (client, latency target) controllers kept per replica
+LADDER_CLIENTS = 64  # clients whose val scores make the shared SLO ladder (evenly spaced over the run's)
 
 
 def stage_seconds(model: EarlyExitNet, x: torch.Tensor, repeats: int = 3) -> list[float]:
@@ -124,6 +132,8 @@ class ModelService:
         self._slo_lock = threading.Lock()  # controllers and the service model (event loop + model thread)
         self._controllers: OrderedDict[tuple[int, float], SloController] = OrderedDict()
         self.service_model: ServiceModel | None = None
+        self._ladder: list[float | None] | None = None
+        self._ladder_lock = threading.Lock()  # one replica computes the ladder once
 
     # ------------------------------------------------------------------ clients
     def check_client(self, client_id: int) -> None:
@@ -328,6 +338,27 @@ class ModelService:
         self._scores[client_id] = scores
         return scores
 
+    def ladder(self) -> list[float | None]:
+        """The thresholds every client's SLO curve follows (:func:`~cafe_ray.serve.slo.pooled_ladder`),
+        from the val scores of up to :data:`LADDER_CLIENTS` clients, computed once per replica (the
+        first SLO request pays a forward pass of each of their val splits)."""
+        with self._ladder_lock:
+            if self._ladder is None:
+                ids = self.client_ids
+                pick = sorted({ids[int(i)] for i in np.linspace(0, len(ids) - 1, min(len(ids), LADDER_CLIENTS))})
+                scores = []
+                for c in pick:
+                    try:
+                        scores.append(self.val_scores(c, self.load_model(c)))
+                    except InvalidPolicy:  # no val samples: this client adds nothing to the pool
+                        continue
+                if not scores:
+                    raise InvalidPolicy("no client of this run has val samples to measure the accuracy-vs-MACs "
+                                        "ladder on (latency_slo_ms needs them); train with data.val_fraction > 0")
+                self._ladder = pooled_ladder(scores, self.cost.cascade,
+                                             max_accuracy_drop=self.cfg.max_accuracy_drop / 100)
+            return self._ladder
+
     def cached_controller(self, client_id: int, slo_ms: float) -> SloController | None:
         with self._slo_lock:
             return self._controllers.get((client_id, slo_ms))
@@ -339,7 +370,9 @@ class ModelService:
         if hit is not None:
             return hit
         mp, ok = self.val_scores(client_id, model)
-        points = threshold_curve(mp, ok, self.cost.cascade, max_accuracy_drop=self.cfg.max_accuracy_drop / 100)
+        drop = self.cfg.max_accuracy_drop / 100
+        points = (ladder_curve(mp, ok, self.cost.cascade, self.ladder(), drop) if self.cfg.slo_curve == "pooled"
+                  else threshold_curve(mp, ok, self.cost.cascade, max_accuracy_drop=drop))
         if self.service_model is None:
             with self._lock:
                 x_val, _ = self.run.client_data(client_id, "val")

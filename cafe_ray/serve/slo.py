@@ -1,7 +1,12 @@
 """Latency-SLO control of early exits: pure, deterministic, no Ray, no torch, no clock.
 
-Each client model has an accuracy-versus-MACs curve measured on its validation split
-(:func:`threshold_curve`: one point per exit threshold, full depth first). An
+Each client model has an accuracy-versus-MACs curve measured on its validation split, full
+depth first. By default every client's curve follows one shared ladder of thresholds, the front
+of all clients' validation scores pooled (:func:`pooled_ladder`, :func:`ladder_curve`): a client's
+own split is small, and a front picked on it alone is noisy (on held-out halves of the val splits
+its points were 0.5-0.7 points less accurate than one pooled threshold at the same MACs). Each
+client still gets its own MACs, reach and floor on that ladder. :func:`threshold_curve` picks a
+client's own front instead (``slo_curve: client``). An
 :class:`SloController` per (client, latency target) holds an operating point on that curve and
 moves it from what it is shown: the latency of its requests (queueing delay + service time, as
 the replica measured them) and a :class:`ServiceModel` of the replica's per-exit service time.
@@ -92,6 +97,59 @@ def threshold_curve(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence
         if not front or p.accuracy > front[-1].accuracy + 1e-12:  # else a cheaper point is as accurate
             front.append(p)
     return [full, *front[::-1]]
+
+
+def pooled_ladder(scores: Sequence[tuple[np.ndarray, np.ndarray]], cascade: Sequence[int],
+                  thresholds: Sequence[float] = DEFAULT_GRID, max_accuracy_drop: float = 0.01,
+                  ) -> list[float | None]:
+    """The thresholds every client's curve follows, full depth (None) first: the front of
+    :func:`threshold_curve` on all clients' ``(max_prob, correct)`` val scores pooled.
+
+    One threshold chosen on every client's samples is what a fixed-threshold server would pick;
+    a controller that walks this ladder is, at any rung, that server (when all clients stand on
+    the same rung), so it cannot be less accurate than it at the same MACs through noise in
+    the clients' small val splits."""
+    if not scores:
+        raise ValueError("pooled_ladder needs the val scores of at least one client")
+    mp = np.concatenate([np.asarray(s[0]) for s in scores])
+    ok = np.concatenate([np.asarray(s[1]) for s in scores])
+    return [p.threshold for p in threshold_curve(mp, ok, cascade, thresholds, max_accuracy_drop)]
+
+
+def ladder_curve(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[int],
+                 ladder: Sequence[float | None], max_accuracy_drop: float = 0.01, margin_se: float = 2.0,
+                 ) -> list[OperatingPoint]:
+    """One client's operating points along a shared ``ladder`` (:func:`pooled_ladder`, whose floor
+    is the pooled one): full depth first, then each rung on the client's own val scores.
+
+    The ladder ends early for this client only where its own split shows the rung clearly below
+    the floor: the paired accuracy drop from full depth, less ``margin_se`` standard errors, above
+    ``max_accuracy_drop`` (the first such rung ends it). A client's split is a few hundred
+    samples (one standard error of a 1-point drop is about half a point), so a plain per-client
+    floor would end ladders on noise, and clients ending on different rungs run a mix of
+    thresholds that is less accurate than one threshold at the same MACs. A rung that costs the
+    client as many MACs as the one before (its samples leave at the same exits) is skipped."""
+    mp, ok, _ = _scores(max_prob, correct, cascade)
+    if not 0 <= max_accuracy_drop <= 1:
+        raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop}")
+    if not ladder or ladder[0] is not None:
+        raise ValueError("a ladder starts with full depth (None)")
+    n = mp.shape[0]
+    full = curve_point(mp, ok, cascade, None)
+    out = [full]
+    for t in ladder[1:]:
+        if t is None:
+            raise ValueError("a ladder holds full depth (None) only at its top")
+        p = curve_point(mp, ok, cascade, t)
+        hit = mp[:, :-1] >= t
+        exits = np.where(hit.any(axis=1), hit.argmax(axis=1), mp.shape[1] - 1)
+        diff = ok[:, -1].astype(np.float64) - ok[np.arange(n), exits]  # paired: full depth vs this rung
+        se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        if float(diff.mean()) - margin_se * se > max_accuracy_drop + 1e-12:
+            break
+        if p.macs < out[-1].macs:
+            out.append(p)
+    return out
 
 
 class ServiceModel:

@@ -10,6 +10,9 @@ from cafe_ray.serve.slo import (
     ServiceModel,
     SloController,
     SloSettings,
+    curve_point,
+    ladder_curve,
+    pooled_ladder,
     threshold_curve,
 )
 
@@ -55,6 +58,63 @@ def test_full_depth_stays_first_where_a_threshold_looks_as_accurate_on_val():
     assert pts[0].threshold is None and pts[0].macs == CASCADE[-1]
     assert len(pts) == 2 and pts[1].threshold is not None and pts[1].macs == CASCADE[0]
     assert pts[1].accuracy == pts[0].accuracy == 1.0
+
+
+def test_pooled_ladder_is_the_front_of_all_clients_scores_together():
+    parts = [scores(300, seed) for seed in range(4)]
+    ladder = pooled_ladder(parts, CASCADE, max_accuracy_drop=0.05)
+    conf = np.concatenate([p[0] for p in parts])
+    correct = np.concatenate([p[1] for p in parts])
+    assert ladder == [p.threshold for p in threshold_curve(conf, correct, CASCADE, max_accuracy_drop=0.05)]
+    assert ladder[0] is None and len(ladder) >= 3
+    with pytest.raises(ValueError, match="at least one client"):
+        pooled_ladder([], CASCADE)
+
+
+def test_clients_on_the_same_rung_run_the_pooled_threshold():
+    """Where no client's floor ends its ladder, every client on rung j runs the ladder's threshold j:
+    their samples together cost and score exactly what that one fixed threshold does on the pool."""
+    parts = [scores(300, seed) for seed in range(4)]
+    ladder = pooled_ladder(parts, CASCADE, max_accuracy_drop=1.0)
+    curves = [ladder_curve(c, ok, CASCADE, ladder, max_accuracy_drop=1.0) for c, ok in parts]
+    conf = np.concatenate([p[0] for p in parts])
+    correct = np.concatenate([p[1] for p in parts])
+    for t in ladder:
+        fixed = curve_point(conf, correct, CASCADE, t)
+        pts = [curve_point(c, ok, CASCADE, t) for c, ok in parts]
+        assert np.mean([p.macs for p in pts]) == pytest.approx(fixed.macs)
+        assert np.mean([p.accuracy for p in pts]) == pytest.approx(fixed.accuracy)
+    for pts in curves:
+        assert pts[0].threshold is None
+        assert {p.threshold for p in pts[1:]} <= set(ladder[1:])
+        assert all(a.macs > b.macs for a, b in zip(pts, pts[1:], strict=False))  # no rung that changes nothing
+
+
+def test_a_clients_floor_ends_its_ladder_at_the_first_rung_below_it():
+    """Rung 0.9 is clearly below this client's floor (both early exits it takes are wrong), rung 0.5
+    is above it again (the first exit is right where the second is wrong): the ladder ends at 0.9.
+    A drop within a few standard errors of the floor does not end it."""
+    conf = np.array([[0.95, 0.99, 0.99]] * 10 + [[0.6, 0.92, 0.99]] * 10)
+    correct = np.ones((20, 3), dtype=bool)
+    correct[:10, 0] = False
+    correct[10:, 1] = False
+    assert curve_point(conf, correct, CASCADE, 0.9).accuracy == 0.0
+    assert curve_point(conf, correct, CASCADE, 0.5).accuracy == 0.5
+    pts = ladder_curve(conf, correct, CASCADE, [None, 0.995, 0.9, 0.5], max_accuracy_drop=0.6)
+    assert [p.threshold for p in pts] == [None]  # 0.995 changes nothing (same MACs), 0.9 is below the floor
+    pts = ladder_curve(conf, correct, CASCADE, [None, 0.995, 0.9, 0.5], max_accuracy_drop=1.0)
+    assert [p.threshold for p in pts] == [None, 0.9, 0.5]
+    # one sample of 100 wrong at a rung is within the noise of the split: a 0-point floor keeps it
+    sure = np.tile([0.95, 0.99, 0.99], (100, 1))
+    few = np.ones((100, 3), dtype=bool)
+    few[0, 0] = False
+    assert [p.threshold for p in ladder_curve(sure, few, CASCADE, [None, 0.9], max_accuracy_drop=0.0)] == [None, 0.9]
+    assert ladder_curve(sure, few, CASCADE, [None, 0.9], max_accuracy_drop=0.0, margin_se=0.0) == \
+        ladder_curve(sure, few, CASCADE, [None])
+    with pytest.raises(ValueError, match="full depth"):
+        ladder_curve(conf, correct, CASCADE, [0.5])
+    with pytest.raises(ValueError, match="only at its top"):
+        ladder_curve(conf, correct, CASCADE, [None, 0.5, None], max_accuracy_drop=1.0)
 
 
 def test_service_model_learns_per_exit_time_that_macs_do_not_show():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cafe_ray.serve.slo import curve_point, threshold_curve
+from cafe_ray.serve.slo import curve_point, ladder_curve, pooled_ladder, threshold_curve
 from tests.serve.conftest import SLO_DROP_POINTS
 from tests.serve.test_strict_api import ONE, assert_error_shape
 
@@ -13,10 +13,17 @@ DROP = SLO_DROP_POINTS / 100
 
 
 def _val_curve(service, cid: int, drop: float = DROP):
+    """The client's SLO curve as the server builds it: on the ladder pooled from every client's val
+    scores (``slo_curve: pooled``, the default) or on the client's own val front."""
     model = service.load_model(cid)
     mp, ok = service.val_scores(cid, model)
-    return threshold_curve(mp, ok, service.cost.cascade, max_accuracy_drop=drop), curve_point(
-        mp, ok, service.cost.cascade, None)
+    cascade = service.cost.cascade
+    if service.cfg.slo_curve == "pooled":
+        pooled = [service.val_scores(c, service.load_model(c)) for c in service.client_ids]
+        points = ladder_curve(mp, ok, cascade, pooled_ladder(pooled, cascade, max_accuracy_drop=drop), drop)
+    else:
+        points = threshold_curve(mp, ok, cascade, max_accuracy_drop=drop)
+    return points, curve_point(mp, ok, cascade, None)
 
 
 def test_an_unreachable_target_moves_to_the_cheapest_point_above_the_floor(http, service, serve_artifacts):
@@ -108,6 +115,31 @@ def test_the_server_default_slo_applies_to_requests_that_name_no_policy(serve_ru
     assert svc.predict(0, {"inputs": x, "policy": "threshold"}).policy == {"policy": "threshold", "threshold": 0.6}
     stats = svc.stats_snapshot("local")
     assert stats.clients[0].operating_points[0].points == len(_val_curve(svc, 0)[0])
+
+
+def test_the_slo_curve_follows_the_pooled_ladder_or_the_clients_own_front(serve_run_dir):
+    """In process: by default every client's controller walks the thresholds pooled from all
+    clients' val scores (so clients on the same rung run the same threshold); ``slo_curve:
+    client`` gives each client its own val front. Both start at full depth and keep the floor."""
+    from cafe_ray.serve.config import ServeConfig
+    from cafe_ray.serve.service import ModelService
+
+    curves = {}
+    for mode in ("pooled", "client"):
+        svc = ModelService(ServeConfig(run_dir=str(serve_run_dir), max_accuracy_drop=SLO_DROP_POINTS, slo_curve=mode))
+        curves[mode] = {c: svc.controller(c, 50.0, svc.load_model(c)).points for c in svc.client_ids}
+        assert curves[mode] == {c: _val_curve(svc, c)[0] for c in svc.client_ids}
+        if mode == "pooled":
+            ladder = svc.ladder()
+            assert ladder[0] is None and len(ladder) >= 2
+    for mode, by_client in curves.items():
+        for c, pts in by_client.items():
+            assert pts[0].threshold is None and pts[0].accuracy - pts[-1].accuracy <= DROP + 1e-9, (mode, c)
+    rungs = [{p.threshold for p in pts[1:]} for pts in curves["pooled"].values()]
+    assert set().union(*rungs) <= set(ladder[1:])  # every client's thresholds come from the one ladder
+    assert curves["pooled"] != curves["client"]
+    with pytest.raises(ValueError, match="slo_curve"):
+        ServeConfig(run_dir=str(serve_run_dir), slo_curve="mine")
 
 
 def test_autoscale_is_serves_autoscaling_on_ongoing_requests(serve_run_dir):
