@@ -127,7 +127,7 @@ def _uptime() -> str:
 
 def run_ramp(run_dir: str | Path, steps: list[int], *, requests: int = 300, samples: int = 64, num_clients: int = 8,
              slo_ms: float | None = None, threshold: float | None = None, max_accuracy_drop: float = 1.0,
-             slo_curve: str = "pooled",
+             slo_curve: str = "pooled", replicas: int = 1,
              settle: float = 0.25, body_format: str = "npy", direct_ingress: bool = False, port: int | None = None,
              threads: int = 1, say: Any = print) -> Ramp:
     """Serve ``run_dir`` on a local Ray and ramp the load (see the module doc)."""
@@ -155,18 +155,19 @@ def run_ramp(run_dir: str | Path, steps: list[int], *, requests: int = 300, samp
     say("fixed-threshold accuracy-vs-MACs curve on the requests' samples ...")
     curve = macs_curve(run, work)
     cfg = ServeConfig(run_dir=str(run_dir), port=port or _free_port(), threads=threads, replica_cpus=0,
+                      replicas=replicas,
                       max_models_per_replica=max(8, len(clients)), batch_max_requests=max(16, min(max(steps), 64)),
                       app_name="cafe-ray-ramp", access_log=False, route_prefix="/cafe-ray-ramp",
                       max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve)
     own_ray = not ray.is_initialized()
     start(cfg, None, require={"port"} if port else set())
     host, proxy_port = running_proxy()
-    url = server_url(host, proxy_port, cfg.route_prefix)
-    if direct_ingress:
-        direct = ingress.replica_urls(host, cfg.run_dir, 1, cfg.route_prefix)
-        if not direct:
-            raise ValueError("direct ingress: no replica answered on its own port (Ray Serve >= 2.56 needed)")
-        url = direct[0]
+    targets = [server_url(host, proxy_port, cfg.route_prefix)]
+    if direct_ingress:  # the load's workers are dealt to the replicas' own ports in turn
+        targets = ingress.replica_urls(host, cfg.run_dir, replicas, cfg.route_prefix)
+        if len(targets) < replicas:
+            raise ValueError(f"direct ingress: {len(targets)} of {replicas} replicas answered on their own port "
+                             "(Ray Serve >= 2.56 needed)")
     ids = [int(c) for c in work.client_ids]
     ctype = FORMATS[body_format]
     tmp = Path(tempfile.mkdtemp(prefix="cafe-ray-ramp-"))
@@ -174,11 +175,11 @@ def run_ramp(run_dir: str | Path, steps: list[int], *, requests: int = 300, samp
     def load(policy: dict[str, Any], in_flight: int, tag: str, n: int = n_req) -> dict[str, Any]:
         bodies = work.bodies(policy, fmt=body_format)[:n]
         query = query_string(policy) if body_format == "npy" else ""
-        return load_in_subprocess(url, ids[:n], bodies, in_flight, tmp / tag, content_type=ctype, query=query)
+        return load_in_subprocess(targets, ids[:n], bodies, in_flight, tmp / tag, content_type=ctype, query=query)
 
     phases: list[Phase] = []
     try:
-        say(f"serving at {url}; warm-up")
+        say(f"serving at {', '.join(targets)}; warm-up")
         load({"policy": "full"}, 4, "warmup")
         base = load({"policy": "full"}, 1, "unloaded")
         unloaded = _phase("full", 1, base, work, settle, _uptime())

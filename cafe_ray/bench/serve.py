@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import shutil
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,9 +135,12 @@ def calibrate_threshold(run: Any, clients: list[int], margin: float = 0.01, spli
 
 
 # ------------------------------------------------------------------ load (child process)
-def _load(url: str, client_ids: list[int], bodies: list[bytes], concurrency: int,
+def _load(url: str | Sequence[str], client_ids: list[int], bodies: list[bytes], concurrency: int,
           timeout_s: float, content_type: str = "application/json", query: str = "") -> dict[str, Any]:
-    """Send every body once, ``concurrency`` at a time; per request latency and answer."""
+    """Send every body once, ``concurrency`` at a time; per request latency and answer.
+
+    Several URLs (the replicas' own ports under direct ingress): the closed-loop workers are
+    dealt to them in turn, so each replica carries its share of the requests in flight."""
     import httpx
 
     n = len(bodies)
@@ -162,11 +167,15 @@ def _load(url: str, client_ids: list[int], bodies: list[bytes], concurrency: int
                 status[i] = -1
             lat[i] = time.perf_counter() - t0
 
+    urls = [url] if isinstance(url, str) else list(url)
+
     async def main() -> float:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=u, timeout=timeout_s, limits=limits))
+                       for u in urls]
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+            await asyncio.gather(*(worker(clients[k % len(clients)]) for k in range(concurrency)))
             return time.perf_counter() - t0
 
     wall = asyncio.run(main())
@@ -185,7 +194,7 @@ def _child(job: str) -> None:
     Path(spec["out"]).write_text(json.dumps(out))
 
 
-def load_in_subprocess(url: str, client_ids: list[int], bodies: list[bytes], concurrency: int,
+def load_in_subprocess(url: str | Sequence[str], client_ids: list[int], bodies: list[bytes], concurrency: int,
                        workdir: Path, timeout_s: float = 60.0, content_type: str = "application/json",
                        query: str = "") -> dict[str, Any]:
     """Run :func:`_load` in a fresh Python process (it shares only loopback with the server)."""
@@ -369,7 +378,8 @@ def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8
     must match it if given). ``external``: the load generator is ``hey`` (Debian package) instead
     of the Python client. ``body_format``: ``json`` (nested lists), ``b64`` (``inputs_b64``) or
     ``npy`` (an ``application/x-npy`` body). ``direct_ingress``: load the replica's own HTTP
-    port (:mod:`cafe_ray.serve.ingress`, enabled before this process imported Ray Serve)."""
+    port (:mod:`cafe_ray.serve.ingress`, enabled before this process imported Ray Serve); with
+    ``replicas`` > 1 the Python client spreads its workers over every replica's port."""
     import ray
     from ray import serve
 
@@ -396,6 +406,7 @@ def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8
     warm = make_workload(run, clients, max(4 * len(clients), concurrency * 4), samples, seed=1)
     own_ray = url is None and not ray.is_initialized()
     cfg = None
+    direct: list[str] = []
     if url is None:
         cfg = ServeConfig(run_dir=str(run_dir), port=port or _free_port(), replicas=replicas, threads=threads,
                           replica_cpus=0, max_models_per_replica=max(8, len(clients)),
@@ -409,7 +420,9 @@ def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8
             if not direct:
                 raise ValueError("direct ingress: no replica answered on its own port (Ray Serve >= 2.56 needed)")
             url = direct[0]
-    say(f"{'serving' if cfg else 'loading'} {run_dir} at {url}; load: {concurrency} concurrent clients "
+    # the Python client spreads its workers over every replica's own port; hey loads one URL
+    targets = direct if direct and not external else [url]
+    say(f"{'serving' if cfg else 'loading'} {run_dir} at {', '.join(targets)}; load: {concurrency} concurrent clients "
         f"({'hey' if external else 'httpx'}), {requests} requests x {samples} sample(s) per phase, {rounds} round(s)")
     ids = [int(c) for c in work.client_ids]
     policies = {"full": {"policy": "full"}, "threshold": {"policy": "threshold", "threshold": threshold}}
@@ -420,12 +433,12 @@ def run_bench(run_dir: str | Path, *, requests: int = 1000, concurrency: int = 8
     tmp = Path(tempfile.mkdtemp(prefix="cafe-ray-serve-bench-"))
     load = load_with_hey if external else load_in_subprocess
     try:
-        load_in_subprocess(url, [int(c) for c in warm.client_ids], warm.bodies(policies["full"]),
+        load_in_subprocess(targets, [int(c) for c in warm.client_ids], warm.bodies(policies["full"]),
                            concurrency, tmp / "warmup")
         for r in range(rounds):
             for k in ("threshold", "full") if r % 2 == 0 else ("full", "threshold"):
-                parts[k].append(load(url, ids, bodies[k], concurrency, tmp / f"{k}{r}", content_type=ctype,
-                                     query=query[k]))
+                parts[k].append(load(url if external else targets, ids, bodies[k], concurrency,
+                                     tmp / f"{k}{r}", content_type=ctype, query=query[k]))
                 say(f"  round {r + 1} {k}: {len(ids)} requests in {parts[k][-1]['wall_s']:.1f}s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

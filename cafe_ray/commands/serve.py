@@ -191,6 +191,8 @@ def register(app: typer.Typer) -> None:
                                                         "cheapest within 1 point of full depth on val).")] = None,
         rounds: Annotated[int, typer.Option("--rounds", help="Alternating phases per policy.")] = 2,
         threads: Annotated[int, typer.Option("--threads", help="torch threads of the replica.")] = 1,
+        replicas: Annotated[int, typer.Option("--replicas", min=1, help="Replicas of the bench application (with "
+                                              "--direct-ingress the load is spread over their ports).")] = 1,
         json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
         address: Annotated[str | None, typer.Option("--address", help="Deploy on this Ray cluster (its running "
                                                     "Serve proxy is used as it is).")] = None,
@@ -262,7 +264,7 @@ def register(app: typer.Typer) -> None:
         if ramp is not None:
             _ramp(rd, ramp, requests=requests, samples=samples, clients=clients, slo_ms=latency_slo_ms,
                   threshold=threshold, max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve,
-                  body=body, direct_ingress=direct_ingress,
+                  body=body, direct_ingress=direct_ingress, replicas=replicas,
                   port=port, threads=threads, plot_out=plot_out, json_out=json_out, url=url, address=address)
             return
         if url is not None and (address is not None or port is not None):
@@ -270,7 +272,8 @@ def register(app: typer.Typer) -> None:
         load_before = os.getloadavg()
         try:
             res = run_bench(rd, requests=requests or 1000, concurrency=concurrency, num_clients=clients, samples=samples,
-                            threshold=threshold, rounds=rounds, threads=threads, address=address, port=port,
+                            threshold=threshold, rounds=rounds, threads=threads, replicas=replicas, address=address,
+                            port=port,
                             url=None if url is None else url.rstrip("/"), external=external, body_format=body,
                             say=console.print, direct_ingress=direct_ingress)
         except (FileNotFoundError, ValueError) as err:
@@ -286,6 +289,7 @@ def register(app: typer.Typer) -> None:
 def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clients: int, slo_ms: float | None,
           threshold: float | None, max_accuracy_drop: float, slo_curve: str, body: str,
           direct_ingress: bool, port: int | None, threads: int, plot_out: Path | None, json_out: Path | None,
+          replicas: int,
           url: str | None, address: str | None) -> None:
     """`bench serve --ramp`: see :mod:`cafe_ray.bench.ramp`."""
     import os
@@ -304,7 +308,7 @@ def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clien
     try:
         res = rp.run_ramp(run_dir, steps, requests=requests or 300, samples=samples,
                           num_clients=clients, slo_ms=slo_ms, threshold=threshold,
-                          max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve, body_format=body,
+                          max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve, replicas=replicas, body_format=body,
                           direct_ingress=direct_ingress,
                           port=port, threads=threads, say=console.print)
     except (FileNotFoundError, ValueError) as err:

@@ -5,7 +5,8 @@ depth first. By default every client's curve follows one shared ladder of thresh
 of all clients' validation scores pooled (:func:`pooled_ladder`, :func:`ladder_curve`): a client's
 own split is small, and a front picked on it alone is noisy (on held-out halves of the val splits
 its points were 0.5-0.7 points less accurate than one pooled threshold at the same MACs). Each
-client still gets its own MACs, reach and floor on that ladder. :func:`threshold_curve` picks a
+client still gets its own MACs, reach and accuracy on that ladder, and its ladder ends early
+where its own split is clearly below the floor. :func:`threshold_curve` picks a
 client's own front instead (``slo_curve: client``). An
 :class:`SloController` per (client, latency target) holds an operating point on that curve and
 moves it from what it is shown: the latency of its requests (queueing delay + service time, as
@@ -57,6 +58,15 @@ def _scores(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[int]) -
     return mp, ok, cost
 
 
+def _exits(mp: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The exit each sample leaves at under ``threshold`` (None: full depth)."""
+    m = mp.shape[1]
+    if threshold is None:
+        return np.full(mp.shape[0], m - 1)
+    hit = mp[:, :-1] >= threshold
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), m - 1)
+
+
 def curve_point(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[int], threshold: float | None,
                 ) -> OperatingPoint:
     """What the ``threshold`` policy (None: full depth) gives on scored samples: a sample leaves at
@@ -66,11 +76,7 @@ def curve_point(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[int
     ``cascade`` (m,): MACs of an answer at exit k."""
     mp, ok, cost = _scores(max_prob, correct, cascade)
     n, m = mp.shape
-    if threshold is None:
-        exits = np.full(n, m - 1)
-    else:
-        hit = mp[:, :-1] >= threshold
-        exits = np.where(hit.any(axis=1), hit.argmax(axis=1), m - 1)
+    exits = _exits(mp, threshold)
     reach = tuple(float((exits >= k).mean()) for k in range(m))
     return OperatingPoint(threshold, float(ok[np.arange(n), exits].mean()), float(cost[exits].mean()), reach)
 
@@ -125,7 +131,7 @@ def ladder_curve(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[in
     The ladder ends early for this client only where its own split shows the rung clearly below
     the floor: the paired accuracy drop from full depth, less ``margin_se`` standard errors, above
     ``max_accuracy_drop`` (the first such rung ends it). A client's split is a few hundred
-    samples (one standard error of a 1-point drop is about half a point), so a plain per-client
+    samples (a paired 1-point drop on 250 has a standard error of 0.6 points or more), so a per-client
     floor would end ladders on noise, and clients ending on different rungs run a mix of
     thresholds that is less accurate than one threshold at the same MACs. A rung that costs the
     client as many MACs as the one before (its samples leave at the same exits) is skipped."""
@@ -141,9 +147,7 @@ def ladder_curve(max_prob: np.ndarray, correct: np.ndarray, cascade: Sequence[in
         if t is None:
             raise ValueError("a ladder holds full depth (None) only at its top")
         p = curve_point(mp, ok, cascade, t)
-        hit = mp[:, :-1] >= t
-        exits = np.where(hit.any(axis=1), hit.argmax(axis=1), mp.shape[1] - 1)
-        diff = ok[:, -1].astype(np.float64) - ok[np.arange(n), exits]  # paired: full depth vs this rung
+        diff = ok[:, -1].astype(np.float64) - ok[np.arange(n), _exits(mp, t)]  # paired: full depth vs this rung
         se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
         if float(diff.mean()) - margin_se * se > max_accuracy_drop + 1e-12:
             break

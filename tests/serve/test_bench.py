@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -35,7 +37,6 @@ def test_latency_cut_and_report():
 def test_workload_bodies_in_every_format_carry_the_same_samples():
     import base64
     import io
-    import json
 
     from cafe_ray.bench.serve import Workload, query_string
 
@@ -82,3 +83,30 @@ def test_ramp_table_plot_and_equal_macs_accuracy(tmp_path):
     out = plot(r, tmp_path / "ramp.png")
     assert out.stat().st_size > 10_000
     assert r.to_json()["phases"][5]["p99_ms"] == 14
+
+
+def test_the_load_is_dealt_over_several_urls(served, serve_run_dir, serve_artifacts):
+    """The ramp's and the bench's load generator spreads its closed-loop workers over every URL it
+    is given (the replicas' own ports under direct ingress): here two applications on one proxy,
+    each counting what it answered in /v1/stats."""
+    import httpx
+    from ray import serve
+
+    from cafe_ray.bench.serve import _load
+    from cafe_ray.serve.app import start
+    from cafe_ray.serve.config import ServeConfig
+
+    cfgs = [ServeConfig(run_dir=str(serve_run_dir), port=served[0].port, replica_cpus=0, app_name=f"cafe-ray-deal{i}",
+                        route_prefix=f"/deal{i}") for i in (1, 2)]
+    for cfg in cfgs:
+        start(cfg)
+    try:
+        x, _ = serve_artifacts.client_data(1)
+        body = json.dumps({"inputs": x[:2].tolist(), "policy": "full"}).encode()
+        out = _load([c.url for c in cfgs], [1] * 24, [body] * 24, concurrency=4, timeout_s=60)
+        assert out["status"] == [200] * 24 and all(len(lab) == 2 for lab in out["labels"])
+        answered = [httpx.get(f"{c.url}/v1/stats", timeout=30).json()["overall"]["requests"] for c in cfgs]
+        assert sum(answered) == 24 and min(answered) >= 6  # two workers per URL: each took a share
+    finally:
+        for cfg in cfgs:
+            serve.delete(cfg.app_name)
