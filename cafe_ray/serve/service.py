@@ -415,14 +415,20 @@ class ModelService:
                 self.service_model.observe(ran, seconds)
 
     def finish(self, job: Job, answer: Answer, latency_s: float) -> None:
-        """A request answered: into the stats, and to its SLO controller."""
+        """A request answered: into the stats, and to every SLO controller of its target.
+
+        The clients of a replica share its CPU and its queue, so every (client, target)
+        controller learns from all of the replica's requests with that target, not only its own
+        client's: with many clients (or replicas) each client's own requests are too few to see
+        the load in time."""
         n = int(answer.pred.macs.shape[0])
         if job.slo_ms is not None:
             acc = (job.described or {}).get("val_accuracy")
+            now = time.perf_counter()
             with self._slo_lock:
-                ctl = self._controllers.get((job.client_id, job.slo_ms))
-                if ctl is not None:
-                    ctl.observe(time.perf_counter(), latency_s, answer.queue_s, n)
+                for (_, slo_ms), ctl in self._controllers.items():
+                    if slo_ms == job.slo_ms:
+                        ctl.observe(now, latency_s, answer.queue_s, n)
         else:
             acc = self._implied.get((job.client_id, job.key))
         self.stats.record(job.client_id, latency_s, answer.queue_s, n, float(answer.pred.macs.sum()), acc)

@@ -9,8 +9,9 @@ client still gets its own MACs, reach and accuracy on that ladder, and its ladde
 where its own split is clearly below the floor. :func:`threshold_curve` picks a
 client's own front instead (``slo_curve: client``). An
 :class:`SloController` per (client, latency target) holds an operating point on that curve and
-moves it from what it is shown: the latency of its requests (queueing delay + service time, as
-the replica measured them) and a :class:`ServiceModel` of the replica's per-exit service time.
+moves it from what it is shown: the latency of the replica's requests with its target, every
+client's (queueing delay + service time, as the replica measured them; the clients share the
+replica's CPU and queue) and a :class:`ServiceModel` of the replica's per-exit service time.
 When the recent p99 nears the target it moves to the most accurate point predicted to fit; when
 the p99 stays well under it for a while it moves back toward full depth. It never goes past the
 cheapest point allowed by the accuracy floor (``max_accuracy_drop`` of full depth's validation

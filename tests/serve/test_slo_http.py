@@ -142,6 +142,27 @@ def test_the_slo_curve_follows_the_pooled_ladder_or_the_clients_own_front(serve_
         ServeConfig(run_dir=str(serve_run_dir), slo_curve="mine")
 
 
+def test_every_controller_of_a_target_learns_from_all_clients_requests(serve_run_dir):
+    """In process: the clients of a replica share its CPU, so client 1's requests reach client 2's
+    controller of the same target (and not a controller of another target): under load each
+    controller sees the whole replica's latency, not a trickle of its own client's."""
+    from cafe_ray.serve.config import ServeConfig
+    from cafe_ray.serve.schemas import PredictRequest
+    from cafe_ray.serve.service import ModelService
+
+    svc = ModelService(ServeConfig(run_dir=str(serve_run_dir), max_accuracy_drop=SLO_DROP_POINTS))
+    models = {c: svc.load_model(c) for c in (1, 2)}
+    other = svc.controller(2, 50.0, models[2])
+    elsewhere = svc.controller(2, 80.0, models[2])
+    x = np.zeros((3, 1, 8, 8), dtype=np.float32).tolist()
+    for _ in range(5):
+        job = svc.job(1, PredictRequest(inputs=x, latency_slo_ms=50), models[1])
+        (out,) = svc.run_jobs([job], models)
+        svc.finish(job, out, 0.01)
+    assert len(other._lat) == 5 and len(svc.cached_controller(1, 50.0)._lat) == 5
+    assert len(elsewhere._lat) == 0
+
+
 def test_autoscale_is_serves_autoscaling_on_ongoing_requests(serve_run_dir):
     from cafe_ray.serve.app import build_app
     from cafe_ray.serve.config import ServeConfig
