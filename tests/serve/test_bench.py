@@ -87,8 +87,8 @@ def test_ramp_table_plot_and_equal_macs_accuracy(tmp_path):
 
 def test_the_load_is_dealt_over_several_urls(served, serve_run_dir, serve_artifacts):
     """The ramp's and the bench's load generator spreads its closed-loop workers over every URL it
-    is given (the replicas' own ports under direct ingress): here two applications on one proxy,
-    each counting what it answered in /v1/stats."""
+    is given (the replicas' own ports under direct ingress): here the tests' application and a
+    second one on the same proxy, each counting what it answered in /v1/stats."""
     import httpx
     from ray import serve
 
@@ -96,17 +96,20 @@ def test_the_load_is_dealt_over_several_urls(served, serve_run_dir, serve_artifa
     from cafe_ray.serve.app import start
     from cafe_ray.serve.config import ServeConfig
 
-    cfgs = [ServeConfig(run_dir=str(serve_run_dir), port=served[0].port, replica_cpus=0, app_name=f"cafe-ray-deal{i}",
-                        route_prefix=f"/deal{i}") for i in (1, 2)]
-    for cfg in cfgs:
-        start(cfg)
+    extra = ServeConfig(run_dir=str(serve_run_dir), port=served[0].port, replica_cpus=0, app_name="cafe-ray-deal",
+                        route_prefix="/deal")
+    start(extra)
+    urls = [served[0].url, extra.url]
     try:
+        def answered() -> list[int]:
+            return [httpx.get(f"{u}/v1/stats", timeout=30).json()["overall"]["requests"] for u in urls]
+
+        before = answered()
         x, _ = serve_artifacts.client_data(1)
         body = json.dumps({"inputs": x[:2].tolist(), "policy": "full"}).encode()
-        out = _load([c.url for c in cfgs], [1] * 24, [body] * 24, concurrency=4, timeout_s=60)
+        out = _load(urls, [1] * 24, [body] * 24, concurrency=4, timeout_s=60)
         assert out["status"] == [200] * 24 and all(len(lab) == 2 for lab in out["labels"])
-        answered = [httpx.get(f"{c.url}/v1/stats", timeout=30).json()["overall"]["requests"] for c in cfgs]
-        assert sum(answered) == 24 and min(answered) >= 6  # two workers per URL: each took a share
+        took = [a - b for a, b in zip(answered(), before, strict=True)]
+        assert sum(took) == 24 and min(took) >= 6  # two workers per URL: each took a share
     finally:
-        for cfg in cfgs:
-            serve.delete(cfg.app_name)
+        serve.delete(extra.app_name)

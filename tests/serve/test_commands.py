@@ -49,8 +49,15 @@ def test_serve_rejects_a_bad_autoscale_range(tmp_path):
 
 def test_serve_lists_the_slo_and_scale_options():
     r = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
-    for opt in ("--latency-slo-ms", "--max-accuracy-drop", "--autoscale", "--target-ongoing"):
+    for opt in ("--latency-slo-ms", "--max-accuracy-drop", "--slo-curve", "--autoscale", "--target-ongoing"):
         assert opt in r.output
+
+
+def test_an_unknown_slo_curve_is_one_error_line(tmp_path):
+    r = runner.invoke(app, ["serve", str(tmp_path), "--slo-curve", "mine"])
+    assert r.exit_code == 2 and "--slo-curve: Input should be 'pooled' or 'client'" in r.output, r.output
+    r = runner.invoke(app, ["bench", "serve", str(tmp_path), "--ramp", "1", "--slo-curve", "mine"])
+    assert r.exit_code == 2 and "--slo-curve: 'pooled' or 'client' (got 'mine')" in r.output, r.output
 
 
 def test_a_failed_serve_leaves_the_callers_ray_and_serve_running(http, tmp_path):
