@@ -87,9 +87,10 @@ def register(app: typer.Typer) -> None:
                                                          "latency-SLO control: at most this many points of "
                                                          "validation accuracy below full depth.")] = 1.0,
         slo_curve: Annotated[str, typer.Option("--slo-curve", help="Latency-SLO control's thresholds: 'pooled' "
-                                               "(one ladder from all clients' validation scores; each client "
-                                               "keeps its own MACs and floor on it) or 'client' (each client's "
-                                               "own validation front).")] = "pooled",
+                                               "(one ladder from all clients' validation scores, which a "
+                                               "client leaves early only where its own split is clearly below "
+                                               "the floor) or 'client' (each client's own validation front).")
+                             ] = "pooled",
         autoscale: Annotated[str | None, typer.Option("--autoscale", help="MIN:MAX replicas, scaled by Ray "
                                                       "Serve on ongoing requests per replica (replaces "
                                                       "--replicas).")] = None,
@@ -125,8 +126,7 @@ def register(app: typer.Typer) -> None:
                               max_models_per_replica=max_models, threads=threads, replica_cpus=replica_cpus,
                               default_threshold=threshold, learned=None if learned is None else str(learned),
                               latency_slo_ms=latency_slo_ms, max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve,
-                              autoscale=scale,
-                              target_ongoing_requests=target_ongoing)
+                              autoscale=scale, target_ongoing_requests=target_ongoing)
         except ValidationError as err:
             _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
                             for e in err.errors()))
@@ -273,9 +273,8 @@ def register(app: typer.Typer) -> None:
         try:
             res = run_bench(rd, requests=requests or 1000, concurrency=concurrency, num_clients=clients, samples=samples,
                             threshold=threshold, rounds=rounds, threads=threads, replicas=replicas, address=address,
-                            port=port,
-                            url=None if url is None else url.rstrip("/"), external=external, body_format=body,
-                            say=console.print, direct_ingress=direct_ingress)
+                            port=port, url=None if url is None else url.rstrip("/"), external=external,
+                            body_format=body, say=console.print, direct_ingress=direct_ingress)
         except (FileNotFoundError, ValueError) as err:
             _fail(str(err))
         typer.echo(markdown(res))
@@ -287,17 +286,18 @@ def register(app: typer.Typer) -> None:
 
 
 def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clients: int, slo_ms: float | None,
-          threshold: float | None, max_accuracy_drop: float, slo_curve: str, body: str,
-          direct_ingress: bool, port: int | None, threads: int, plot_out: Path | None, json_out: Path | None,
-          replicas: int,
+          threshold: float | None, max_accuracy_drop: float, slo_curve: str, body: str, direct_ingress: bool,
+          port: int | None, threads: int, replicas: int, plot_out: Path | None, json_out: Path | None,
           url: str | None, address: str | None) -> None:
     """`bench serve --ramp`: see :mod:`cafe_ray.bench.ramp`."""
     import os
+    from typing import get_args
 
     from cafe_ray.bench import ramp as rp
+    from cafe_ray.serve.config import SloCurve
 
-    if slo_curve not in ("pooled", "client"):
-        _fail(f"--slo-curve: 'pooled' or 'client' (got {slo_curve!r})")
+    if slo_curve not in get_args(SloCurve):
+        _fail(f"--slo-curve: {' or '.join(map(repr, get_args(SloCurve)))} (got {slo_curve!r})")
     if url is not None or address is not None:
         _fail("--ramp deploys its own application on a local Ray (its SLO and accuracy floor); drop --url/--address")
     try:
@@ -309,8 +309,7 @@ def _ramp(run_dir: Path, spec: str, *, requests: int | None, samples: int, clien
         res = rp.run_ramp(run_dir, steps, requests=requests or 300, samples=samples,
                           num_clients=clients, slo_ms=slo_ms, threshold=threshold,
                           max_accuracy_drop=max_accuracy_drop, slo_curve=slo_curve, replicas=replicas, body_format=body,
-                          direct_ingress=direct_ingress,
-                          port=port, threads=threads, say=console.print)
+                          direct_ingress=direct_ingress, port=port, threads=threads, say=console.print)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     typer.echo(rp.markdown(res))

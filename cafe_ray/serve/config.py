@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+SloCurve = Literal["pooled", "client"]  # the latency-SLO thresholds (cafe_ray.serve.slo)
+
 
 class ServeConfig(BaseModel):
     """How ``cafe-ray serve`` runs a finished run's personal models."""
@@ -31,7 +33,7 @@ class ServeConfig(BaseModel):
     default_max_entropy: float = Field(0.5, ge=0)  # max entropy (nats) of an entropy request that gives none
     latency_slo_ms: float | None = Field(None, gt=0)  # p99 target of requests that name no policy (SLO control)
     max_accuracy_drop: float = Field(1.0, ge=0, le=100)  # SLO floor: points of val accuracy below full depth
-    slo_curve: Literal["pooled", "client"] = "pooled"  # SLO thresholds: one ladder from all clients' val, or
+    slo_curve: SloCurve = "pooled"  # SLO thresholds: one ladder from all clients' val, or
     #                                                    each client's own val front
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled on ongoing requests; None: `replicas`
     target_ongoing_requests: float = Field(2.0, gt=0)  # autoscaling: ongoing requests per replica to aim for

@@ -348,8 +348,9 @@ class ModelService:
                 pick = sorted({ids[int(i)] for i in np.linspace(0, len(ids) - 1, min(len(ids), LADDER_CLIENTS))})
                 scores = []
                 for c in pick:
+                    hit = self._scores.get(c)  # scored already (the client whose controller asks): no reload
                     try:
-                        scores.append(self.val_scores(c, self.load_model(c)))
+                        scores.append(hit if hit is not None else self.val_scores(c, self.load_model(c)))
                     except InvalidPolicy:  # no val samples: this client adds nothing to the pool
                         continue
                 if not scores:
