@@ -268,7 +268,7 @@ def bench_overhead(
         "tiny": ("synthetic 8x8, 50 clients/round, 5 rounds, 1 local step",
                  overhead.workload("synthetic", 50, 5, 1, 1, 8, None, o)),
         "vectorized": ("the tiny workload with engine.vectorize (cohorts of 16) vs the unvectorized floor",
-                       overhead.workload("synthetic", 50, 5, 1, 1, 8, None, o, vectorize=True)),
+                       overhead.workload("synthetic", 50, 5, 1, 1, 8, None, o, vectorize="on")),
     }
     results = [overhead.measure(label, cfg, repeats, parallel=parallel)
                for k, (label, cfg) in work.items() if only in (None, k)]
@@ -302,7 +302,9 @@ def bench_cohort(
     repeats: Annotated[int, typer.Option(help="Plain/cohort pairs, alternated.")] = 3,
     json_out: JsonOpt = None,
 ) -> None:
-    """engine.vectorize's compute: one batched cohort vs the same clients one by one (1 thread, no Ray)."""
+    """engine.vectorize's compute: one batched cohort vs the same clients one by one (1 thread, no Ray).
+
+    FedAvg-EE unless the row names another algorithm."""
     import statistics
 
     from cafe_ray.bench import overhead, rows
@@ -315,6 +317,9 @@ def bench_cohort(
             for n in clients or [16, 50]]
     digits = overhead.workload("digits", 16, 1, 2, None, 8, None, "/tmp")
     work.append(("digits, 2 epochs (~10 steps), w8", digits))
+    work.append(("digits, FedRoD-EE (own batched loss), w8",
+                 digits.model_copy(update={"algorithm": digits.algorithm.model_copy(update={"name": "fedrod_ee"})})))
+    work.append(("digits, 2 epochs, w32 (4x the channels)", overhead.workload("digits", 16, 1, 2, None, 32, None, "/tmp")))
     measured = [(label, cfg.data.num_clients, overhead.cohort_vs_plain(cfg, repeats)) for label, cfg in work]
     if rows.write_rows(rows.cohort_rows(measured), json_out):
         return

@@ -525,11 +525,22 @@ class EngineConfig(_Strict):
         description="virtual clients per Ray task (one actor call trains a chunk and returns numpy "
                     "arrays); None = adaptive: one chunk per actor, balanced by the clients' samples "
                     "(at most 64 clients each). Metrics do not depend on it")
-    vectorize: bool = Field(
-        False,
-        description="train a chunk's clients as one batched computation (torch.func vmap over stacked "
-                    "parameters) when the algorithm supports it (`cafe-ray algorithms`); results match "
-                    "the plain path within float tolerance and are deterministic for a given chunk")
+    vectorize: Literal["off", "on", "auto"] = Field(
+        "off",
+        description="train a chunk's clients as one batched computation when the algorithm supports it "
+                    "(`cafe-ray algorithms`): CNNs as one grouped-kernel network C clients wide, other "
+                    "models under torch.func.vmap; cohorts group clients of similar local work. "
+                    "on = always; auto = each actor times its first "
+                    "cohorts both ways and keeps the faster (the choice, and so the float rounding, "
+                    "may then differ between runs); off = one client after the other. true/false "
+                    "mean on/off. Results match the plain path within float tolerance and are "
+                    "deterministic for a given chunk")
+
+    @field_validator("vectorize", mode="before")
+    @classmethod
+    def _vectorize_bool(cls, v: object) -> object:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     gpu_standin: Literal["cpu"] | None = Field(
         None,
         description="a device that takes the place of the GPU a resource class reserves (num_gpus): "

@@ -134,15 +134,37 @@ class ClientResult:
     output: ClientOutput
 
 
+@dataclass(frozen=True)
+class CohortExtras:
+    """What a client's batched local step needs beside the model's weights: tensors trained
+    with the model (same SGD settings; e.g. FedRoD's residual heads) and fixed ones (e.g.
+    its label prior). The engine stacks every cohort member's along a new first dimension."""
+
+    trained: Params = field(default_factory=dict)
+    fixed: Params = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CohortOutputs:
+    """A cohort's forward pass, C clients at once: per exit, the logits (B, C, K); f_k, the
+    input of the exit's final linear layer (B, C, D); and that layer's live weight (C, K, D)
+    and bias (C, K)."""
+
+    logits: list[torch.Tensor]
+    features: list[torch.Tensor]
+    heads: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class Algorithm(ABC):
     """Base of every FL algorithm; subclasses register with :func:`register`."""
 
     name: ClassVar[str] = ""
     personalized: ClassVar[bool] = False  # True if evaluation uses personal parameters
     # True only where the class itself promises that client_update is exactly
-    # client_start; local_sgd(every parameter, sum_exit_ce); client_finish, so that an
-    # executor may run the local SGD of many clients as one batched computation
-    # (engine.vectorize). Not inherited: a subclass that changes the update must opt in again.
+    # client_start; local_sgd(every parameter and the extras' trained tensors, the loss
+    # cohort_loss computes for a batch); client_finish, so that an executor may run the
+    # local SGD of many clients as one batched computation (engine.vectorize). Not
+    # inherited: a subclass that changes the update must opt in again.
     vectorizable: ClassVar[bool] = False
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -154,13 +176,28 @@ class Algorithm(ABC):
         return bool(cls.__dict__.get("vectorizable", False))
 
     def client_start(self, model: EarlyExitNet, payload: Message, personal: Params | None,
-                     data: ClientData, ctx: ClientContext) -> None:
-        """Vectorizable algorithms: put the weights local training starts from into ``model``."""
+                     data: ClientData, ctx: ClientContext) -> CohortExtras | None:
+        """Vectorizable algorithms: put the weights local training starts from into ``model``;
+        return the client's extras when its loss needs more than the model."""
         raise NotImplementedError(f"{self.name} does not support engine.vectorize")
 
+    def cohort_loss(self, out: CohortOutputs, y: torch.Tensor, w: torch.Tensor,
+                    trained: Params, fixed: Params) -> torch.Tensor:
+        """Vectorizable algorithms: each client's batch loss, (C,), from a cohort's forward.
+
+        ``y`` (B, C) labels, ``w`` (B, C) 1 for a real sample, 0 for padding (a client whose
+        batch is shorter); ``trained``/``fixed``: the clients' extras stacked (C, ...). The
+        default is the sum over exits of each client's mean cross-entropy (``sum_exit_ce``).
+        """
+        from cafe_ray.algorithms.batched import cohort_exit_ce
+
+        return cohort_exit_ce(out.logits, y, w)
+
     def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
-                      data: ClientData, ctx: ClientContext, loss: float, seen: int) -> ClientOutput:
-        """Vectorizable algorithms: the output, from ``model`` after local training."""
+                      data: ClientData, ctx: ClientContext, loss: float, seen: int,
+                      extras: Params | None = None) -> ClientOutput:
+        """Vectorizable algorithms: the output, from ``model`` (and the trained extras) after
+        local training."""
         raise NotImplementedError(f"{self.name} does not support engine.vectorize")
 
     # ----------------------------------------------------------------- server

@@ -20,6 +20,7 @@ from cafe_ray.algorithms.base import (
     ClientData,
     ClientOutput,
     ClientResult,
+    CohortExtras,
     Message,
     Params,
     RoundContext,
@@ -56,11 +57,13 @@ class FedAvgEE(Algorithm):
         return self.client_finish(model, payload, personal, data, ctx, loss, seen)
 
     def client_start(self, model: EarlyExitNet, payload: Message, personal: Params | None,
-                     data: ClientData, ctx: ClientContext) -> None:
+                     data: ClientData, ctx: ClientContext) -> CohortExtras | None:
         load_params(model, payload.tensors)
+        return None  # the default batched loss needs nothing beside the model
 
     def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
-                      data: ClientData, ctx: ClientContext, loss: float, seen: int) -> ClientOutput:
+                      data: ClientData, ctx: ClientContext, loss: float, seen: int,
+                      extras: Params | None = None) -> ClientOutput:
         sd = model.state_dict()
         upload = {k: sd[k].detach().clone() for k in payload.tensors}
         return ClientOutput(

@@ -18,6 +18,7 @@ from cafe_ray.algorithms.base import (
     ClientData,
     ClientOutput,
     ClientResult,
+    CohortExtras,
     Message,
     Params,
     RoundContext,
@@ -64,12 +65,13 @@ class FedPerEE(Algorithm):
         return self.client_finish(model, payload, personal, data, ctx, loss, seen)
 
     def client_start(self, model: EarlyExitNet, payload: Message, personal: Params | None,
-                     data: ClientData, ctx: ClientContext) -> None:
+                     data: ClientData, ctx: ClientContext) -> CohortExtras | None:
         load_params(model, payload.tensors)
         if personal:
             load_params(model, personal)
         elif self.head_init == "prior":  # first visit: heads start with the client's log label prior
             add_log_prior_to_heads(model, torch.bincount(data.y_train.long(), minlength=model.num_classes))
+        return None  # the default batched loss needs nothing beside the model
 
     @property
     def head_init(self) -> str:
@@ -77,7 +79,8 @@ class FedPerEE(Algorithm):
         return self.cfg.algorithm.fedper.head_init
 
     def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
-                      data: ClientData, ctx: ClientContext, loss: float, seen: int) -> ClientOutput:
+                      data: ClientData, ctx: ClientContext, loss: float, seen: int,
+                      extras: Params | None = None) -> ClientOutput:
         return ClientOutput(
             upload=Message(tensors=backbone_of(model)),
             personal=heads_of(model),

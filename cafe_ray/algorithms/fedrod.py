@@ -36,11 +36,14 @@ from cafe_ray.algorithms.base import (
     ClientContext,
     ClientData,
     ClientOutput,
+    CohortExtras,
+    CohortOutputs,
     Message,
     Params,
     load_params,
     register,
 )
+from cafe_ray.algorithms.batched import masked_ce
 from cafe_ray.algorithms.fedavg import FedAvgEE
 from cafe_ray.algorithms.heads import PRIOR_FLOOR, HeadProbe, final_linear_keys
 from cafe_ray.algorithms.training import LossFn, local_sgd, tensor_sum
@@ -201,6 +204,7 @@ class FedRoDEE(FedAvgEE):
 
     name = "fedrod_ee"
     personalized = True
+    vectorizable = True
 
     def personal_heads(
         self, model: EarlyExitNet, personal: Params | None, counts: torch.Tensor | None = None
@@ -218,11 +222,54 @@ class FedRoDEE(FedAvgEE):
         loss_fn = fedrod_loss(HeadProbe(model), heads, counts, ce=hp.personal_ce, generic=hp.personal_generic)
         params = [*model.parameters(), *(p for pair in heads for p in pair)]
         loss, seen = local_sgd(model, data, ctx, self.cfg.train, loss_fn, params=params)
+        return self.client_finish(model, payload, personal, data, ctx, loss, seen, residual_state(heads))
+
+    # ------------------------------------------------- the same update, a cohort at a time
+    def client_start(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                     data: ClientData, ctx: ClientContext) -> CohortExtras:
+        """The generic weights into ``model``; the residual heads as trained extras, the log
+        class counts (and, with ``personal_generic: received``, the received heads) as fixed."""
+        load_params(model, payload.tensors)
+        counts = torch.bincount(data.y_train.long(), minlength=model.num_classes).to(torch.float32)
+        fixed: Params = {"log_counts": torch.log(counts)}
+        if self.cfg.algorithm.fedrod.personal_generic == "received":
+            for k, (w0, b0) in enumerate(received_heads(HeadProbe(model))):
+                fixed[f"received.{k}.weight"], fixed[f"received.{k}.bias"] = w0, b0
+        return CohortExtras(trained=residual_state(self.personal_heads(model, personal, counts)), fixed=fixed)
+
+    def cohort_loss(self, out: CohortOutputs, y: torch.Tensor, w: torch.Tensor,
+                    trained: Params, fixed: Params) -> torch.Tensor:
+        """:func:`fedrod_loss` for C clients at once (:func:`personal_ce_logits`' three forms)."""
+        hp = self.cfg.algorithm.fedrod
+
+        def lin(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bcd,ckd->bck", f, weight) + bias.unsqueeze(0)  # (B, C, K)
+
+        prior = fixed["log_counts"].unsqueeze(0)  # (1, C, K)
+        bsm = tensor_sum(masked_ce(z + prior, y, w) for z in out.logits)
+        personal = []
+        for k, (z, f) in enumerate(zip(out.logits, out.features, strict=True)):
+            wp, bp = trained[_phead_key(k, "weight")], trained[_phead_key(k, "bias")]
+            if hp.personal_generic == "received":
+                fk = f if hp.personal_ce == "backbone" else f.detach()
+                personal.append(lin(fk, fixed[f"received.{k}.weight"] + wp, fixed[f"received.{k}.bias"] + bp))
+            elif hp.personal_ce == "backbone":
+                wg, bg = out.heads[k]
+                personal.append(lin(f, wg.detach(), bg.detach()) + lin(f, wp, bp))
+            else:
+                personal.append(z.detach() + lin(f.detach(), wp, bp))
+        return bsm + tensor_sum(masked_ce(zp, y, w) for zp in personal)
+
+    def client_finish(self, model: EarlyExitNet, payload: Message, personal: Params | None,
+                      data: ClientData, ctx: ClientContext, loss: float, seen: int,
+                      extras: Params | None = None) -> ClientOutput:
+        """Upload the generic weights; the trained residual heads are the new personal state."""
+        if extras is None:
+            raise ValueError("FedRoD-EE's client_finish needs the trained residual heads (extras)")
         sd = model.state_dict()
-        new_personal = residual_state(heads)
         return ClientOutput(
             upload=Message(tensors={k: sd[k].detach().clone() for k in payload.tensors}),
-            personal=new_personal,
+            personal={k: v.detach().clone() for k, v in extras.items()},
             num_samples=data.num_train,
             samples_processed=seen,
             trained_depth=model.num_exits,

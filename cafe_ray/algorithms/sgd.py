@@ -20,13 +20,18 @@ class SGD:
     Parameters whose ``.grad`` is None are skipped that step (as torch does).
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.0,
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"SGD needs lr, momentum, weight_decay >= 0, got {lr}, {momentum}, {weight_decay}")
         self.params = list(params)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self._bufs: list[torch.Tensor | None] = [None] * len(self.params)
+
+    @property
+    def momentum_buffers(self) -> list[torch.Tensor | None]:
+        """Each parameter's momentum buffer (None before its first step or without momentum)."""
+        return self._bufs
 
     def zero_grad(self) -> None:
         """Drop the gradients (torch's default, ``set_to_none=True``)."""

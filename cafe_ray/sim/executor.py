@@ -91,12 +91,14 @@ class SequentialExecutor(Executor):
         return dataset, splits
 
     def run_fit(self, jobs: Sequence[FitJob]) -> list[FitResult]:
-        if not self.cfg.engine.vectorize:
+        if self.cfg.engine.vectorize == "off":
             return [attached(self.runner).fit(j) for j in jobs]
         from cafe_ray.sim.cohort import cohort_size, split_cohorts
 
+        splits, train = attached(self.runner).splits, self.cfg.train
         results: list = [None] * len(jobs)
-        for chunk in split_cohorts(jobs, cohort_size(self.cfg.engine.chunk_clients), self.client_class):
+        for chunk in split_cohorts(jobs, cohort_size(self.cfg.engine.chunk_clients), self.client_class,
+                                   lambda j: float(train_work(len(splits[j.client_id].train_idx), train))):
             for i, r in zip(chunk, attached(self.runner).fit_many([jobs[i] for i in chunk]), strict=True):
                 results[i] = r
         return results
@@ -318,7 +320,7 @@ class RayExecutor(Executor):
         self.client_class = client_class
         self.depth = in_flight_per_actor
         self.chunk_clients = cfg.engine.chunk_clients
-        self.vectorize = cfg.engine.vectorize
+        self.vectorize = cfg.engine.vectorize != "off"
         self._data_refs: list | None = None  # [dataset ref, splits ref], set by attach()
         self._splits: Sequence[ClientSplit] | None = None  # for the jobs' costs (balanced chunks)
         self._train = cfg.train
@@ -428,9 +430,10 @@ class RayExecutor(Executor):
         its members, so the same cohorts must form on every executor.
         """
         if method == "fit" and self.vectorize:  # the cohorts split_cohorts makes on every executor
-            from cafe_ray.sim.cohort import cohort_size, even_runs
+            from cafe_ray.sim.cohort import cohort_runs, cohort_size
 
-            return even_runs(idx, cohort_size(self.chunk_clients))
+            # by local work, as the sequential executor's: _cost of a fit job is train_work
+            return cohort_runs(idx, cohort_size(self.chunk_clients), lambda i: self._cost(jobs[i]))
         if self.chunk_clients:
             c = self.chunk_clients
         else:  # adaptive

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from cafe_ray.config import ExperimentConfig
 from cafe_ray.data.base import ArrayDataset, ClientSplit, ClientSplits
 from cafe_ray.models import make_model
 from cafe_ray.runs.store import ClientStateStore
+
+if TYPE_CHECKING:
+    from cafe_ray.sim.cohort import AutoVectorize, WideCache
 
 
 class ClientJobError(RuntimeError):
@@ -117,6 +121,9 @@ class ClientRunner:
         self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self._live: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (tensors, their state_dict views)
         self.worker_info = worker_info or {}
+        self._wides: WideCache = {}  # cohort size -> (wide network or None, why not): built once per size
+        self._auto: AutoVectorize | None = None  # engine.vectorize: auto's measurements and choice
+        self._vectorizable: bool | None = None  # whether this algorithm and model can train as a cohort
 
     def _data(self, client_id: int) -> ClientData:
         data = ClientData.gather(self.ds, self.splits[client_id])
@@ -193,16 +200,43 @@ class ClientRunner:
 
     @property
     def vectorizes(self) -> bool:
-        """engine.vectorize is on, the algorithm supports it and the model allows it."""
-        from cafe_ray.sim.cohort import can_vectorize
+        """engine.vectorize is on or auto, the algorithm supports it and the model allows it
+        (an algorithm with its own batched loss needs the grouped-kernel cohort)."""
+        if self.cfg.engine.vectorize == "off" or not self.algorithm.supports_vectorize():
+            return False
+        if self._vectorizable is None:
+            from cafe_ray.sim.cohort import can_vectorize
 
-        return (self.cfg.engine.vectorize and self.algorithm.supports_vectorize()
-                and can_vectorize(self.model) is None)
+            self._vectorizable = can_vectorize(self.model, wide=self._own_loss) is None
+        return self._vectorizable
+
+    @property
+    def _own_loss(self) -> bool:
+        """The algorithm computes its own batched loss (not the default sum of exit CEs)."""
+        from cafe_ray.algorithms.base import Algorithm
+
+        return type(self.algorithm).cohort_loss is not Algorithm.cohort_loss
 
     def fit_many(self, jobs: list[FitJob]) -> list[FitResult]:
-        """Train several clients: one batched cohort when :attr:`vectorizes`, else one by one."""
+        """Train several clients: one batched cohort when :attr:`vectorizes` (under ``auto``:
+        when that measured faster on this actor), else one by one."""
         if len(jobs) < 2 or not self.vectorizes:
             return [self.fit(j) for j in jobs]
+        if self.cfg.engine.vectorize == "on":
+            return self._fit_cohort(jobs)
+        from cafe_ray.sim.cohort import AutoVectorize
+
+        if self._auto is None:
+            self._auto = AutoVectorize()
+        batched = self._auto.next_vectorized()
+        t0 = time.perf_counter()
+        out = self._fit_cohort(jobs) if batched else [self.fit(j) for j in jobs]
+        samples = sum(r.output.samples_processed for r in out if r.output is not None)
+        self._auto.record(batched, time.perf_counter() - t0, samples)
+        note = self._auto.describe()
+        return [replace(r, worker={**r.worker, "vectorize": note}) for r in out]
+
+    def _fit_cohort(self, jobs: list[FitJob]) -> list[FitResult]:
         from cafe_ray.sim.cohort import cohort_sgd
 
         t0 = time.perf_counter()
@@ -210,7 +244,7 @@ class ClientRunner:
         ids = [j.client_id for j in jobs]
         try:
             with _Threads():
-                starts, datas, ctxs, personals = [], [], [], []
+                starts, datas, ctxs, personals, extras = [], [], [], [], []
                 for j in jobs:
                     if j.payload is None:
                         raise ClientJobError(f"client {j.client_id} round {j.round}: fit job has no payload")
@@ -218,22 +252,23 @@ class ClientRunner:
                     data = self._data(j.client_id)
                     personal = self._personal(j.client_id)
                     ctx = ClientContext(j.client_id, j.round, j.num_rounds, j.seed, j.max_depth, j.width_factor)
-                    self.algorithm.client_start(self.model, self._in(j.payload), personal, data, ctx)
+                    extras.append(self.algorithm.client_start(self.model, self._in(j.payload), personal, data, ctx))
                     starts.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
                     datas.append(data)
                     ctxs.append(ctx)
                     personals.append(personal)
                 stage = "cohort local SGD"
-                trained = cohort_sgd(self.model, starts, datas, ctxs, self.cfg.train)
+                trained = cohort_sgd(self.model, starts, datas, ctxs, self.cfg.train, self._wides,
+                                     self.algorithm.cohort_loss if self._own_loss else None, extras)
                 stage = "client_finish"
                 outs = []
-                for j, data, ctx, personal, (params, loss, seen) in zip(
+                for j, data, ctx, personal, (params, loss, seen, extra) in zip(
                         jobs, datas, ctxs, personals, trained, strict=True):
                     with torch.no_grad():  # every parameter is overwritten and there are no buffers
                         for n, p in self.model.named_parameters():
                             p.copy_(params[n])
                     out = self._out(self.algorithm.client_finish(self.model, self._in(j.payload), personal, data,
-                                                                 ctx, loss, seen))
+                                                                 ctx, loss, seen, extra or None))
                     if out.personal is not None:
                         self.store.stage(j.client_id, j.round, out.personal)
                     outs.append(out)
@@ -242,7 +277,7 @@ class ClientRunner:
         except Exception as err:
             raise ClientJobError(
                 f"clients {ids} round {jobs[0].round} failed in {stage} (vectorized cohort, "
-                f"{self.cfg.algorithm.name}): {type(err).__name__}: {err}; engine.vectorize=false runs them one by one"
+                f"{self.cfg.algorithm.name}): {type(err).__name__}: {err}; engine.vectorize=off runs them one by one"
             ) from err
         wall = (time.perf_counter() - t0) / len(jobs)
         return [FitResult(client_id=j.client_id, round=j.round, output=replace(o, personal=None), wall_s=wall,

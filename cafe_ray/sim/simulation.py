@@ -122,6 +122,7 @@ class Simulation:
         self.cum_down = 0
         self.cum_up = 0
         self.devices: dict[str, set[str]] = {}  # resource class -> torch devices its clients trained on
+        self.vectorized: dict[str, set[str]] = {}  # resource class -> how its actors train cohorts (engine.vectorize)
         if resume:
             self._restore()
         else:
@@ -215,6 +216,12 @@ class Simulation:
             w = res.worker
             device = f"{w['device']} ({w['device_note']})" if w.get("device_note") else w.get("device", "cpu")
             self.devices.setdefault(prof.resource_class, set()).add(device)
+            if "cohort" in w or "vectorize" in w:  # auto: "measuring" until an actor decides
+                note = w.get("vectorize") or "on"
+                notes = self.vectorized.setdefault(prof.resource_class, set())
+                notes.discard("auto: measuring")
+                if note != "auto: measuring" or not notes:
+                    notes.add(note)
             b_up = out.upload.nbytes
             up += b_up
             v = (prof.compute_seconds(self._train_macs(out.trained_depth), out.samples_processed)
@@ -224,7 +231,7 @@ class Simulation:
             rec.update(status="late" if late else "ok", virtual_s=v, bytes_down=b_down, bytes_up=b_up,
                        wall_s=res.wall_s, samples=out.samples_processed, pid=res.worker.get("pid"),
                        node_id=res.worker.get("node_id"), actor_resources=res.worker.get("resources"),
-                       device=device,
+                       device=device, cohort=w.get("cohort"),
                        **{k: float(x) for k, x in out.metrics.items()})
             client_recs.append(rec)
             if late:
@@ -350,6 +357,8 @@ class Simulation:
             "exit_macs": list(self.cost.cumulative),
             # which torch device each resource class trained on (a GPU class: cuda:N, or why not)
             "devices": {c: sorted(d) for c, d in sorted(self.devices.items())},
+            # engine.vectorize per resource class: on, or what auto measured and chose
+            "vectorize": {c: sorted(n) for c, n in sorted(self.vectorized.items())},
             "final_checkpoint": str(rundir.latest_checkpoint(self.run_dir)),
         }
         rundir.write_summary(self.run_dir, summary)

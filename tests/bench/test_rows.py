@@ -45,12 +45,12 @@ def test_bench_cohort_json_to_stdout_is_one_object_per_line(tmp_path):
     r = CliRunner().invoke(app, ["bench", "cohort", "--clients", "2", "--repeats", "1", "--json", "-"])
     assert r.exit_code == 0, r.output
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
-    assert [ln["clients"] for ln in lines] == [2, 16]  # the synthetic cohort, then digits; no table
+    assert [ln["clients"] for ln in lines] == [2, 16, 16, 16]  # the synthetic cohort, then digits (3); no table
     assert all(ln["bench"] == "cohort" and ln["speedup_min"] > 0 for ln in lines)
     f = tmp_path / "cohort.jsonl"
     r = CliRunner().invoke(app, ["bench", "cohort", "--clients", "2", "--repeats", "1", "--json", str(f)])
     assert r.exit_code == 0 and "speed-up" in r.output  # the table as well
-    assert [json.loads(ln)["clients"] for ln in f.read_text().splitlines()] == [2, 16]
+    assert [json.loads(ln)["clients"] for ln in f.read_text().splitlines()] == [2, 16, 16, 16]
 
 
 def test_bench_startup_without_a_config_file_is_one_error_line(tmp_path, monkeypatch):

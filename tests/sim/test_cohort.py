@@ -11,16 +11,16 @@ from cafe_ray.data import load_dataset, partition_clients
 from cafe_ray.models import make_model
 from cafe_ray.runs import rundir
 from cafe_ray.sim import seeds
-from cafe_ray.sim.cohort import even_runs, split_cohorts
+from cafe_ray.sim.cohort import cohort_runs, even_runs, split_cohorts
 from cafe_ray.sim.engine import run_simulation
 from cafe_ray.sim.runner import ClientRunner, FitJob
 from tests.sim.conftest import comparable, tiny_cfg
 
 
-def _setup(tmp_path, algo: str, vectorize: bool = True, n: int = 7):
+def _setup(tmp_path, algo: str, vectorize: bool | str = True, n: int = 7, **alg):
     cfg = build_config({
         "data": {"name": "digits", "num_clients": n, "partition": {"kind": "dirichlet", "alpha": 0.5, "min_size": 20}},
-        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": algo},
+        "model": {"name": "cnn_small", "width": 8}, "algorithm": {"name": algo, **alg},
         "train": {"local_epochs": 2, "batch_size": 16, "weight_decay": 1e-4, "momentum": 0.9},
         "engine": {"vectorize": vectorize},
     })
@@ -33,9 +33,16 @@ def _setup(tmp_path, algo: str, vectorize: bool = True, n: int = 7):
     return cfg, ds, splits, jobs
 
 
-@pytest.mark.parametrize("algo", ["fedavg_ee", "fedper_ee"])
-def test_vectorized_cohort_matches_plain_training(tmp_path, algo):
-    cfg, ds, splits, jobs = _setup(tmp_path, algo)
+FEDROD = [{"personal_ce": ce, "personal_generic": g, "personal_init": i}
+          for ce, g, i in [("detached", "live", "zero"), ("backbone", "live", "generic"),
+                           ("detached", "received", "prior"), ("backbone", "received", "prior")]]
+
+
+@pytest.mark.parametrize(("algo", "opts"), [("fedavg_ee", None), ("fedper_ee", None)]
+                         + [("fedrod_ee", o) for o in FEDROD])
+def test_vectorized_cohort_matches_plain_training(tmp_path, algo, opts):
+    """Every vectorizable algorithm; FedRoD-EE in each form of its personal loss (its own batched loss)."""
+    cfg, ds, splits, jobs = _setup(tmp_path, algo, **({"fedrod": opts} if opts else {}))
     sizes = {len(s.train_idx) for s in splits}
     assert len(sizes) > 1  # clients run out of data at different steps: the masks matter
     plain_runner = ClientRunner(cfg, ds, splits, tmp_path / "plain")
@@ -53,7 +60,7 @@ def test_vectorized_cohort_matches_plain_training(tmp_path, algo):
         for k in ua:
             torch.testing.assert_close(ub[k], ua[k], rtol=1e-4, atol=1e-5)
         assert b.worker["cohort"] == len(jobs)
-    if algo == "fedper_ee":  # personal heads are staged as on the plain path
+    if algo != "fedavg_ee":  # personal state (heads, residual heads) is staged as on the plain path
         for j in jobs:
             plain_runner.store.commit(j.client_id, 0)
             vec_runner.store.commit(j.client_id, 0)
@@ -76,7 +83,7 @@ def test_unsupported_algorithm_trains_one_by_one(tmp_path):
     runner = ClientRunner(cfg, ds, splits, tmp_path / "p")
     assert not runner.vectorizes  # FedProx changes the loss: it does not inherit FedAvg's promise
     assert all("cohort" not in r.worker for r in runner.fit_many(jobs))
-    assert get_algorithm("fedavg_ee").supports_vectorize() and get_algorithm("fedper_ee").supports_vectorize()
+    assert all(get_algorithm(a).supports_vectorize() for a in ("fedavg_ee", "fedper_ee", "fedrod_ee"))
     assert not get_algorithm("fedprox_ee").supports_vectorize()
 
 
@@ -88,6 +95,20 @@ def test_cohorts_never_depend_on_actor_count():
     jobs = [J(c) for c in range(10)]
     classes = {c: "a" if c % 3 else "b" for c in range(10)}
     assert split_cohorts(jobs, 4, classes) == [[0, 3, 6, 9], [1, 2, 4], [5, 7, 8]]
+
+
+def test_cohorts_group_clients_of_about_the_same_local_work():
+    """A cohort trains as many steps as its longest member: similar clients waste the least."""
+    work = [5, 90, 7, 88, 6, 91]
+    assert cohort_runs(list(range(6)), 3, lambda i: work[i]) == [[0, 4, 2], [3, 1, 5]]
+    assert cohort_runs([0, 1, 2], 3, lambda i: 1.0) == [[0, 1, 2]]  # ties keep their order
+
+    class J:
+        def __init__(self, c: int) -> None:
+            self.client_id = c
+
+    jobs = [J(c) for c in range(6)]
+    assert split_cohorts(jobs, 3, None, lambda j: work[j.client_id]) == [[0, 4, 2], [3, 1, 5]]
 
 
 def test_cohorts_are_even_runs_of_at_most_the_size():
@@ -110,3 +131,32 @@ def test_vectorized_engine_same_metrics_for_one_and_two_actors_and_sequential(tm
     assert metrics[0] == metrics[1] == metrics[2]
     assert metrics[0][-1]["acc_avg_exit"] > 0.3
     assert len({r["pid"] for r in rundir.read_jsonl(dirs[2] / "clients.jsonl")}) == 2
+
+
+def test_auto_measures_both_ways_then_keeps_one_and_says_which(tmp_path):
+    cfg, ds, splits, jobs = _setup(tmp_path, "fedavg_ee", vectorize="auto")
+    runner = ClientRunner(cfg, ds, splits, tmp_path / "auto")
+    plain = [ClientRunner(cfg, ds, splits, tmp_path / "plain").fit(j) for j in jobs]
+    notes, cohorts = [], []
+    for _ in range(7):
+        got = runner.fit_many(jobs)
+        notes.append(got[0].worker["vectorize"])
+        cohorts.append("cohort" in got[0].worker)
+        for a, b in zip(plain, got, strict=True):  # either way: the plain path's numbers
+            for k, v in a.output.upload.tensors.items():
+                torch.testing.assert_close(b.output.upload.tensors[k], v, rtol=1e-4, atol=1e-5)
+    assert cohorts[:6] == [True, False] * 3
+    assert notes[:5] == ["auto: measuring"] * 5
+    assert notes[5] == notes[6] and notes[6].startswith(("auto: on", "auto: off"))
+    assert cohorts[6] == notes[6].startswith("auto: on")
+
+
+def test_auto_run_records_the_choice_per_class(tmp_path):
+    cfg = tiny_cfg(tmp_path, "engine.vectorize=auto", "round.fraction=1.0", "round.num_rounds=7",
+                   executor="sequential")
+    run_dir, summary = run_simulation(cfg, show_progress=False)
+    (notes,) = summary["vectorize"].values()  # one resource class, one actor: one decision
+    assert len(notes) == 1 and notes[0].startswith(("auto: on", "auto: off"))
+    recs = rundir.read_jsonl(run_dir / "clients.jsonl")
+    assert {r["cohort"] for r in recs if r["round"] == 0} == {6}  # round 0: the first cohort, batched
+    assert {r["cohort"] for r in recs if r["round"] == 1} == {None}  # round 1: measured one by one
