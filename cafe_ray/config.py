@@ -533,8 +533,8 @@ class EngineConfig(_Strict):
                     "on = always; auto = each actor times its first "
                     "cohorts both ways and keeps the faster (the choice, and so the float rounding, "
                     "may then differ between runs); off = one client after the other. true/false "
-                    "mean on/off. Results match the plain path within float tolerance and are "
-                    "deterministic for a given chunk")
+                    "mean on/off. Results match the plain path up to float rounding (which SGD "
+                    "amplifies over many local steps) and are deterministic for a given chunk")
 
     @field_validator("vectorize", mode="before")
     @classmethod

@@ -520,6 +520,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     table.add_row("failed / late client-rounds", f"{summary['failed_total']} / {summary['dropped_late_total']}")
     if summary.get("devices"):
         table.add_row("training devices", "; ".join(f"{c}: {', '.join(d)}" for c, d in summary["devices"].items()))
+    if summary.get("vectorize"):  # engine.vectorize on/auto: what each class's actors did
+        table.add_row("batched cohorts", "; ".join(f"{c}: {', '.join(n)}" for c, n in summary["vectorize"].items()))
     console.print(table)
 
 

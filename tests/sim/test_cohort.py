@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rich.console import Console
 
 from cafe_ray.algorithms import RoundContext, build_algorithm, get_algorithm
 from cafe_ray.config import build_config
@@ -12,7 +13,7 @@ from cafe_ray.models import make_model
 from cafe_ray.runs import rundir
 from cafe_ray.sim import seeds
 from cafe_ray.sim.cohort import cohort_runs, even_runs, split_cohorts
-from cafe_ray.sim.engine import run_simulation
+from cafe_ray.sim.engine import print_summary, run_simulation
 from cafe_ray.sim.runner import ClientRunner, FitJob
 from tests.sim.conftest import comparable, tiny_cfg
 
@@ -118,10 +119,12 @@ def test_cohorts_are_even_runs_of_at_most_the_size():
     assert even_runs([], 16) == []
 
 
-@pytest.mark.slow  # three vectorized runs on real actors and one in process
+@pytest.mark.slow  # two vectorized runs on real actors and one in process, per algorithm
 @pytest.mark.usefixtures("ray_session")
-def test_vectorized_engine_same_metrics_for_one_and_two_actors_and_sequential(tmp_path):
-    sets = ("round.num_rounds=2", "algorithm.name=fedper_ee", "round.fraction=1.0", "data.num_clients=7",
+@pytest.mark.parametrize("algo", ["fedper_ee", "fedrod_ee"])
+def test_vectorized_engine_same_metrics_for_one_and_two_actors_and_sequential(tmp_path, algo):
+    """FedRoD-EE: its batched loss and residual heads (extras) cross actors and the state store."""
+    sets = ("round.num_rounds=2", f"algorithm.name={algo}", "round.fraction=1.0", "data.num_clients=7",
             "engine.vectorize=true", "engine.chunk_clients=3")
     runs = [tiny_cfg(tmp_path / "s", *sets, executor="sequential"),
             tiny_cfg(tmp_path / "1", *sets, "profiles.actors_per_class=1"),
@@ -157,6 +160,10 @@ def test_auto_run_records_the_choice_per_class(tmp_path):
     run_dir, summary = run_simulation(cfg, show_progress=False)
     (notes,) = summary["vectorize"].values()  # one resource class, one actor: one decision
     assert len(notes) == 1 and notes[0].startswith(("auto: on", "auto: off"))
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    (row,) = [ln for ln in console.export_text().splitlines() if "batched cohorts" in ln]
+    assert f"default: {notes[0]}" in row
     recs = rundir.read_jsonl(run_dir / "clients.jsonl")
     assert {r["cohort"] for r in recs if r["round"] == 0} == {6}  # round 0: the first cohort, batched
     assert {r["cohort"] for r in recs if r["round"] == 1} == {None}  # round 1: measured one by one
