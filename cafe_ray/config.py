@@ -439,6 +439,9 @@ BUILTIN_ALGORITHMS: tuple[str, ...] = (
     "cafedistill", "depthfl", "ditto_ee", "fedamp_ee", "fedavg_ee", "fedbabu_ee", "fedpac_ee", "fedper_ee",
     "fedprox_ee", "fedrep_ee", "fedrod_ee", "local_ee", "pfedgraph_ee", "scalefl",
 )
+# Those that train in batched cohorts (engine.vectorize), known the same way (a test keeps them
+# equal to the classes' own ``vectorizable``): preflight warns when vectorize is asked of another.
+BUILTIN_VECTORIZABLE: tuple[str, ...] = ("fedavg_ee", "fedper_ee", "fedrod_ee")
 
 
 class AlgorithmConfig(_Strict):

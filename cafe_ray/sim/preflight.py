@@ -149,7 +149,7 @@ def algorithm_names() -> list[str]:
 
 
 def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
-    from cafe_ray.config import BUILTIN_ALGORITHMS, plugin_target
+    from cafe_ray.config import BUILTIN_ALGORITHMS, BUILTIN_VECTORIZABLE, plugin_target
 
     names = algorithm_names()
     if cfg.algorithm.name not in BUILTIN_ALGORITHMS and plugin_target("algorithm", cfg.algorithm.name):
@@ -163,6 +163,11 @@ def _check_algorithm(cfg: ExperimentConfig, report: PreflightReport) -> None:
     for section in sorted(other_algorithm_settings(cfg)):
         report.warnings.append(f"algorithm.{section} is set but algorithm.name={cfg.algorithm.name} "
                                "does not read it")
+    if cfg.engine.vectorize != "off" and cfg.algorithm.name in BUILTIN_ALGORITHMS \
+            and cfg.algorithm.name not in BUILTIN_VECTORIZABLE:
+        report.warnings.append(f"engine.vectorize={cfg.engine.vectorize}: {cfg.algorithm.name} does not train in "
+                               f"batched cohorts, so its clients train one by one (batched: "
+                               f"{', '.join(BUILTIN_VECTORIZABLE)}; `cafe-ray algorithms`)")
 
 
 def _check_plugin_algorithm(cfg: ExperimentConfig) -> None:

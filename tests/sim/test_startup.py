@@ -126,6 +126,22 @@ def test_builtin_algorithm_names_match_the_registry():
     assert algorithm_names() == available()
 
 
+def test_builtin_vectorizable_names_match_the_classes(tmp_path):
+    """preflight warns, without importing the algorithms, when engine.vectorize is asked of one
+    that trains one client at a time."""
+    from cafe_ray.algorithms import available, get_algorithm
+    from cafe_ray.config import BUILTIN_VECTORIZABLE
+
+    assert sorted(BUILTIN_VECTORIZABLE) == [n for n in available() if get_algorithm(n).supports_vectorize()]
+    warned = preflight(tiny_cfg(tmp_path, "algorithm.name=fedprox_ee", "engine.vectorize=auto",
+                                executor="sequential")).warnings
+    assert any(w.startswith("engine.vectorize=auto: fedprox_ee does not train in batched cohorts") for w in warned)
+    for quiet in ("algorithm.name=fedrod_ee", "engine.vectorize=off"):
+        warned = preflight(tiny_cfg(tmp_path, "algorithm.name=fedprox_ee", "engine.vectorize=on", quiet,
+                                    executor="sequential")).warnings
+        assert not any("batched cohorts" in w for w in warned)
+
+
 def test_a_registered_algorithm_passes_preflight(tmp_path):
     from cafe_ray.algorithms import base
     from cafe_ray.algorithms.fedavg import FedAvgEE
