@@ -1,20 +1,19 @@
 """Vectorized client cohorts: the local SGD of many clients as one batched computation.
 
 FedJAX's ``for_each_client`` idea: the algorithm says *what* a client does
-(``client_start``, local SGD of every parameter on the sum of per-exit
-cross-entropies, ``client_finish``); the backend decides *how*. Here a cohort of
-clients with the same architecture trains together: their parameters are
-stacked along a new leading dimension and ``torch.func.vmap`` runs
-``functional_call`` + ``grad`` over that dimension, so one batched kernel call
-replaces one small call per client. Each client keeps its own batches (the
-same seeded permutations as :func:`cafe_ray.algorithms.training.local_sgd`),
-its own momentum buffer, and a mask that freezes it once its data runs out
-(fewer samples or steps than the others).
+(``client_start``, local SGD on the loss ``cohort_loss`` computes, ``client_finish``);
+the backend decides *how*. Here a cohort of clients with the same architecture
+trains together. A CNN's cohort is one C-times-wider network of grouped kernels
+(:mod:`cafe_ray.sim.wide`); other models stack their parameters along a new leading
+dimension and ``torch.func.vmap`` runs ``functional_call`` + ``grad`` over it (the
+default loss only). Either way one batched kernel call replaces one small call per
+client. Each client keeps its own batches (the same seeded permutations as
+:func:`cafe_ray.algorithms.training.local_sgd`), its own momentum buffer, and is
+frozen once its data runs out (fewer samples or steps than the others).
 
 Results equal the per-client path up to float rounding (batched kernels sum in
 another order) and are deterministic for a given cohort.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -101,6 +100,25 @@ def _plans(datas: Sequence[ClientData], ctxs: Sequence[ClientContext], train: Tr
     return [_batches(d, c, train) for d, c in zip(datas, ctxs, strict=True)]
 
 
+def _step_batch(plans: Sequence[Sequence[torch.Tensor]], datas: Sequence[ClientData], s: int,
+                B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step ``s`` of every client, (C, B, ...): inputs, labels and 1/0 weights (real sample /
+    padding, for a shorter batch or a client whose batches ran out), on the data's device."""
+    x0 = datas[0].x_train
+    C = len(plans)
+    X = torch.zeros((C, B, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)
+    Y = torch.zeros((C, B), dtype=torch.int64, device=x0.device)
+    W = torch.zeros((C, B), dtype=torch.float32, device=x0.device)
+    for c, plan in enumerate(plans):
+        if s < len(plan):
+            idx = plan[s]
+            k = len(idx)
+            X[c, :k] = datas[c].x_train[idx]
+            Y[c, :k] = datas[c].y_train[idx]
+            W[c, :k] = 1.0
+    return X, Y, W
+
+
 def _stack(parts: Sequence[Params]) -> Params:
     return {n: torch.stack([p[n] for p in parts]) for n in parts[0]} if parts else {}
 
@@ -125,28 +143,20 @@ def wide_sgd(model: EarlyExitNet, wide: EarlyExitNet, starts: Sequence[Params], 
     opt = SGD([v for v, _ in views], lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     plans = _plans(datas, ctxs, train)
     steps = max((len(p) for p in plans), default=0)
-    B = train.batch_size
     x0 = datas[0].x_train
     counts = torch.zeros((steps, C))
     for c, plan in enumerate(plans):
         for s, idx in enumerate(plan):
             counts[s, c] = len(idx)
-    totals = torch.zeros(C)
+    counts_dev = counts.to(x0.device)
+    totals = torch.zeros(C, device=x0.device)  # summed where the cohort trains: no sync per step
     probe = w.WideProbe(model, wide, C)
     wide.train()
     for s in range(steps):
-        X = torch.zeros((B, C, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)
-        Y = torch.zeros((B, C), dtype=torch.int64, device=x0.device)
-        W = torch.zeros((B, C), dtype=torch.float32, device=x0.device)
-        for c, plan in enumerate(plans):
-            if s < len(plan):
-                idx = plan[s]
-                k = len(idx)
-                X[:k, c] = datas[c].x_train[idx]
-                Y[:k, c] = datas[c].y_train[idx]
-                W[:k, c] = 1.0
+        X, Y, W = _step_batch(plans, datas, s, train.batch_size)
+        X, Y, W = X.transpose(0, 1).flatten(1, 2), Y.t(), W.t()  # (B, C*channels, ...), (B, C)
         opt.zero_grad()
-        out = probe(X.flatten(1, 2))
+        out = probe(X)
         # (C,): each client's loss, as local_sgd computes it
         per_client = loss(out, Y, W, trained, fixed) if loss is not None else cohort_exit_ce(out.logits, Y, W)
         per_client.sum().backward()
@@ -159,9 +169,9 @@ def wide_sgd(model: EarlyExitNet, wide: EarlyExitNet, starts: Sequence[Params], 
                 p.view(C, *shape)[idle] = old_p
                 if buf is not None:
                     buf.view(C, *shape)[idle] = 0.0 if old_b is None else old_b
-        totals += per_client.detach().cpu() * counts[s]
-    seen = counts.sum(0)
-    return [(w.client_params(wide, shapes, c), float(totals[c]) / max(float(seen[c]), 1.0), int(seen[c]),
+        totals += per_client.detach() * counts_dev[s]
+    seen, totals = counts.sum(0), totals.cpu()
+    return [(w.client_params(wide, shapes, c, C), float(totals[c]) / max(float(seen[c]), 1.0), int(seen[c]),
              {n: t.detach()[c].clone() for n, t in trained.items()}) for c in range(C)]
 
 
@@ -180,7 +190,6 @@ def vmap_sgd(model: EarlyExitNet, starts: Sequence[Params], datas: Sequence[Clie
     plans = _plans(datas, ctxs, train)
     steps = max((len(p) for p in plans), default=0)
     B = train.batch_size
-    x0 = datas[0].x_train
     totals = [0.0] * C
     seen = [0] * C
 
@@ -192,19 +201,8 @@ def vmap_sgd(model: EarlyExitNet, starts: Sequence[Params], datas: Sequence[Clie
     step_fn = vmap(grad_and_value(loss_fn))
     model.train()
     for s in range(steps):
-        dev = x0.device  # the runner's device: batches are built where the cohort trains
-        X = torch.zeros((C, B, *x0.shape[1:]), dtype=x0.dtype, device=dev)
-        Y = torch.zeros((C, B), dtype=torch.int64, device=dev)
-        W = torch.zeros((C, B), dtype=torch.float32, device=dev)
-        active = torch.zeros(C, dtype=torch.bool, device=dev)
-        for c, plan in enumerate(plans):
-            if s < len(plan):
-                idx = plan[s]
-                k = len(idx)
-                X[c, :k] = datas[c].x_train[idx]
-                Y[c, :k] = datas[c].y_train[idx]
-                W[c, :k] = 1.0
-                active[c] = True
+        X, Y, W = _step_batch(plans, datas, s, B)
+        active = W[:, 0] > 0  # a client with a batch at this step has at least its first row
         grads, losses = step_fn(P, X, Y, W)
         with torch.no_grad():
             for n in names:

@@ -219,8 +219,10 @@ class Simulation:
             if "cohort" in w or "vectorize" in w:  # auto: "measuring" until an actor decides
                 note = w.get("vectorize") or "on"
                 notes = self.vectorized.setdefault(prof.resource_class, set())
-                notes.discard("auto: measuring")
-                if note != "auto: measuring" or not notes:
+                if note != "auto: measuring":
+                    notes.discard("auto: measuring")
+                    notes.add(note)
+                elif not notes:
                     notes.add(note)
             b_up = out.upload.nbytes
             up += b_up

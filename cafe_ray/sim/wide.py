@@ -104,15 +104,9 @@ def load_cohort(wide: nn.Module, starts: Sequence[Params]) -> None:
             p.copy_(torch.stack([s[n] for s in starts]).reshape(p.shape))
 
 
-def client_params(wide: nn.Module, shapes: dict[str, torch.Size], c: int) -> Params:
-    """Client ``c``'s parameters (copies) out of the wide model."""
-    C = len_cohort(wide, shapes)
-    return {n: p.detach().view(C, *shapes[n])[c].clone() for n, p in wide.named_parameters()}
-
-
-def len_cohort(wide: nn.Module, shapes: dict[str, torch.Size]) -> int:
-    n, p = next(iter(wide.named_parameters()))
-    return p.numel() // max(shapes[n].numel(), 1)
+def client_params(wide: nn.Module, shapes: dict[str, torch.Size], c: int, cohort: int) -> Params:
+    """Client ``c``'s parameters (copies) out of the C-wide model (``shapes``: the model's own)."""
+    return {n: p.detach().view(cohort, *shapes[n])[c].clone() for n, p in wide.named_parameters()}
 
 
 def wide_input(xs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -38,7 +38,7 @@ def test_wide_forward_is_each_clients_forward(name):
     x = torch.randn(5, *{"cnn_small": (1, 8, 8)}.get(name, (3, 16, 16)))
     assert w.check_wide(model, wide, starts, x) is None
     for c in range(3):  # and the parameters come back out unchanged
-        back = w.client_params(wide, {k: v.shape for k, v in model.named_parameters()}, c)
+        back = w.client_params(wide, {k: v.shape for k, v in model.named_parameters()}, c, 3)
         for k, v in back.items():
             assert torch.equal(v, starts[c][k])
 
